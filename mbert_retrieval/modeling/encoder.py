@@ -1,0 +1,348 @@
+"""ModernBERT on unpadded, packed sequences.
+
+A batch is one sequence of all real tokens, `input_ids [N]`, with `cu_seqlens [B+1]` marking where
+each text starts. Padding is removed once at the input (`ModernBert.forward`) and never comes back
+inside the model. Parameter names follow `transformers`' ModernBertModel so checkpoints load as-is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbert_retrieval.modeling.attention import check_backend_name, packed_attention, resolve_backend
+from mbert_retrieval.modeling.config import ModernBertConfig
+from mbert_retrieval.modeling.io import (
+    CheckpointError,
+    load_weights,
+    read_state_dict,
+    resolve_model_dir,
+    save_safetensors,
+)
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+def layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.norm = layer_norm(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.tok_embeddings(input_ids))
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for one RoPE theta, kept in float32 whatever dtype the model is cast to."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
+        super().__init__()
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tables is None or self._tables[0].device != device:
+            inv_freq = 1.0 / (
+                self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim)
+            )
+            angles = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+            self._tables = (angles.cos().to(device), angles.sin().to(device))
+        return self._tables
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x [N, heads, head_dim] by each token's position (rotate-half convention)."""
+        cos_table, sin_table = self.tables(x.device)
+        cos, sin = cos_table[positions][:, None, :], sin_table[positions][:, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModernBertConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.window_half = None if config.is_global(layer) else config.window_half
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self, x, rotary: Rotary, positions, cu_seqlens, max_seqlen: int, backend: str
+    ) -> torch.Tensor:
+        q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(dim=1)
+        q, k = rotary(q, positions), rotary(k, positions)
+        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend)
+        return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class GeGLU(nn.Module):
+    """Wi projects to twice the intermediate size; the first half goes through GELU, the second gates it."""
+
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.hidden_activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.act(inputs) * gate)
+
+
+class Layer(nn.Module):
+    """Pre-norm block; layer 0 has no attention norm because the embeddings end with one."""
+
+    def __init__(self, config: ModernBertConfig, layer: int):
+        super().__init__()
+        self.is_global = config.is_global(layer)
+        self.attn_norm = nn.Identity() if layer == 0 else layer_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = layer_norm(config)
+        self.mlp = GeGLU(config)
+
+    def forward(
+        self, x, rotary: Rotary, positions, cu_seqlens, max_seqlen: int, backend: str
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rotary, positions, cu_seqlens, max_seqlen, backend)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ModernBert(nn.Module):
+    """The encoder. `forward` takes a padded batch; `forward_packed` the unpadded one."""
+
+    architecture = "ModernBertModel"
+
+    def __init__(self, config: ModernBertConfig, attn_backend: str = "auto"):
+        super().__init__()
+        check_backend_name(attn_backend)
+        self.config = config
+        self.attn_backend = attn_backend
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = layer_norm(config)
+        head_dim, max_pos = config.head_dim, config.max_position_embeddings
+        self.global_rotary = Rotary(head_dim, config.global_rope_theta, max_pos)
+        self.local_rotary = Rotary(head_dim, config.local_rope_theta, max_pos)
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.tok_embeddings.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, attention_mask [B, L] -> last hidden state [B, L, H], zeros at padding."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} and input_ids {tuple(input_ids.shape)} differ"
+            )
+        packed_ids, cu_seqlens, max_seqlen, keep = unpad(input_ids, attention_mask.bool())
+        hidden = self.forward_packed(packed_ids, cu_seqlens, max_seqlen)
+        return repad(hidden, keep, input_ids.shape)
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        position_ids: torch.Tensor | None = None,
+        check_inputs: bool = True,
+    ) -> torch.Tensor:
+        """input_ids [N], cu_seqlens [B+1] int32 -> hidden states [N, H].
+
+        `check_inputs` validates ids and lengths; on CUDA that costs one host sync, so a caller that
+        checked on the CPU before moving the batch (our batchers do) can turn it off.
+        """
+        if check_inputs:
+            self.check_packed_inputs(input_ids, cu_seqlens, max_seqlen)
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
+        backend = resolve_backend(self.attn_backend, self.device, self.dtype)
+        x = self.embeddings(input_ids)
+        for layer in self.layers:
+            rotary = self.global_rotary if layer.is_global else self.local_rotary
+            args = (rotary, position_ids, cu_seqlens, max_seqlen, backend)
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+            else:
+                x = layer(x, *args)
+        return self.final_norm(x)
+
+    def check_packed_inputs(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
+        if input_ids.dim() != 1 or input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids must be a non-empty 1-D packed tensor, got shape {tuple(input_ids.shape)}"
+            )
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor [batch + 1] starting at 0")
+        if max_seqlen > self.config.max_position_embeddings:
+            raise ValueError(
+                f"a sequence has {max_seqlen} tokens, more than max_position_embeddings="
+                f"{self.config.max_position_embeddings}; truncate or split it"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {self.config.vocab_size})")
+        if int(cu_seqlens[-1]) != input_ids.numel():
+            raise ValueError(
+                f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {input_ids.numel()} tokens"
+            )
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        attn_backend: str = "auto",
+    ):
+        model_dir = resolve_model_dir(path_or_hub_id)
+        config = load_config(model_dir)
+        model = cls(config, attn_backend=attn_backend)
+        state = cls.adapt_state_dict(read_state_dict(model_dir), config)
+        load_weights(model, state, model_dir)
+        model.eval()
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def adapt_state_dict(cls, state: dict[str, torch.Tensor], config: ModernBertConfig) -> dict:
+        """Accept the encoder saved alone or inside ModernBertForMaskedLM (keys under `model.`)."""
+        if any(k.startswith("model.") for k in state):
+            state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors(directory / "model.safetensors", self.state_dict())
+        self.config.save(directory / "config.json", architectures=[self.architecture])
+
+
+class MLMHead(nn.Module):
+    def __init__(self, config: ModernBertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.act = ACTIVATIONS[config.classifier_activation]
+        self.norm = layer_norm(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
+class ModernBertForMaskedLM(nn.Module):
+    """Encoder + prediction head + decoder tied to the token embeddings (with its own bias)."""
+
+    architecture = "ModernBertForMaskedLM"
+
+    def __init__(self, config: ModernBertConfig, attn_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.model = ModernBert(config, attn_backend=attn_backend)
+        self.head = MLMHead(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] -> logits [B, L, vocab]."""
+        return self.decoder(self.head(self.model(input_ids, attention_mask)))
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        predict_positions: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Logits [N, vocab], or only at `predict_positions` (the masked tokens) when given."""
+        hidden = self.model.forward_packed(input_ids, cu_seqlens, max_seqlen, **kwargs)
+        if predict_positions is not None:
+            hidden = hidden[predict_positions]
+        return self.decoder(self.head(hidden))
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, *, dtype=None, device=None, attn_backend: str = "auto"):
+        model_dir = resolve_model_dir(path_or_hub_id)
+        config = load_config(model_dir)
+        model = cls(config, attn_backend=attn_backend)
+        state = read_state_dict(model_dir)
+        if not any(k.startswith("head.") for k in state):
+            raise CheckpointError(f"{model_dir} has no MLM head (tensor head.dense.weight is missing)")
+        # The decoder is tied to the embeddings; checkpoints may leave it out.
+        state.setdefault("decoder.weight", state.get("model.embeddings.tok_embeddings.weight"))
+        state = {k: v for k, v in state.items() if v is not None}
+        load_weights(model, state, model_dir)
+        model.eval()
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v for k, v in self.state_dict().items() if k != "decoder.weight"}
+        save_safetensors(directory / "model.safetensors", state)
+        self.config.save(directory / "config.json", architectures=[self.architecture])
+
+
+def load_config(model_dir: Path) -> ModernBertConfig:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir} has no config.json; is it a ModernBERT checkpoint folder?")
+    return ModernBertConfig.from_json_file(path)
+
+
+# -- packing -------------------------------------------------------------------------------------
+
+
+def unpad(
+    input_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Padded [B, L] -> packed ids [N], cu_seqlens [B+1] int32, max length, flat indices of real tokens."""
+    if input_ids.numel() == 0:
+        raise ValueError("empty batch: input_ids has no tokens")
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    if int(lengths.min()) == 0:
+        raise ValueError("a sequence in the batch is empty (attention_mask is all zeros)")
+    keep = mask.flatten().nonzero().flatten()
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return input_ids.flatten()[keep], cu_seqlens, int(lengths.max()), keep
+
+
+def repad(packed: torch.Tensor, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out = packed.new_zeros(shape[0] * shape[1], packed.shape[-1])
+    out[keep] = packed
+    return out.view(shape[0], shape[1], -1)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each token's index within its own sequence, computed on the device without a host sync."""
+    token_index = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+    sequence = torch.searchsorted(cu_seqlens[1:], token_index, right=True)
+    return token_index - cu_seqlens[sequence]

@@ -1,0 +1,120 @@
+"""Files: resolving a local folder or hub id, reading weights, and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, incomplete or does not match the model."""
+
+
+def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local folder as it is; anything else is a hub id, downloaded through huggingface_hub."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_hub_id)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local or path.exists():
+        raise CheckpointError(f"model folder {name!r} does not exist (or is not a folder)")
+    return _download(name)
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError as err:  # pragma: no cover - huggingface_hub is a core dependency
+        raise CheckpointError("huggingface_hub is needed to download models by hub id") from err
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "1_*/*", "2_*/*", "3_*/*", "*.md"]
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except RepositoryNotFoundError as err:
+        raise CheckpointError(f"{hub_id!r} is neither a local folder nor a model on the hub") from err
+    except (LocalEntryNotFoundError, OSError) as err:
+        raise CheckpointError(
+            f"could not fetch {hub_id!r}: the Hugging Face hub can't be reached and no cached copy "
+            f"exists. Download the model where the hub is reachable and pass its local folder "
+            f"instead, e.g. from_pretrained('/path/to/{hub_id.split('/')[-1]}')."
+        ) from err
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        file = model_dir / name
+        if file.exists():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                try:
+                    return load_file(str(file))
+                except Exception as err:  # safetensors raises its own error types
+                    raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from err
+            return torch.load(file, map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{model_dir} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy `state` into `module`, naming every missing, unexpected or wrong-shaped tensor."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
+                f"expected {tuple(tensor.shape)} from config.json"
+            )
+    module.load_state_dict({k: state[k] for k in expected}, strict=True)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through `write(tmp_path)` to a temp file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems refuse to open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,63 @@
+"""Tokenizer loading: the fast tokenizer saved beside a ModernBERT checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from mbert_retrieval.modeling.io import CheckpointError, resolve_model_dir
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(path_or_hub_id: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of a local folder or hub id (ModernBERT ships a BPE `tokenizer.json`)."""
+    model_dir = resolve_model_dir(path_or_hub_id)
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir} has no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if not tokenizer.is_fast:
+        raise CheckpointError(f"{model_dir}: only fast (tokenizers) tokenizers are supported")
+    return tokenizer
+
+
+SPECIAL_TOKENS = {
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "mask_token": "[MASK]",
+    "unk_token": "[UNK]",
+}
+
+
+def train_tokenizer(
+    texts, vocab_size: int, save_directory: str | os.PathLike | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with ModernBERT's special tokens on an iterable of texts.
+
+    Single texts become `[CLS] text [SEP]`, pairs `[CLS] a [SEP] b [SEP]`, as ModernBERT expects.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = list(SPECIAL_TOKENS.values())
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=8192, **SPECIAL_TOKENS)
+    if save_directory is not None:
+        fast.save_pretrained(str(save_directory))
+    return fast

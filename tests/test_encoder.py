@@ -1,0 +1,144 @@
+"""The native encoder against `transformers`' ModernBERT on the same weights (CPU, fp32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import ModernBertForMaskedLM as HFMaskedLM
+from transformers import ModernBertModel as HFModel
+
+from mbert_retrieval import ModernBert, ModernBertForMaskedLM, load_tokenizer
+from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens, unpad
+
+LENGTHS = [600, 5, 17, 130, 64, 333]  # below, at and far above the 16-token local window
+
+
+def padded_batch(lengths, vocab_size=1000, seed=0, extra_padding=0):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths) + extra_padding
+    ids = torch.randint(3, vocab_size, (len(lengths), width), generator=generator)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return ids * mask + 2 * (1 - mask), mask  # pad id 2 where masked
+
+
+def assert_close_relative(actual, expected, mask, rtol=1e-4):
+    keep = mask.bool()
+    scale = expected[keep].abs().max()
+    diff = (actual[keep] - expected[keep]).abs().max()
+    assert diff <= rtol * scale, f"max |diff| {diff:.3e} exceeds {rtol} x max |ref| {scale:.3e}"
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_matches_transformers(hf_encoder_dir, implementation):
+    hf = HFModel.from_pretrained(hf_encoder_dir, attn_implementation=implementation).eval()
+    ours = ModernBert.from_pretrained(hf_encoder_dir)
+    ids, mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        actual = ours(ids, mask)
+    assert_close_relative(actual, expected, mask)
+    assert torch.all(actual[~mask.bool()] == 0), "padding positions must be zeros"
+
+
+def test_mlm_logits_match_transformers(hf_mlm_dir):
+    hf = HFMaskedLM.from_pretrained(hf_mlm_dir, attn_implementation="sdpa").eval()
+    ours = ModernBertForMaskedLM.from_pretrained(hf_mlm_dir)
+    assert ours.decoder.weight is ours.model.embeddings.tok_embeddings.weight
+    ids, mask = padded_batch([40, 200, 7])
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        actual = ours(ids, mask)
+    assert_close_relative(actual, expected, mask)
+
+
+def test_forward_packed_equals_padded(hf_encoder_dir):
+    model = ModernBert.from_pretrained(hf_encoder_dir)
+    ids, mask = padded_batch([50, 300, 9])
+    packed, cu_seqlens, max_len, keep = unpad(ids, mask.bool())
+    with torch.no_grad():
+        padded_out = model(ids, mask)
+        packed_out = model.forward_packed(packed, cu_seqlens, max_len)
+    torch.testing.assert_close(packed_out, padded_out.flatten(0, 1)[keep])
+
+
+def test_sequence_independent_of_batch_mates_and_padding(hf_encoder_dir):
+    model = ModernBert.from_pretrained(hf_encoder_dir)
+    ids, mask = padded_batch([123], seed=3)
+    with torch.no_grad():
+        alone = model(ids, mask)[0, :123]
+        others, others_mask = padded_batch([400, 123, 31], seed=4, extra_padding=77)
+        others[1, :123] = ids[0, :123]
+        in_batch = model(others, others_mask)[1, :123]
+    torch.testing.assert_close(in_batch, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_positions_restart_in_every_sequence():
+    cu = torch.tensor([0, 3, 3 + 1, 9], dtype=torch.int32)
+    assert positions_from_cu_seqlens(cu, 9).tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+
+
+def test_save_loads_in_transformers(tmp_path, hf_encoder_dir, hf_mlm_dir):
+    ids, mask = padded_batch([77, 20])
+    ours = ModernBert.from_pretrained(hf_encoder_dir)
+    ours.save_pretrained(tmp_path / "enc")
+    hf = HFModel.from_pretrained(tmp_path / "enc").eval()
+    with torch.no_grad():
+        assert_close_relative(hf(input_ids=ids, attention_mask=mask).last_hidden_state, ours(ids, mask), mask)
+
+    ours_mlm = ModernBertForMaskedLM.from_pretrained(hf_mlm_dir)
+    ours_mlm.save_pretrained(tmp_path / "mlm")
+    hf_mlm = HFMaskedLM.from_pretrained(tmp_path / "mlm").eval()
+    with torch.no_grad():
+        assert_close_relative(hf_mlm(input_ids=ids, attention_mask=mask).logits, ours_mlm(ids, mask), mask)
+
+
+def test_encoder_loads_from_mlm_checkpoint(hf_mlm_dir, hf_encoder_dir):
+    ids, mask = padded_batch([30])
+    with torch.no_grad():
+        a = ModernBert.from_pretrained(hf_mlm_dir)(ids, mask)
+        b = ModernBert.from_pretrained(hf_encoder_dir)(ids, mask)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("spelling", ["original", "transformers5"])
+def test_both_config_spellings_load(tmp_path, hf_encoder_dir, spelling):
+    config = json.loads((hf_encoder_dir / "config.json").read_text())
+    for key in (
+        "layer_types",
+        "rope_parameters",
+        "global_attn_every_n_layers",
+        "global_rope_theta",
+        "local_rope_theta",
+    ):
+        config.pop(key, None)
+    if spelling == "original":
+        config.update(global_attn_every_n_layers=2, global_rope_theta=50_000.0, local_rope_theta=500.0)
+    else:
+        config["layer_types"] = ["full_attention", "sliding_attention"] * 2
+        config["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": 50_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+        }
+    folder = tmp_path / spelling
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((hf_encoder_dir / "model.safetensors").read_bytes())
+    ours = ModernBert.from_pretrained(folder)
+    assert ours.config.layer_types == ["full_attention", "sliding_attention"] * 2
+    assert (ours.config.global_rope_theta, ours.config.local_rope_theta) == (50_000.0, 500.0)
+    hf = HFModel.from_pretrained(folder).eval()
+    ids, mask = padded_batch([90, 40])
+    with torch.no_grad():
+        assert_close_relative(ours(ids, mask), hf(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+
+def test_tokenizer_round_trip(hf_mlm_dir):
+    tokenizer = load_tokenizer(hf_mlm_dir)
+    encoded = tokenizer(["def add(a, b):\n    return a + b"])
+    assert encoded["input_ids"][0][0] == tokenizer.cls_token_id
+    assert encoded["input_ids"][0][-1] == tokenizer.sep_token_id
+    assert "return a + b" in tokenizer.decode(encoded["input_ids"][0], skip_special_tokens=True)
