@@ -1,4 +1,13 @@
-"""mbert-retrieval: dense, multi-vector and cross-encoder retrieval on a native, unpadded ModernBERT."""
+"""mbert-retrieval: dense, multi-vector and cross-encoder retrieval on a native, unpadded ModernBERT.
+
+Heavy parts (models, indexes, the pipeline) are imported on first use, so `import mbert_retrieval`
+stays fast and optional dependencies (faiss, fastapi) are only needed by what uses them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from mbert_retrieval.modeling import (
     CheckpointError,
@@ -11,6 +20,15 @@ from mbert_retrieval.tokenization import load_tokenizer
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DenseRetriever": "mbert_retrieval.models.dense",
+    "ColBERT": "mbert_retrieval.models.colbert",
+    "CrossEncoder": "mbert_retrieval.models.cross_encoder",
+    "FaissIndex": "mbert_retrieval.index.faiss_index",
+    "PlaidIndex": "mbert_retrieval.index.plaid",
+    "Retriever": "mbert_retrieval.search.retriever",
+}
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -18,4 +36,24 @@ __all__ = [
     "ModernBertConfig",
     "ModernBertForMaskedLM",
     "load_tokenizer",
+    "DenseRetriever",
+    "ColBERT",
+    "CrossEncoder",
+    "FaissIndex",
+    "PlaidIndex",
+    "Retriever",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mbert_retrieval.index.faiss_index import FaissIndex
+    from mbert_retrieval.index.plaid import PlaidIndex
+    from mbert_retrieval.models.colbert import ColBERT
+    from mbert_retrieval.models.cross_encoder import CrossEncoder
+    from mbert_retrieval.models.dense import DenseRetriever
+    from mbert_retrieval.search.retriever import Retriever
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mbert_retrieval' has no attribute {name!r}")
