@@ -192,6 +192,15 @@ class ModernBert(nn.Module):
                 x = layer(x, *args)
         return self.final_norm(x)
 
+    def compile_layers(self, **compile_kwargs) -> ModernBert:
+        """torch.compile each layer in place, for varying token counts (dynamic shapes).
+
+        Layers share their code, so all global layers reuse one compiled graph and all local layers another.
+        """
+        for layer in self.layers:
+            layer.compile(dynamic=True, **compile_kwargs)
+        return self
+
     def check_packed_inputs(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
         if input_ids.dim() != 1 or input_ids.numel() == 0:
             raise ValueError(

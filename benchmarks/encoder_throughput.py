@@ -1,0 +1,359 @@
+"""Encoder throughput: our unpadded ModernBERT against `transformers` (sdpa) on the same batches.
+
+Base shape, random weights (made by `transformers`, saved, and loaded by both), bf16 on CUDA.
+Workloads count real tokens only. Prints a table and writes JSON:
+
+    PYTHONPATH=. python3 benchmarks/encoder_throughput.py --out benchmarks/results/encoder_throughput.json
+    PYTHONPATH=. python3 benchmarks/encoder_throughput.py --small     # CPU smoke run, tiny shapes
+
+`--train` adds a forward + backward comparison (tokens/s, peak memory) and the largest batch of
+8192-token sequences each implementation can train on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mbert_retrieval import ModernBert
+from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens
+
+H100_BF16_DENSE_FLOPS = 989.4e12  # the datasheet's dense bf16 peak, the usual MFU denominator
+
+
+@dataclass
+class Workload:
+    name: str
+    batch: int
+    max_len: int
+    mean: float | None = None  # None: every sequence is max_len long
+    std: float | None = None
+
+    def lengths(self, generator: torch.Generator) -> list[int]:
+        if self.mean is None:
+            return [self.max_len] * self.batch
+        draws = torch.randn(self.batch, generator=generator) * self.std + self.mean
+        return draws.round().clamp(16, self.max_len).int().tolist()
+
+
+FULL = [
+    Workload("short_variable", 64, 512, 256, 64),
+    Workload("short_fixed", 64, 512),
+    Workload("long_variable", 8, 8192, 4096, 1024),
+    Workload("long_fixed", 8, 8192),
+]
+SMALL = [
+    Workload("short_variable", 8, 128, 64, 16),
+    Workload("short_fixed", 8, 128),
+    Workload("long_variable", 2, 512, 256, 64),
+    Workload("long_fixed", 2, 512),
+]
+
+
+def base_config(small: bool):
+    from transformers import ModernBertConfig
+
+    if small:
+        return ModernBertConfig(
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            vocab_size=50368,
+            max_position_embeddings=1024,
+            local_attention=32,
+        )
+    return ModernBertConfig()  # ModernBERT-base: 22 layers, 768 hidden, 12 heads, GeGLU 1152
+
+
+def forward_flops(config, lengths: list[int]) -> float:
+    """Matrix-multiply FLOPs of one forward: 2 * params per token in the GEMMs, plus attention."""
+    h, inter = config.hidden_size, config.intermediate_size
+    gemm_params = h * 3 * h + h * h + h * 2 * inter + inter * h
+    tokens = sum(lengths)
+    flops = 2 * gemm_params * tokens * config.num_hidden_layers
+    window = config.local_attention + 1
+    for layer_type in config.layer_types:
+        for n in lengths:
+            keys = n if layer_type == "full_attention" else min(n, window)
+            flops += 4 * n * keys * h  # QK^T and PV
+    return flops
+
+
+def time_call(fn, device: torch.device, warmup: int, repeat: int) -> float:
+    """Median seconds per call; CUDA events on the GPU, a host clock with syncs elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_batch(lengths: list[int], vocab: int, device: torch.device, generator: torch.Generator):
+    """The same texts twice: packed (ours) and padded (transformers)."""
+    seqs = [torch.randint(5, vocab, (n,), generator=generator) for n in lengths]
+    packed = torch.cat(seqs).to(device)
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to(device)
+    padded = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for row, seq in enumerate(seqs):
+        padded[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return packed, cu, padded.to(device), mask.to(device)
+
+
+def build_models(small: bool, device: torch.device, dtype: torch.dtype, attn_backend: str):
+    from transformers import ModernBertModel
+
+    torch.manual_seed(0)
+    config = base_config(small)
+    hf = ModernBertModel(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = ModernBert.from_pretrained(tmp, dtype=dtype, device=device, attn_backend=attn_backend)
+        hf = ModernBertModel.from_pretrained(tmp, attn_implementation="sdpa", dtype=dtype).to(device).eval()
+    return config, ours, hf
+
+
+def ours_forward(model, packed, cu, max_len, positions):
+    return model.forward_packed(packed, cu, max_len, position_ids=positions, check_inputs=False)
+
+
+def compiled_forward(model):
+    """torch.compile over the whole packed forward; token counts vary, so shapes are dynamic."""
+    return torch.compile(model.forward_packed, dynamic=True)
+
+
+def measure_inference(args, config, ours, hf, device, workloads, variants):
+    generator = torch.Generator().manual_seed(1)
+    results, peak = {}, H100_BF16_DENSE_FLOPS
+    for workload in workloads:
+        lengths = workload.lengths(generator)
+        packed, cu, padded, mask = make_batch(lengths, config.vocab_size, device, generator)
+        positions = positions_from_cu_seqlens(cu, packed.numel())
+        max_len, tokens = max(lengths), sum(lengths)
+        row: dict = {"tokens": tokens, "sequences": len(lengths), "max_len": max_len}
+        with torch.inference_mode():
+            hf_out = hf(input_ids=padded, attention_mask=mask).last_hidden_state[mask.bool()]
+            hf_s = time_call(
+                lambda: hf(input_ids=padded, attention_mask=mask), device, args.warmup, args.repeat
+            )
+            row["hf_sdpa_tok_s"] = tokens / hf_s
+            best = None
+            for name, forward in variants.items():
+                try:
+                    out = forward(packed, cu, max_len, positions)
+                    seconds = time_call(
+                        lambda f=forward: f(packed, cu, max_len, positions), device, args.warmup, args.repeat
+                    )
+                except Exception as err:  # a variant that fails to build is reported, not fatal
+                    row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:500]
+                    continue
+                row[f"{name}_tok_s"] = tokens / seconds
+                row[f"{name}_max_abs_diff"] = (out.float() - hf_out.float()).abs().max().item()
+                if best is None or seconds < best[1]:
+                    best = (name, seconds, row[f"{name}_max_abs_diff"])
+        name, seconds, diff = best
+        flops = forward_flops(config, lengths)
+        row.update(
+            ours_variant=name,
+            ours_tok_s=tokens / seconds,
+            speedup=hf_s / seconds,
+            tflops=flops / seconds / 1e12,
+            mfu=flops / seconds / peak,
+            max_abs_diff=diff,
+        )
+        results[workload.name] = row
+        print(
+            f"  {workload.name}: ours {row['ours_tok_s'] / 1e6:.3f} M tok/s ({name}), "
+            f"hf {row['hf_sdpa_tok_s'] / 1e6:.3f} M tok/s, x{row['speedup']:.2f}",
+            flush=True,
+        )
+    return results
+
+
+def relative_error_vs_fp32(small: bool, ours, device, generator) -> float:
+    """‖bf16 ours − fp32 reference‖ / ‖fp32 reference‖ on a short variable batch."""
+    lengths = SMALL[0].lengths(generator) if small else FULL[0].lengths(generator)
+    packed, cu, _, _ = make_batch(lengths, ours.config.vocab_size, device, generator)
+    reference = ModernBert(ours.config, attn_backend="reference").to(device)
+    reference.load_state_dict({k: v.float() for k, v in ours.state_dict().items()})
+    with torch.inference_mode():
+        fast = ours.forward_packed(packed, cu, max(lengths)).float()
+        exact = reference.eval().forward_packed(packed, cu, max(lengths))
+    return ((fast - exact).norm() / exact.norm()).item()
+
+
+def measure_training(args, config, ours, hf, device, workloads):
+    """Forward + backward of the encoder with the same loss on the same batches."""
+    results = {}
+    generator = torch.Generator().manual_seed(2)
+    ours.train()
+    hf.train()
+    for workload in workloads:
+        if workload.mean is None:
+            continue
+        lengths = workload.lengths(generator)
+        packed, cu, padded, mask = make_batch(lengths, config.vocab_size, device, generator)
+        tokens, max_len = sum(lengths), max(lengths)
+
+        def ours_step():
+            out = ours.forward_packed(packed, cu, max_len, check_inputs=False)
+            out.float().square().mean().backward()
+
+        def hf_step():
+            out = hf(input_ids=padded, attention_mask=mask).last_hidden_state[mask.bool()]
+            out.float().square().mean().backward()
+
+        row = {"tokens": tokens}
+        for name, step in (("ours", ours_step), ("hf_sdpa", hf_step)):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            seconds = time_call(step, device, 2, max(3, args.repeat // 2))
+            row[f"{name}_tok_s"] = tokens / seconds
+            if device.type == "cuda":
+                row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["speedup"] = row["ours_tok_s"] / row["hf_sdpa_tok_s"]
+        results[workload.name] = row
+        print(
+            f"  train {workload.name}: ours {row['ours_tok_s'] / 1e3:.0f} k tok/s, "
+            f"hf {row['hf_sdpa_tok_s'] / 1e3:.0f} k tok/s, x{row['speedup']:.2f}",
+            flush=True,
+        )
+    ours.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+    if device.type == "cuda" and not args.small:
+        results["max_8192_batch"] = {
+            "ours": largest_batch(lambda b: train_long(ours, b, config, device, packed_input=True)),
+            "hf_sdpa": largest_batch(lambda b: train_long(hf, b, config, device, packed_input=False)),
+        }
+        print(f"  largest 8192-token training batch: {results['max_8192_batch']}", flush=True)
+    ours.eval()
+    hf.eval()
+    return results
+
+
+def train_long(model, batch: int, config, device, packed_input: bool) -> None:
+    length = 8192
+    ids = torch.randint(5, config.vocab_size, (batch, length), device=device)
+    if packed_input:
+        cu = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+        out = model.forward_packed(ids.flatten(), cu, length, check_inputs=False)
+    else:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    out.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+
+
+def largest_batch(step, limit: int = 256) -> int:
+    """Doubling, then bisection, on whether one training step fits in GPU memory."""
+
+    def fits(batch: int) -> bool:
+        try:
+            step(batch)
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    good, bad = 0, None
+    trial = 1
+    while trial <= limit:
+        if not fits(trial):
+            bad = trial
+            break
+        good, trial = trial, trial * 2
+    if bad is None:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if fits(middle) else (good, middle)
+    return good
+
+
+def print_table(results: dict) -> None:
+    print(
+        f"\n{'workload':16s} {'ours M tok/s':>13s} {'HF sdpa M tok/s':>16s} {'speed-up':>9s} {'MFU':>6s} {'max|diff|':>10s}"
+    )
+    for name, row in results["workloads"].items():
+        print(
+            f"{name:16s} {row['ours_tok_s'] / 1e6:13.3f} {row['hf_sdpa_tok_s'] / 1e6:16.3f} "
+            f"{row['speedup']:9.2f} {row['mfu']:6.1%} {row['max_abs_diff']:10.4f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encoder_throughput.json"))
+    parser.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke run")
+    parser.add_argument(
+        "--variants",
+        default="eager,compiled,compiled_layers",
+        help="comma list of: eager, compiled, compiled_layers",
+    )
+    parser.add_argument("--train", action="store_true", help="also time forward + backward")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config, ours, hf = build_models(args.small, device, dtype, "auto")
+    workloads = SMALL if args.small else FULL
+    variants = {}
+    if "eager" in args.variants:
+        variants["eager"] = lambda *a: ours_forward(ours, *a)
+    if "compiled" in args.variants:
+        compiled = compiled_forward(ours)
+        variants["compiled"] = lambda p, c, m, pos: compiled(p, c, m, position_ids=pos, check_inputs=False)
+    if "compiled_layers" in args.variants:
+        layer_compiled = copy.deepcopy(ours).compile_layers()
+        variants["compiled_layers"] = lambda *a: ours_forward(layer_compiled, *a)
+
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "shape": "small" if args.small else "base",
+        "workloads": measure_inference(args, config, ours, hf, device, workloads, variants),
+    }
+    results["bf16_relative_error_vs_fp32"] = relative_error_vs_fp32(
+        args.small, ours, device, torch.Generator().manual_seed(3)
+    )
+    if args.train:
+        results["training"] = measure_training(args, config, ours, hf, device, workloads)
+    print_table(results)
+    print(f"bf16 vs fp32 reference, relative error: {results['bf16_relative_error_vs_fp32']:.2e}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
