@@ -205,12 +205,13 @@ def relative_error_vs_fp32(small: bool, ours, device, generator) -> float:
     return ((fast - exact).norm() / exact.norm()).item()
 
 
-def measure_training(args, config, ours, hf, device, workloads):
+def measure_training(args, config, ours_models: dict, hf, device, workloads):
     """Forward + backward of the encoder with the same loss on the same batches."""
     results = {}
     generator = torch.Generator().manual_seed(2)
-    ours.train()
-    hf.train()
+    models = {**ours_models, "hf_sdpa": hf}
+    for model in models.values():
+        model.train()
     for workload in workloads:
         if workload.mean is None:
             continue
@@ -218,23 +219,24 @@ def measure_training(args, config, ours, hf, device, workloads):
         packed, cu, padded, mask = make_batch(lengths, config.vocab_size, device, generator)
         tokens, max_len = sum(lengths), max(lengths)
 
-        def ours_step():
-            out = ours.forward_packed(packed, cu, max_len, check_inputs=False)
-            out.float().square().mean().backward()
-
-        def hf_step():
-            out = hf(input_ids=padded, attention_mask=mask).last_hidden_state[mask.bool()]
+        def step(name, model):
+            if name == "hf_sdpa":
+                out = model(input_ids=padded, attention_mask=mask).last_hidden_state[mask.bool()]
+            else:
+                out = model.forward_packed(packed, cu, max_len, check_inputs=False)
             out.float().square().mean().backward()
 
         row = {"tokens": tokens}
-        for name, step in (("ours", ours_step), ("hf_sdpa", hf_step)):
+        for name, model in models.items():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            seconds = time_call(step, device, 2, max(3, args.repeat // 2))
+            seconds = time_call(lambda: step(name, model), device, 2, max(3, args.repeat // 2))
+            model.zero_grad(set_to_none=True)
             row[f"{name}_tok_s"] = tokens / seconds
             if device.type == "cuda":
                 row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["ours_tok_s"] = max(row[f"{name}_tok_s"] for name in ours_models)
         row["speedup"] = row["ours_tok_s"] / row["hf_sdpa_tok_s"]
         results[workload.name] = row
         print(
@@ -242,17 +244,33 @@ def measure_training(args, config, ours, hf, device, workloads):
             f"hf {row['hf_sdpa_tok_s'] / 1e3:.0f} k tok/s, x{row['speedup']:.2f}",
             flush=True,
         )
-    ours.zero_grad(set_to_none=True)
-    hf.zero_grad(set_to_none=True)
     if device.type == "cuda" and not args.small:
         results["max_8192_batch"] = {
-            "ours": largest_batch(lambda b: train_long(ours, b, config, device, packed_input=True)),
-            "hf_sdpa": largest_batch(lambda b: train_long(hf, b, config, device, packed_input=False)),
+            name: largest_batch(lambda b, m=model, n=name: train_long(m, b, config, device, n != "hf_sdpa"))
+            for name, model in models.items()
         }
         print(f"  largest 8192-token training batch: {results['max_8192_batch']}", flush=True)
-    ours.eval()
-    hf.eval()
+    for model in models.values():
+        model.eval()
     return results
+
+
+def profile_forward(forward, config, device, workload: Workload, rows: int = 18) -> str:
+    """The kernels that take the GPU's time in one forward, as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    generator = torch.Generator().manual_seed(5)
+    lengths = workload.lengths(generator)
+    packed, cu, _, _ = make_batch(lengths, config.vocab_size, device, generator)
+    positions = positions_from_cu_seqlens(cu, packed.numel())
+    with torch.inference_mode():
+        for _ in range(3):
+            forward(packed, cu, max(lengths), positions)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                forward(packed, cu, max(lengths), positions)
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 
 def train_long(model, batch: int, config, device, packed_input: bool) -> None:
@@ -315,9 +333,10 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="eager,compiled,compiled_layers",
-        help="comma list of: eager, compiled, compiled_layers",
+        help="comma list of: eager, compiled, compiled_layers, autotune_layers",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
@@ -332,9 +351,12 @@ def main() -> None:
     if "compiled" in args.variants:
         compiled = compiled_forward(ours)
         variants["compiled"] = lambda p, c, m, pos: compiled(p, c, m, position_ids=pos, check_inputs=False)
+    layer_compiled = copy.deepcopy(ours).compile_layers()
     if "compiled_layers" in args.variants:
-        layer_compiled = copy.deepcopy(ours).compile_layers()
         variants["compiled_layers"] = lambda *a: ours_forward(layer_compiled, *a)
+    if "autotune_layers" in args.variants:
+        autotuned = copy.deepcopy(ours).compile_layers(mode="max-autotune-no-cudagraphs")
+        variants["autotune_layers"] = lambda *a: ours_forward(autotuned, *a)
 
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -346,13 +368,23 @@ def main() -> None:
     results["bf16_relative_error_vs_fp32"] = relative_error_vs_fp32(
         args.small, ours, device, torch.Generator().manual_seed(3)
     )
-    if args.train:
-        results["training"] = measure_training(args, config, ours, hf, device, workloads)
+    save(results, args.out)  # after each phase, so a run cut short keeps what it measured
     print_table(results)
     print(f"bf16 vs fp32 reference, relative error: {results['bf16_relative_error_vs_fp32']:.2e}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    if args.profile and device.type == "cuda":
+        best = results["workloads"][workloads[0].name]["ours_variant"]
+        table = profile_forward(variants[best], config, device, workloads[0])
+        print(f"\nprofile of {workloads[0].name}, {best}:\n{table}")
+    if args.train:
+        ours_models = {"ours_eager": ours, "ours_compiled": layer_compiled}
+        results["training"] = measure_training(args, config, ours_models, hf, device, workloads)
+        save(results, args.out)
+
+
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,26 @@ def test_tokenizer_round_trip(hf_mlm_dir):
     assert encoded["input_ids"][0][0] == tokenizer.cls_token_id
     assert encoded["input_ids"][0][-1] == tokenizer.sep_token_id
     assert "return a + b" in tokenizer.decode(encoded["input_ids"][0], skip_special_tokens=True)
+
+
+def test_training_after_inference_mode(hf_encoder_dir):
+    """Caches filled under inference_mode must not break a later backward pass."""
+    model = ModernBert.from_pretrained(hf_encoder_dir)
+    ids, mask = padded_batch([20, 9])
+    with torch.inference_mode():
+        model(ids, mask)
+    model.train()
+    model(ids, mask).square().mean().backward()
+    assert model.layers[0].attn.Wqkv.weight.grad is not None
+
+
+def test_compiled_layers_match_eager(hf_encoder_dir):
+    eager = ModernBert.from_pretrained(hf_encoder_dir)
+    compiled = ModernBert.from_pretrained(hf_encoder_dir).compile_layers()
+    for lengths in ([40, 7, 90], [13, 200]):  # a second token count must not need a new graph to be right
+        ids, mask = padded_batch(lengths)
+        packed, cu_seqlens, max_len, _ = unpad(ids, mask.bool())
+        with torch.no_grad():
+            expected = eager.forward_packed(packed, cu_seqlens, max_len)
+            actual = compiled.forward_packed(packed, cu_seqlens, max_len)
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

@@ -57,22 +57,31 @@ class Rotary(nn.Module):
         self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
         self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @torch.compiler.disable  # runs eagerly so the cache is built outside any compiled graph
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._tables is None or self._tables[0].device != device:
+            self._tables = self._build(device)
+        return self._tables
+
+    @torch.inference_mode(False)  # the cache must stay usable by autograd after inference calls
+    def _build(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
             inv_freq = 1.0 / (
                 self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim)
             )
             angles = torch.arange(self.max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
-            self._tables = (angles.cos().to(device), angles.sin().to(device))
-        return self._tables
+            return angles.cos().to(device), angles.sin().to(device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [N, heads, head_dim] by each token's position (rotate-half convention)."""
-        cos_table, sin_table = self.tables(x.device)
-        cos, sin = cos_table[positions][:, None, :], sin_table[positions][:, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return rotated.to(x.dtype)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [N, 1, head_dim / 2] for each token's position; computed once per forward."""
+        cos_table, sin_table = self.tables(positions.device)
+        return cos_table[positions][:, None, :], sin_table[positions][:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, head_dim] (rotate-half convention), in float32 like `transformers`."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -83,11 +92,9 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(
-        self, x, rotary: Rotary, positions, cu_seqlens, max_seqlen: int, backend: str
-    ) -> torch.Tensor:
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
         q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(dim=1)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend)
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -117,10 +124,8 @@ class Layer(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = GeGLU(config)
 
-    def forward(
-        self, x, rotary: Rotary, positions, cu_seqlens, max_seqlen: int, backend: str
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rotary, positions, cu_seqlens, max_seqlen, backend)
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -182,10 +187,10 @@ class ModernBert(nn.Module):
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
         backend = resolve_backend(self.attn_backend, self.device, self.dtype)
+        global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
         x = self.embeddings(input_ids)
         for layer in self.layers:
-            rotary = self.global_rotary if layer.is_global else self.local_rotary
-            args = (rotary, position_ids, cu_seqlens, max_seqlen, backend)
+            args = (global_rope if layer.is_global else local_rope, cu_seqlens, max_seqlen, backend)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
             else:
