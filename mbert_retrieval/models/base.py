@@ -1,0 +1,215 @@
+"""What the three heads share: the encoder, its tokenizer, loading, and the encoding loop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mbert_retrieval.modeling import ModernBert
+from mbert_retrieval.modeling.io import CheckpointError, resolve_model_dir
+from mbert_retrieval.models.encoding import (
+    DEFAULT_MAX_TOKENS_PER_BATCH,
+    Chunking,
+    PackedBatch,
+    TextTokenizer,
+    default_device,
+    default_dtype,
+    insert_after_first,
+    log_truncation,
+    pack,
+    packed_batches,
+    replicas,
+    run_batches,
+)
+from mbert_retrieval.tokenization import load_tokenizer
+
+Devices = Sequence[str | torch.device] | None
+
+
+class EncoderModel(nn.Module):
+    """A ModernBERT encoder with its tokenizer and a maximum input length."""
+
+    def __init__(self, encoder: ModernBert, tokenizer, max_length: int | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.text_tokenizer = TextTokenizer(tokenizer)
+        limit = encoder.config.max_position_embeddings
+        if max_length is None:
+            max_length = min(int(getattr(tokenizer, "model_max_length", limit) or limit), limit)
+        if not 0 < max_length <= limit:
+            raise ValueError(f"max_length={max_length} must be between 1 and the model's {limit} positions")
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.config.hidden_size
+
+    def refresh_tokenizer(self) -> None:
+        """Rebuild the fast-path tokenizer after tokens were added to `self.tokenizer`."""
+        self.text_tokenizer = TextTokenizer(self.tokenizer)
+
+    # -- tokenization ------------------------------------------------------------------------------
+
+    def tokenize_texts(
+        self,
+        texts: list[str],
+        indices: Sequence[int],
+        *,
+        max_length: int,
+        prefix: str = "",
+        marker: int | None = None,
+        chunking: Chunking | None = None,
+    ) -> tuple[list[int], list[int], list[np.ndarray], int]:
+        """Token ids of `texts[i]` for i in indices -> (rows, windows, sequences, number truncated).
+
+        `prefix` is text put before each text (sentence-transformers prompts); `marker` a token id
+        put right after [CLS] (PyLate's [Q] / [D]). Without chunking a text longer than `max_length`
+        is truncated; with it, a text longer than `chunking.size` becomes overlapping windows.
+        """
+        room = max_length - (marker is not None)
+        inputs = [prefix + texts[i] for i in indices]
+        if chunking is None:
+            ids, truncated = self.text_tokenizer.encode(inputs, room)
+            return list(indices), [0] * len(ids), insert_after_first(ids, marker), truncated
+        if chunking.size > max_length:
+            raise ValueError(f"chunking size {chunking.size} is larger than the model's limit {max_length}")
+        whole, _ = self.text_tokenizer.encode(inputs, room)
+        rows, windows, sequences = [], [], []
+        long_ones = []
+        for row, seq in zip(indices, whole):
+            if len(seq) + (marker is not None) <= chunking.size:
+                rows.append(row)
+                windows.append(0)
+                sequences.append(insert_after_first([seq], marker)[0])
+            else:
+                long_ones.append(row)
+        if long_ones:
+            inner = ([] if marker is None else [marker]) + (
+                self.text_tokenizer.content([prefix])[0].tolist() if prefix else []
+            )
+            for row, parts in zip(
+                long_ones, self.text_tokenizer.windows([texts[i] for i in long_ones], chunking, inner)
+            ):
+                rows.extend([row] * len(parts))
+                windows.extend(range(len(parts)))
+                sequences.extend(parts)
+        return rows, windows, sequences, 0
+
+    # -- the encoding loop -------------------------------------------------------------------------
+
+    def run_encoding(
+        self,
+        *,
+        sizes: Sequence[int],
+        tokenize: Callable[[np.ndarray], tuple[list[int], list[int], list[np.ndarray], int]],
+        compute: Callable[[nn.Module, PackedBatch], tuple[torch.Tensor, ...]],
+        extras: Callable[[list[np.ndarray], list[int]], dict[str, torch.Tensor]] | None = None,
+        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+        devices: Devices = None,
+        show_progress_bar: bool | None = None,
+        desc: str = "Encoding",
+        max_length: int | None = None,
+        what: str = "texts",
+    ) -> list[tuple[PackedBatch, tuple[torch.Tensor, ...]]]:
+        """Tokenize, pack and run all items; returns (batch, CPU outputs) pairs in completion order.
+
+        `tokenize(item_indices)` gives (rows, windows, sequences, number truncated); `extras(sequences,
+        rows)` adds per-batch tensors; `compute(model, device_batch)` returns output tensors.
+        """
+        if max_tokens_per_batch <= 0:
+            raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens_per_batch}")
+        config = self.encoder.config
+        truncated = [0]
+
+        def tokenize_chunk(indices):
+            rows, windows, sequences, count = tokenize(indices)
+            truncated[0] += count
+            return rows, windows, sequences
+
+        def make_batch(sequences, rows, windows):
+            batch = pack(sequences, rows, config.vocab_size, config.max_position_embeddings, windows)
+            if extras is not None:
+                batch.extras = extras(sequences, rows)
+            return batch
+
+        batches = packed_batches(sizes, tokenize_chunk, make_batch, max_tokens_per_batch)
+        models = replicas(self, devices, share=(self.tokenizer, self.text_tokenizer))
+        results = run_batches(
+            batches, compute, models, total=len(sizes), show_progress=show_progress_bar, desc=desc
+        )
+        log_truncation(truncated[0], len(sizes), max_length or self.max_length, what)
+        return results
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def load_encoder(
+        model_dir: Path, *, device=None, dtype=None, attn_backend: str = "auto"
+    ) -> tuple[ModernBert, torch.device, torch.dtype]:
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        encoder = ModernBert.from_pretrained(model_dir, dtype=dtype, device=device, attn_backend=attn_backend)
+        return encoder, device, dtype
+
+    @staticmethod
+    def load_tokenizer_for(model_dir: Path, tokenizer=None):
+        """`tokenizer` as given (an object or a path), else the one saved in `model_dir`."""
+        if tokenizer is None:
+            try:
+                return load_tokenizer(model_dir)
+            except CheckpointError as err:
+                raise CheckpointError(f"{err}; pass tokenizer=<folder or hub id> to from_pretrained") from err
+        if isinstance(tokenizer, (str, os.PathLike)):
+            return load_tokenizer(tokenizer)
+        return tokenizer
+
+    @staticmethod
+    def resolve(path_or_hub_id: str | os.PathLike) -> Path:
+        return resolve_model_dir(path_or_hub_id)
+
+
+def as_output(array: torch.Tensor, convert_to_tensor: bool):
+    """float32 numpy (the default) or a CPU torch tensor."""
+    array = array.float()
+    return array if convert_to_tensor else array.numpy()
+
+
+def single_or_list(texts) -> tuple[list, bool]:
+    """Accept one string as a list of one; remember to unwrap the result."""
+    if isinstance(texts, str):
+        return [texts], True
+    return texts, False
+
+
+def grow_embeddings(encoder: ModernBert, new_size: int) -> None:
+    """Add rows to the token embeddings (for new marker tokens), initialised at the mean row, and
+    update the config so the saved checkpoint describes them."""
+    old = encoder.embeddings.tok_embeddings
+    if new_size <= old.num_embeddings:
+        return
+    grown = nn.Embedding(
+        new_size,
+        old.embedding_dim,
+        padding_idx=old.padding_idx,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        grown.weight[: old.num_embeddings] = old.weight
+        grown.weight[old.num_embeddings :] = old.weight.float().mean(dim=0).to(old.weight.dtype)
+    encoder.embeddings.tok_embeddings = grown
+    encoder.config.vocab_size = new_size
