@@ -231,12 +231,17 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            seconds = time_call(lambda: step(name, model), device, 2, max(3, args.repeat // 2))
-            model.zero_grad(set_to_none=True)
+            try:
+                seconds = time_call(lambda: step(name, model), device, 2, max(3, args.repeat // 2))
+            except Exception as err:  # a variant that fails is reported, not fatal
+                row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:500]
+                continue
+            finally:
+                model.zero_grad(set_to_none=True)
             row[f"{name}_tok_s"] = tokens / seconds
             if device.type == "cuda":
                 row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["ours_tok_s"] = max(row[f"{name}_tok_s"] for name in ours_models)
+        row["ours_tok_s"] = max(row.get(f"{name}_tok_s", 0.0) for name in ours_models)
         row["speedup"] = row["ours_tok_s"] / row["hf_sdpa_tok_s"]
         results[workload.name] = row
         print(
@@ -248,6 +253,7 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
         results["max_8192_batch"] = {
             name: largest_batch(lambda b, m=model, n=name: train_long(m, b, config, device, n != "hf_sdpa"))
             for name, model in models.items()
+            if f"{name}_error" not in row
         }
         print(f"  largest 8192-token training batch: {results['max_8192_batch']}", flush=True)
     for model in models.values():
@@ -333,7 +339,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="eager,compiled,compiled_layers",
-        help="comma list of: eager, compiled, compiled_layers, autotune_layers",
+        help="comma list of: eager, compiled, compiled_layers, autotune_layers, flex_layers",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
@@ -357,6 +363,11 @@ def main() -> None:
     if "autotune_layers" in args.variants:
         autotuned = copy.deepcopy(ours).compile_layers(mode="max-autotune-no-cudagraphs")
         variants["autotune_layers"] = lambda *a: ours_forward(autotuned, *a)
+    flex_compiled = None
+    if "flex_layers" in args.variants:
+        flex_compiled = copy.deepcopy(ours).compile_layers()
+        flex_compiled.attn_backend = "flex"
+        variants["flex_layers"] = lambda *a: ours_forward(flex_compiled, *a)
 
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -377,6 +388,8 @@ def main() -> None:
         print(f"\nprofile of {workloads[0].name}, {best}:\n{table}")
     if args.train:
         ours_models = {"ours_eager": ours, "ours_compiled": layer_compiled}
+        if flex_compiled is not None:
+            ours_models["ours_flex_compiled"] = flex_compiled
         results["training"] = measure_training(args, config, ours_models, hf, device, workloads)
         save(results, args.out)
 

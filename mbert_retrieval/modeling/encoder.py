@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbert_retrieval.modeling.attention import check_backend_name, packed_attention, resolve_backend
+from mbert_retrieval.modeling.attention import (
+    check_backend_name,
+    packed_attention,
+    packed_block_mask,
+    resolve_backend,
+)
 from mbert_retrieval.modeling.config import ModernBertConfig
 from mbert_retrieval.modeling.io import (
     CheckpointError,
@@ -92,10 +97,10 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, block_mask=None):
         q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(dim=1)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend)
+        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, block_mask)
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -124,8 +129,8 @@ class Layer(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = GeGLU(config)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend)
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, block_mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, block_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -187,10 +192,18 @@ class ModernBert(nn.Module):
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
         backend = resolve_backend(self.attn_backend, self.device, self.dtype)
-        global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
+        rope = {True: self.global_rotary(position_ids), False: self.local_rotary(position_ids)}
+        masks = {True: None, False: None}
+        if backend == "flex":  # one block mask per layer type, shared by all layers of that type
+            total, window = input_ids.shape[0], self.config.window_half
+            masks = {
+                True: packed_block_mask(cu_seqlens, total, None),
+                False: packed_block_mask(cu_seqlens, total, window),
+            }
         x = self.embeddings(input_ids)
         for layer in self.layers:
-            args = (global_rope if layer.is_global else local_rope, cu_seqlens, max_seqlen, backend)
+            g = layer.is_global
+            args = (rope[g], cu_seqlens, max_seqlen, backend, masks[g])
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
             else:
