@@ -87,7 +87,7 @@ class EncoderModel(nn.Module):
             return list(indices), [0] * len(ids), insert_after_first(ids, marker), truncated
         if chunking.size > max_length:
             raise ValueError(f"chunking size {chunking.size} is larger than the model's limit {max_length}")
-        whole, _ = self.text_tokenizer.encode(inputs, room)
+        whole = self.text_tokenizer.encode_whole(inputs)
         rows, windows, sequences = [], [], []
         long_ones = []
         for row, seq in zip(indices, whole):

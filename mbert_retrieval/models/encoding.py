@@ -170,6 +170,10 @@ class TextTokenizer:
                 ids[i] = seq
         return ids, len(too_long)
 
+    def encode_whole(self, inputs: list) -> list[np.ndarray]:
+        """Ids with special tokens, never truncated."""
+        return self._encode(inputs)
+
     def content(self, texts: list[str]) -> list[np.ndarray]:
         """Ids of the texts alone, without special tokens."""
         return self._encode(texts, add_special_tokens=False)
