@@ -339,7 +339,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="eager,compiled,compiled_layers",
-        help="comma list of: eager, compiled, compiled_layers, autotune_layers, flex_layers",
+        help="comma list of: eager, compiled, compiled_layers, autotune_layers",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
@@ -351,23 +351,18 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, ours, hf = build_models(args.small, device, dtype, "auto")
     workloads = SMALL if args.small else FULL
-    variants = {}
-    if "eager" in args.variants:
+    variants, wanted = {}, args.variants.split(",")
+    if "eager" in wanted:
         variants["eager"] = lambda *a: ours_forward(ours, *a)
-    if "compiled" in args.variants:
+    if "compiled" in wanted:
         compiled = compiled_forward(ours)
         variants["compiled"] = lambda p, c, m, pos: compiled(p, c, m, position_ids=pos, check_inputs=False)
     layer_compiled = copy.deepcopy(ours).compile_layers()
-    if "compiled_layers" in args.variants:
+    if "compiled_layers" in wanted:
         variants["compiled_layers"] = lambda *a: ours_forward(layer_compiled, *a)
-    if "autotune_layers" in args.variants:
+    if "autotune_layers" in wanted:
         autotuned = copy.deepcopy(ours).compile_layers(mode="max-autotune-no-cudagraphs")
         variants["autotune_layers"] = lambda *a: ours_forward(autotuned, *a)
-    flex_compiled = None
-    if "flex_layers" in args.variants:
-        flex_compiled = copy.deepcopy(ours).compile_layers()
-        flex_compiled.attn_backend = "flex"
-        variants["flex_layers"] = lambda *a: ours_forward(flex_compiled, *a)
 
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -388,8 +383,6 @@ def main() -> None:
         print(f"\nprofile of {workloads[0].name}, {best}:\n{table}")
     if args.train:
         ours_models = {"ours_eager": ours, "ours_compiled": layer_compiled}
-        if flex_compiled is not None:
-            ours_models["ours_flex_compiled"] = flex_compiled
         results["training"] = measure_training(args, config, ours_models, hf, device, workloads)
         save(results, args.out)
 

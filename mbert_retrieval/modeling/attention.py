@@ -3,10 +3,8 @@
 Backends:
 - "varlen": `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside PyTorch, CUDA, fp16/bf16);
 - "flash_attn": `flash_attn.flash_attn_varlen_func` from the flash-attn package;
-- "flex": `torch.nn.attention.flex_attention` with a block mask built from `cu_seqlens`, compiled
-  to Triton on CUDA; whole blocks outside a sequence or outside the local window are skipped;
 - "reference": scaled_dot_product_attention one sequence at a time, any device and dtype.
-"auto" picks the first of varlen, flash_attn, reference that can run on the given tensors.
+"auto" picks the first that can run on the given tensors.
 """
 
 from __future__ import annotations
@@ -14,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "varlen", "flash_attn", "flex", "reference")
-FLEX_BLOCK = 128
+BACKENDS = ("auto", "varlen", "flash_attn", "reference")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -27,12 +24,6 @@ def check_backend_name(name: str) -> None:
 def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None when `name` can run on tensors of this device and dtype, else the reason it can't."""
     if name == "reference":
-        return None
-    if name == "flex":
-        try:
-            from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
-        except ImportError:
-            return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
         return None
     if device.type != "cuda":
         return f"attn_backend={name!r} needs a CUDA device, but the model is on {device.type}"
@@ -74,15 +65,9 @@ def packed_attention(
     max_seqlen: int,
     window_half: int | None,
     backend: str,
-    block_mask=None,
 ) -> torch.Tensor:
-    """Bidirectional attention within each packed sequence; `window_half` tokens each side if set.
-
-    The flex backend needs the `block_mask` that `packed_block_mask` built for this layer type.
-    """
+    """Bidirectional attention within each packed sequence; `window_half` tokens each side if set."""
     window = (window_half, window_half) if window_half is not None else (-1, -1)
-    if backend == "flex":
-        return flex_packed(q, k, v, block_mask)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
@@ -112,67 +97,3 @@ def reference_attention(
 def window_mask(length: int, window_half: int, device: torch.device) -> torch.Tensor:
     positions = torch.arange(length, device=device)
     return (positions[:, None] - positions[None, :]).abs() <= window_half
-
-
-# -- flex_attention ------------------------------------------------------------------------------
-
-
-def packed_block_mask(cu_seqlens: torch.Tensor, total: int, window_half: int | None):
-    """A flex BlockMask for packed sequences, computed on the device from `cu_seqlens`.
-
-    Each block of FLEX_BLOCK queries needs the contiguous run of key blocks from the start of its
-    first sequence to the end of its last one, narrowed to the window on local layers; the mask
-    function then applies the exact per-token rule inside those blocks.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    device = cu_seqlens.device
-    token = torch.arange(total, device=device, dtype=torch.int32)
-    sequence = torch.searchsorted(cu_seqlens[1:], token, right=True)
-    n_blocks = -(-total // FLEX_BLOCK)
-    first_query = torch.arange(n_blocks, device=device, dtype=torch.int32) * FLEX_BLOCK
-    last_query = (first_query + FLEX_BLOCK).clamp(max=total) - 1
-    first_key = cu_seqlens[sequence[first_query]]
-    last_key = cu_seqlens[sequence[last_query] + 1] - 1
-    if window_half is not None:
-        first_key = torch.maximum(first_key, first_query - window_half)
-        last_key = torch.minimum(last_key, last_query + window_half)
-    first_block, last_block = first_key // FLEX_BLOCK, last_key // FLEX_BLOCK
-    counts = (last_block - first_block + 1).to(torch.int32)
-    offsets = torch.arange(n_blocks, device=device, dtype=torch.int32)
-    indices = (first_block[:, None] + offsets[None, :]).clamp(max=n_blocks - 1).to(torch.int32)
-
-    def same_sequence(b, h, q_idx, kv_idx):
-        return sequence[q_idx] == sequence[kv_idx]
-
-    def same_sequence_in_window(b, h, q_idx, kv_idx):
-        return (sequence[q_idx] == sequence[kv_idx]) & ((q_idx - kv_idx).abs() <= window_half)
-
-    return BlockMask.from_kv_blocks(
-        counts[None, None],
-        indices[None, None],
-        BLOCK_SIZE=FLEX_BLOCK,
-        mask_mod=same_sequence if window_half is None else same_sequence_in_window,
-        seq_lengths=(total, total),
-    )
-
-
-_compiled_flex = None
-
-
-def flex_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """flex_attention on [N, heads, dim] views, seen as one batch row of N tokens: no copies.
-
-    On CUDA it runs compiled (Triton); elsewhere the eager version, which materialises the
-    N x N scores and is only fit for checking the block masks on small inputs.
-    """
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
-    attend = flex_attention
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=True)
-        attend = _compiled_flex
-    out = attend(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=block_mask)
-    return out[0].transpose(0, 1)

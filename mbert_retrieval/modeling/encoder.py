@@ -14,12 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbert_retrieval.modeling.attention import (
-    check_backend_name,
-    packed_attention,
-    packed_block_mask,
-    resolve_backend,
-)
+from mbert_retrieval.modeling.attention import check_backend_name, packed_attention, resolve_backend
 from mbert_retrieval.modeling.config import ModernBertConfig
 from mbert_retrieval.modeling.io import (
     CheckpointError,
@@ -97,10 +92,10 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, block_mask=None):
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
         q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(dim=1)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, block_mask)
+        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend)
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -129,8 +124,8 @@ class Layer(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = GeGLU(config)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, block_mask=None):
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, block_mask)
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -192,18 +187,10 @@ class ModernBert(nn.Module):
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
         backend = resolve_backend(self.attn_backend, self.device, self.dtype)
-        rope = {True: self.global_rotary(position_ids), False: self.local_rotary(position_ids)}
-        masks = {True: None, False: None}
-        if backend == "flex":  # one block mask per layer type, shared by all layers of that type
-            total, window = input_ids.shape[0], self.config.window_half
-            masks = {
-                True: packed_block_mask(cu_seqlens, total, None),
-                False: packed_block_mask(cu_seqlens, total, window),
-            }
+        global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
         x = self.embeddings(input_ids)
         for layer in self.layers:
-            g = layer.is_global
-            args = (rope[g], cu_seqlens, max_seqlen, backend, masks[g])
+            args = (global_rope if layer.is_global else local_rope, cu_seqlens, max_seqlen, backend)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
             else:
@@ -214,7 +201,10 @@ class ModernBert(nn.Module):
         """torch.compile each layer in place, for varying token counts (dynamic shapes).
 
         Layers share their code, so all global layers reuse one compiled graph and all local layers another.
+        Global / local x training / inference x a few shape specialisations can pass dynamo's default
+        limit of 8 graphs per function, after which it silently falls back to eager: raise it.
         """
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in self.layers:
             layer.compile(dynamic=True, **compile_kwargs)
         return self
