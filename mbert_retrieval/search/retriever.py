@@ -1,0 +1,431 @@
+"""Retriever: a first stage (FAISS, PLAID, exhaustive MaxSim, BM25, or a hybrid) -> an optional rerank.
+
+    retriever = Retriever(DenseRetriever.from_pretrained("dense"), index="hnsw",
+                          reranker=CrossEncoder.from_pretrained("cross"), first_stage_k=100)
+    retriever.add(ids, texts)
+    hits = retriever.search("how to sort a list", k=10)        # [Hit(id, score, text), ...]
+    batch = retriever.search(["query one", "query two"], k=10)  # one list of hits per query
+    retriever.save("my-index"); retriever = Retriever.load("my-index")
+
+First stages, by `index`:
+    flat | hnsw | ivfpq   a single-vector model (DenseRetriever or any sentence-transformers model) in a FaissIndex
+    flat | plaid          a ColBERT model: exact MaxSim against every document, or a PlaidIndex
+    bm25                  no model: BM25 (bm25s)
+`hybrid=True` adds BM25 to a model's first stage and fuses both rankings by reciprocal rank.
+A reranker (a CrossEncoder, or a ColBERT scoring by MaxSim) re-scores the first `first_stage_k` hits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mbert_retrieval.index.storage import IndexFormatError
+from mbert_retrieval.modeling.io import atomic_write_text, save_safetensors
+from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
+from mbert_retrieval.search.fusion import reciprocal_rank_fusion
+
+SINGLE_VECTOR_INDEXES = ("flat", "hnsw", "ivfpq")
+MULTI_VECTOR_INDEXES = ("flat", "plaid")
+MANIFEST = "retriever.json"
+QUERY_BATCH = 64  # queries scored together in exhaustive MaxSim
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    text: str = field(repr=False, default="")
+
+
+@dataclass
+class EncodingStats:
+    """Time spent turning documents into the first stage's index (encoding and indexing)."""
+
+    documents: int = 0
+    seconds: float = 0.0
+
+    @property
+    def documents_per_second(self) -> float:
+        return self.documents / self.seconds if self.seconds > 0 else float("nan")
+
+
+def is_multi_vector(model) -> bool:
+    """A ColBERT-style model (one vector per token, scored by MaxSim)."""
+    from mbert_retrieval.models.colbert import ColBERT
+
+    return isinstance(model, ColBERT)
+
+
+class Retriever:
+    def __init__(
+        self,
+        model=None,
+        index: str = "flat",
+        *,
+        hybrid: bool = False,
+        reranker=None,
+        first_stage_k: int = 100,
+        rrf_k: int = 60,
+        bm25_settings: dict | None = None,
+        model_name: str | None = None,
+        reranker_name: str | None = None,
+        show_progress: bool = False,
+    ):
+        """`model_name` / `reranker_name`: where the models load from, recorded by `save` so that
+        `Retriever.load` can bring them back (and refuse an index built by a different model)."""
+        check_first_stage(model, index, hybrid)
+        if first_stage_k <= 0:
+            raise ValueError(f"first_stage_k must be positive, got {first_stage_k}")
+        self.model = model
+        self.index_kind = index
+        self.hybrid = hybrid
+        self.reranker = reranker
+        self.first_stage_k = first_stage_k
+        self.rrf_k = rrf_k
+        self.bm25_settings = dict(bm25_settings or {})
+        self.model_name = model_name
+        self.reranker_name = reranker_name
+        self.show_progress = show_progress
+        self.stats = EncodingStats()
+        self.documents: dict[str, str] = {}
+        self._faiss = None
+        self._plaid = None
+        self._multi_vectors: list[torch.Tensor] = []  # flat ColBERT: one [n_tokens, dim] per document
+        self._bm25: BM25Index | None = None
+
+    @property
+    def uses_bm25(self) -> bool:
+        return self.index_kind == "bm25" or self.hybrid
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self.documents)
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def describe(self) -> str:
+        first = (
+            "bm25"
+            if self.model is None
+            else f"{self.model_name or type(self.model).__name__} [{self.index_kind}]"
+        )
+        if self.hybrid:
+            first = f"hybrid(bm25 + {first})"
+        if self.reranker is not None:
+            first += (
+                f" -> rerank {self.reranker_name or type(self.reranker).__name__} top {self.first_stage_k}"
+            )
+        return first
+
+    # -------------------------------------------------------------------------------------- indexing
+
+    def add(self, ids: Sequence[str], texts: Sequence[str]) -> None:
+        """Encode and index documents. BM25 is rebuilt over the whole corpus (its statistics are global)."""
+        ids, texts = [str(i) for i in ids], list(texts)
+        check_documents(ids, texts, self.documents)
+        if not ids:
+            return
+        start = time.perf_counter()
+        if self.model is not None:
+            self._add_to_model_index(ids, texts)
+        self.documents.update(zip(ids, texts))
+        if self.uses_bm25:
+            self._bm25 = BM25Index.build(
+                self.ids,
+                list(self.documents.values()),
+                show_progress=self.show_progress,
+                **self.bm25_settings,
+            )
+        self.stats.documents += len(ids)
+        self.stats.seconds += time.perf_counter() - start
+
+    def _add_to_model_index(self, ids: list[str], texts: list[str]) -> None:
+        if not is_multi_vector(self.model):
+            vectors = self.model.encode_documents(texts, show_progress_bar=self.show_progress)
+            if self._faiss is None:
+                from mbert_retrieval.index.faiss_index import FaissIndex
+
+                self._faiss = FaissIndex(vectors.shape[1], kind=self.index_kind, model_name=self.model_name)
+            self._faiss.add(ids, vectors)
+            return
+        embeddings = self.model.encode_documents(texts, show_progress_bar=self.show_progress)
+        if self.index_kind == "flat":
+            self._multi_vectors.extend(torch.as_tensor(e).to(torch.float16) for e in embeddings)
+        elif self._plaid is None:
+            from mbert_retrieval.index.plaid import PlaidIndex
+
+            self._plaid = PlaidIndex.build(
+                embeddings, ids, nbits=2, model_name=self.model_name, show_progress=self.show_progress
+            )
+        else:
+            self._plaid.add(embeddings, ids)
+
+    # ---------------------------------------------------------------------------------------- search
+
+    def search(self, queries: str | Sequence[str], k: int = 10) -> list[Hit] | list[list[Hit]]:
+        """The top k hits for one query (a list of Hit) or for each of several (a list of lists)."""
+        single = isinstance(queries, str)
+        queries = [queries] if single else list(queries)
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        if not self.documents:
+            raise ValueError("the retriever holds no documents: add some first")
+        if not all(isinstance(q, str) for q in queries):
+            raise TypeError("queries must be strings")
+        depth = max(k, self.first_stage_k) if self.reranker is not None else k
+        candidates = self.first_stage(queries, depth)
+        if self.reranker is not None:
+            candidates = self.rerank(queries, candidates)
+        hits = [[Hit(i, s, self.documents[i]) for i, s in ranking[:k]] for ranking in candidates]
+        return hits[0] if single else hits
+
+    def first_stage(self, queries: list[str], depth: int) -> list[list[tuple[str, float]]]:
+        """(id, score) lists, best first, from the index (and BM25, fused, when hybrid)."""
+        if self.model is None:
+            return self._bm25_search(queries, depth)
+        neural = self._model_search(queries, depth)
+        if not self.hybrid:
+            return neural
+        lexical = self._bm25_search(queries, depth)
+        return [
+            reciprocal_rank_fusion([[i for i, _ in a], [i for i, _ in b]], k=self.rrf_k)[:depth]
+            for a, b in zip(neural, lexical)
+        ]
+
+    def _bm25_search(self, queries, depth):
+        ids, scores = self._bm25.search(queries, depth)
+        return [list(zip(row, map(float, row_scores))) for row, row_scores in zip(ids, scores)]
+
+    def _model_search(self, queries, depth):
+        encoded = self.model.encode_queries(queries, show_progress_bar=self.show_progress)
+        if self._faiss is not None:
+            ids, scores = self._faiss.search(encoded, depth)
+        elif self._plaid is not None:
+            ids, scores = self._plaid.search(encoded, depth)
+        else:
+            ids, scores = self._exhaustive_maxsim(encoded, depth)
+        return [list(zip(row, map(float, row_scores))) for row, row_scores in zip(ids, scores)]
+
+    def _exhaustive_maxsim(self, encoded, depth):
+        from mbert_retrieval.models.colbert import maxsim
+
+        doc_ids = self.ids
+        all_ids, all_scores = [], []
+        for start in range(0, len(encoded), QUERY_BATCH):
+            scores = np.asarray(maxsim(np.asarray(encoded[start : start + QUERY_BATCH]), self._multi_vectors))
+            for row in scores:
+                top = top_k_indices(row, depth)
+                all_ids.append([doc_ids[i] for i in top])
+                all_scores.append(row[top])
+        return all_ids, all_scores
+
+    def rerank(
+        self, queries: list[str], candidates: list[list[tuple[str, float]]]
+    ) -> list[list[tuple[str, float]]]:
+        """Re-score each query's candidates with the reranker; best first."""
+        if is_multi_vector(self.reranker):
+            scores = self._maxsim_rerank(queries, candidates)
+        else:
+            pairs = [(q, self.documents[i]) for q, ranking in zip(queries, candidates) for i, _ in ranking]
+            flat = np.asarray(
+                self.reranker.predict(pairs, show_progress_bar=self.show_progress), dtype=np.float32
+            )
+            scores = np.split(
+                flat.reshape(len(pairs), -1)[:, 0], np.cumsum([len(c) for c in candidates])[:-1]
+            )
+        reranked = []
+        for ranking, row in zip(candidates, scores):
+            order = sorted(range(len(ranking)), key=lambda j: -row[j])
+            reranked.append([(ranking[j][0], float(row[j])) for j in order])
+        return reranked
+
+    def _maxsim_rerank(self, queries, candidates) -> list[np.ndarray]:
+        """ColBERT MaxSim over the candidates; each distinct document is encoded once."""
+        unique = list(dict.fromkeys(i for ranking in candidates for i, _ in ranking))
+        position = {doc_id: n for n, doc_id in enumerate(unique)}
+        documents = self.reranker.encode_documents(
+            [self.documents[i] for i in unique], show_progress_bar=self.show_progress
+        )
+        encoded = self.reranker.encode_queries(queries, show_progress_bar=self.show_progress)
+        return [
+            np.asarray(
+                self.reranker.score(encoded[q], [documents[position[i]] for i, _ in ranking]),
+                dtype=np.float32,
+            )
+            for q, ranking in enumerate(candidates)
+        ]
+
+    # ----------------------------------------------------------------------------------- persistence
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save the documents and indexes (not the models: their names are recorded and reloaded)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self._faiss is not None:
+            self._faiss.save(directory / "faiss")
+        if self._plaid is not None:
+            self._plaid.save(directory / "plaid")
+        if self._bm25 is not None:
+            self._bm25.save(directory / "bm25")
+        if self._multi_vectors:
+            lengths = torch.tensor([len(e) for e in self._multi_vectors])
+            save_safetensors(
+                directory / "colbert_vectors.safetensors",
+                {"vectors": torch.cat(self._multi_vectors), "lengths": lengths},
+            )
+        rows = "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in self.documents.items())
+        atomic_write_text(directory / "documents.jsonl", rows)
+        manifest = {
+            "format_version": 1,
+            "index": self.index_kind,
+            "hybrid": self.hybrid,
+            "model": self.model_name,
+            "reranker": self.reranker_name,
+            "first_stage_k": self.first_stage_k,
+            "rrf_k": self.rrf_k,
+            "bm25_settings": self.bm25_settings,
+            "n_documents": len(self),
+            "encoding": {"documents": self.stats.documents, "seconds": self.stats.seconds},
+        }
+        atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        model=None,
+        reranker=None,
+        *,
+        reranker_name: str | None = None,
+        device: str | None = None,
+        show_progress: bool = False,
+    ) -> Retriever:
+        """Load a saved retriever. The model is loaded from the recorded name unless given; the reranker
+        is the one given (or the recorded one when `reranker` is None and one was saved)."""
+        from mbert_retrieval.search.models import load_reranker, load_search_model
+
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        if model is None and manifest["model"] is not None:
+            model = load_search_model(manifest["model"], device=device)
+        if reranker is None and reranker_name is None and manifest.get("reranker"):
+            reranker_name = manifest["reranker"]
+        if reranker is None and reranker_name is not None:
+            reranker = load_reranker(reranker_name, device=device)
+        retriever = cls(
+            model,
+            manifest["index"],
+            hybrid=manifest["hybrid"],
+            reranker=reranker,
+            first_stage_k=manifest["first_stage_k"],
+            rrf_k=manifest["rrf_k"],
+            bm25_settings=manifest["bm25_settings"],
+            model_name=manifest["model"],
+            reranker_name=reranker_name,
+            show_progress=show_progress,
+        )
+        retriever._load_parts(directory, manifest, device)
+        return retriever
+
+    def _load_parts(self, directory: Path, manifest: dict, device: str | None) -> None:
+        self.documents = read_documents(directory / "documents.jsonl")
+        self.stats = EncodingStats(**manifest.get("encoding", {}))
+        if len(self.documents) != manifest["n_documents"]:
+            raise IndexFormatError(
+                f"{directory}: documents.jsonl does not hold the {manifest['n_documents']} documents"
+            )
+        if self.uses_bm25:
+            self._bm25 = BM25Index.load(directory / "bm25")
+        if self.model is None:
+            return
+        if not is_multi_vector(self.model):
+            from mbert_retrieval.index.faiss_index import FaissIndex
+
+            self._faiss = FaissIndex.load(directory / "faiss", expected_model=self.model_name)
+        elif self.index_kind == "plaid":
+            from mbert_retrieval.index.plaid import PlaidIndex
+
+            self._plaid = PlaidIndex.load(directory / "plaid", device=device, expected_model=self.model_name)
+        else:
+            self._multi_vectors = read_multi_vectors(
+                directory / "colbert_vectors.safetensors", len(self.documents)
+            )
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_first_stage(model, index: str, hybrid: bool) -> None:
+    if index == "bm25":
+        if model is not None or hybrid:
+            raise ValueError("index='bm25' takes no model (for BM25 plus a model, use hybrid=True)")
+        return
+    if model is None:
+        raise ValueError(f"index={index!r} needs a model (or use index='bm25')")
+    allowed = MULTI_VECTOR_INDEXES if is_multi_vector(model) else SINGLE_VECTOR_INDEXES
+    if index not in allowed:
+        what = "a ColBERT" if is_multi_vector(model) else "a single-vector"
+        raise ValueError(f"index={index!r} does not fit {what} model; choose one of {', '.join(allowed)}")
+
+
+def check_documents(ids: list[str], texts: list, existing: dict) -> None:
+    if len(ids) != len(texts):
+        raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("document texts must be strings")
+    if len(set(ids)) != len(ids):
+        raise ValueError("document ids must be unique")
+    present = [i for i in ids if i in existing]
+    if present:
+        raise ValueError(f"ids already in the retriever: {present[:5]}")
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise IndexFormatError(f"{directory} has no {MANIFEST}: it is not a saved retriever")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise IndexFormatError(f"{path} is not valid JSON (corrupt manifest): {err}") from err
+    missing = {"index", "hybrid", "model", "first_stage_k", "rrf_k", "bm25_settings", "n_documents"} - set(
+        manifest
+    )
+    if missing:
+        raise IndexFormatError(f"{path} lacks {', '.join(sorted(missing))} (corrupt manifest)")
+    return manifest
+
+
+def read_documents(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise IndexFormatError(f"{path} is missing")
+    documents = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            documents[row["_id"]] = row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise IndexFormatError(f"{path}: line {number} is corrupt ({err})") from err
+    return documents
+
+
+def read_multi_vectors(path: Path, n_documents: int) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise IndexFormatError(f"{path}: unreadable ColBERT vectors: {err}") from err
+    lengths = tensors["lengths"].tolist()
+    if len(lengths) != n_documents or sum(lengths) != len(tensors["vectors"]):
+        raise IndexFormatError(f"{path}: the vectors do not match the {n_documents} documents")
+    return list(torch.split(tensors["vectors"], lengths))
