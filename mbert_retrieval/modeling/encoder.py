@@ -73,13 +73,13 @@ class Rotary(nn.Module):
             return angles.cos().to(device), angles.sin().to(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [N, 1, head_dim / 2] for each token's position; computed once per forward."""
+        """cos, sin [N, 1, 1, head_dim / 2] for each token's position; computed once per forward."""
         cos_table, sin_table = self.tables(positions.device)
-        return cos_table[positions][:, None, :], sin_table[positions][:, None, :]
+        return cos_table[positions][:, None, None, :], sin_table[positions][:, None, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim] (rotate-half convention), in float32 like `transformers`."""
+    """Rotate x [N, 2, heads, head_dim] (q and k; rotate-half convention), in float32 like `transformers`."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
@@ -93,8 +93,11 @@ class Attention(nn.Module):
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
-        q, k, v = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(dim=1)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
+        # q and k rotated into one buffer and passed on as views: the same strides under
+        # torch.compile as in eager, so no copies before the attention kernel.
+        q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
+        v = qkv[:, 2]
         out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend)
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
