@@ -179,6 +179,8 @@ class CrossEncoder(EncoderModel):
             ranked.append(hit)
         return ranked
 
+    rank = rerank  # sentence-transformers' name for the same call
+
     # -- checkpoints -------------------------------------------------------------------------------
 
     @classmethod
