@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -14,6 +15,14 @@ import numpy as np
 from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
 
 IDENTIFIER_BOUNDARY = re.compile(r"_+|(?<=[a-z0-9])(?=[A-Z])")
+
+
+def import_bm25s():
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG, which floods any application that configures logging.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
 
 
 class BM25Index:
@@ -31,7 +40,7 @@ class BM25Index:
         stopwords: str | None = "en",
         split_identifiers: bool = False,
     ):
-        import bm25s
+        bm25s = import_bm25s()
 
         self.settings = dict(
             k1=k1, b=b, method=method, stopwords=stopwords, split_identifiers=split_identifiers
@@ -63,7 +72,7 @@ class BM25Index:
         return list(self._ids)
 
     def tokenize(self, texts: Sequence[str], show_progress: bool = False) -> list[list[str]]:
-        import bm25s
+        bm25s = import_bm25s()
 
         if self.settings["split_identifiers"]:
             texts = [IDENTIFIER_BOUNDARY.sub(" ", text) for text in texts]
@@ -103,7 +112,7 @@ class BM25Index:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, verify_checksums: bool = True) -> BM25Index:
-        import bm25s
+        bm25s = import_bm25s()
 
         manifest, data_dir = load_index_folder(directory, "bm25", None, verify_checksums)
         index = cls(**{key: manifest[key] for key in ("k1", "b", "method", "stopwords", "split_identifiers")})

@@ -35,7 +35,11 @@ class SentenceTransformerEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        get_dimension = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        return int(get_dimension())
 
     def encode_queries(self, texts, show_progress_bar: bool | None = None, **kwargs) -> np.ndarray:
         return self._encode(self.model.encode_query, texts, show_progress_bar)

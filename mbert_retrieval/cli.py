@@ -1,0 +1,504 @@
+"""The `mbert-retrieval` command line: index, search, evaluate, leaderboard (and train, when installed).
+
+Exit codes: 0 success; 2 bad usage or bad input (a missing folder, a malformed file, an option that
+does not fit the model); 1 any other failure. Errors are one line on stderr, without a traceback
+(add --verbose before the command to get one for unexpected failures).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="mbert-retrieval",
+    help="Index, search and evaluate with ModernBERT retrieval models, BM25 and hybrids.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
+SHOW_TRACEBACKS = False
+
+
+class IndexKind(str, Enum):
+    flat = "flat"
+    hnsw = "hnsw"
+    ivfpq = "ivfpq"
+    plaid = "plaid"
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+    trec = "trec"
+
+
+class BadInput(ValueError):
+    """A user error found by the command itself."""
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from evaluation.data import DataFormatError
+    from evaluation.leaderboard import LeaderboardConfigError
+    from mbert_retrieval.index.storage import IndexFormatError
+    from mbert_retrieval.modeling import CheckpointError, ConfigError
+
+    return (BadInput, DataFormatError, LeaderboardConfigError, IndexFormatError, CheckpointError, ConfigError)
+
+
+def reports_errors(command):
+    """Turn exceptions into a one-line message and an exit code scripts can trust."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except user_errors() as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Exception as err:  # anything else is a failure, not the user's input
+            if SHOW_TRACEBACKS:
+                traceback.print_exc()
+            typer.echo(f"error: {type(err).__name__}: {err}", err=True)
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Log progress details, and print tracebacks of unexpected failures."
+        ),
+    ] = False,
+):
+    """Index, search and evaluate with ModernBERT retrieval models, BM25 and hybrids."""
+    global SHOW_TRACEBACKS
+    SHOW_TRACEBACKS = verbose
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+
+
+# ------------------------------------------------------------------------------------------- options
+
+SystemOption = Annotated[
+    str,
+    typer.Option(
+        "--system",
+        help="'bm25'; a model folder or hub id (sentence-transformers, dense or ColBERT; prefix with dense:, "
+        "colbert: or st: to skip detection); or 'hybrid:<model>' for BM25 + the model fused by reciprocal rank.",
+    ),
+]
+IndexOption = Annotated[
+    IndexKind,
+    typer.Option(
+        "--index",
+        help="First-stage index: flat (exact; exhaustive MaxSim for ColBERT), hnsw or ivfpq (single-vector "
+        "models), plaid (ColBERT). Ignored for bm25.",
+    ),
+]
+RerankOption = Annotated[
+    str | None,
+    typer.Option(
+        "--rerank", help="Rerank the first stage's hits with this cross-encoder or ColBERT model folder."
+    ),
+]
+FirstStageOption = Annotated[
+    int, typer.Option("--first-stage-k", min=1, help="Hits the first stage passes to the reranker.")
+]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device", help="Device for the models, e.g. cpu or cuda:0 (default: cuda when available)."
+    ),
+]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+SplitIdentifiersOption = Annotated[
+    bool,
+    typer.Option(
+        "--split-identifiers", help="BM25: also split snake_case and camelCase words (helps on code)."
+    ),
+]
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+@app.command()
+@reports_errors
+def index(
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Documents: a BEIR folder (its corpus.jsonl), a corpus .jsonl file, or a named set (beir:<name>, ...).",
+        ),
+    ],
+    system: SystemOption,
+    output: Annotated[Path, typer.Option("--output", help="Folder to save the index in.")],
+    index_kind: IndexOption = IndexKind.flat,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an index already saved in --output.")
+    ] = False,
+    split_identifiers: SplitIdentifiersOption = False,
+    device: DeviceOption = None,
+    progress: ProgressOption = True,
+):
+    """Encode a corpus and save a searchable index (documents, vectors and the models' names)."""
+    check_output_folder(output, overwrite, marker="retriever.json")
+    corpus = read_documents(data)
+    retriever = make_retriever(system, index_kind.value, None, 100, device, progress, split_identifiers)
+    retriever.add(list(corpus), list(corpus.values()))
+    retriever.save(output)
+    rate = retriever.stats.documents_per_second
+    typer.echo(
+        f"indexed {len(retriever)} documents with {retriever.describe()} ({rate:,.1f} docs/s) -> {output}"
+    )
+
+
+@app.command()
+@reports_errors
+def search(
+    index_dir: Annotated[Path, typer.Option("--index", help="A folder saved by `mbert-retrieval index`.")],
+    query: Annotated[
+        list[str] | None, typer.Option("--query", "-q", help="A query (repeat the option for several).")
+    ] = None,
+    queries: Annotated[
+        Path | None,
+        typer.Option(
+            "--queries", help="A file of queries: BEIR queries.jsonl ({'_id', 'text'}) or one query per line."
+        ),
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Hits per query.")] = 10,
+    rerank: RerankOption = None,
+    first_stage_k: FirstStageOption = 100,
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option("--format", help="text (readable), json (one line per query) or trec (a run file)."),
+    ] = OutputFormat.text,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Write the results to this file instead of stdout.")
+    ] = None,
+    device: DeviceOption = None,
+    progress: ProgressOption = False,
+):
+    """Search a saved index with one or more queries."""
+    from mbert_retrieval.search.models import canonical_name
+    from mbert_retrieval.search.retriever import Retriever
+
+    named = read_queries(query, queries)
+    retriever = Retriever.load(
+        index_dir,
+        reranker_name=canonical_name(rerank) if rerank else None,
+        device=device,
+        show_progress=progress,
+    )
+    retriever.first_stage_k = first_stage_k
+    hits = retriever.search(list(named.values()), k=top_k)
+    text = format_hits(named, hits, output_format)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        from mbert_retrieval.modeling.io import atomic_write_text
+
+        atomic_write_text(output, text)
+        typer.echo(f"wrote results of {len(named)} queries to {output}", err=True)
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="A BEIR folder, or a named set: beir:<name>, mldr, coir:<name>, codesearchnet:<lang>.",
+        ),
+    ],
+    system: Annotated[
+        str,
+        typer.Option(
+            "--system",
+            help="'bm25', a model folder or hub id, 'hybrid:<model>', or a folder saved by `mbert-retrieval index`.",
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", help="Folder for metrics.json, run.trec, per_query.json and info.json."),
+    ],
+    index_kind: IndexOption = IndexKind.flat,
+    rerank: RerankOption = None,
+    split: Annotated[str, typer.Option("--split", help="Which qrels to score: qrels/<split>.tsv.")] = "test",
+    top_k: Annotated[
+        int, typer.Option("--top-k", min=1, help="Documents retrieved per query (Recall@100 needs 100).")
+    ] = 100,
+    first_stage_k: FirstStageOption = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Queries searched together.")] = 256,
+    split_identifiers: SplitIdentifiersOption = False,
+    device: DeviceOption = None,
+    progress: ProgressOption = True,
+):
+    """Retrieve for every judged query of a data set and score the run (NDCG@10, MRR@10, Recall@100, MAP)."""
+    from evaluation.harness import evaluate_retriever
+    from evaluation.public import resolve_dataset
+
+    dataset = resolve_dataset(data, split)
+    report_dataset(dataset)
+    if (Path(system) / "retriever.json").is_file():
+        from mbert_retrieval.search.models import canonical_name
+        from mbert_retrieval.search.retriever import Retriever
+
+        retriever = Retriever.load(
+            system,
+            reranker_name=canonical_name(rerank) if rerank else None,
+            device=device,
+            show_progress=progress,
+        )
+        retriever.first_stage_k = first_stage_k
+    else:
+        retriever = make_retriever(
+            system, index_kind.value, rerank, first_stage_k, device, progress, split_identifiers
+        )
+    result = evaluate_retriever(
+        retriever, dataset, k=top_k, batch_size=batch_size, output_dir=output, show_progress=progress
+    )
+    typer.echo(f"{retriever.describe()} on {dataset.summary()}")
+    for name, value in result.metrics.items():
+        typer.echo(f"  {name:<11}{value:.4f}")
+    typer.echo(f"wrote {output / 'metrics.json'} and {output / 'run.trec'}")
+
+
+@app.command()
+@reports_errors
+def leaderboard(
+    config: Annotated[
+        Path, typer.Option("--config", help="YAML or JSON file listing 'datasets' and 'systems'.")
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="Folder for leaderboard.md/.json/.png and runs/ (default: the config's 'output').",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Run everything again instead of reusing finished runs.")
+    ] = False,
+    device: DeviceOption = None,
+    progress: ProgressOption = True,
+):
+    """Run every system on every data set of a config; write a Markdown table, JSON and a quality/throughput plot.
+
+    Finished runs are cached under <output>/runs/ and reused while the config entry, the data and the
+    model files are unchanged."""
+    from evaluation.leaderboard import load_config, require_datasets_exist, run_leaderboard
+
+    parsed = load_config(config)
+    require_datasets_exist(parsed)
+    output = output or Path(parsed.output or "leaderboard")
+    entries = run_leaderboard(parsed, output, force=force, device=device, show_progress=progress)
+    reused = sum(e.cached for e in entries)
+    typer.echo((output / "leaderboard.md").read_text(), nl=False)
+    typer.echo(
+        f"{len(entries)} runs ({reused} reused) -> {output}/leaderboard.md, leaderboard.json, leaderboard.png"
+    )
+
+
+@app.command("build-code-dataset")
+@reports_errors
+def build_code_dataset_command(
+    source: Annotated[Path, typer.Argument(help="A folder of Python source (a package, a repository, ...).")],
+    output: Annotated[Path, typer.Argument(help="Where to write the BEIR folder.")],
+    split_by: Annotated[
+        str, typer.Option("--split-by", help="Unit that never straddles splits: module (file) or package.")
+    ] = "module",
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of pairs for test.")] = 0.2,
+    dev_fraction: Annotated[
+        float, typer.Option("--dev-fraction", help="Share of pairs for dev (0 for none).")
+    ] = 0.1,
+    min_query_words: Annotated[
+        int, typer.Option("--min-query-words", help="Shorter docstring summaries are skipped.")
+    ] = 3,
+    max_functions: Annotated[
+        int | None, typer.Option("--max-functions", help="Keep about this many pairs.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the unit shuffle.")] = 0,
+    progress: ProgressOption = True,
+):
+    """Turn a Python source tree into a CodeSearchNet-style set: docstring summary -> function without it."""
+    from evaluation.code_dataset import build_code_dataset
+
+    if split_by not in ("module", "package"):
+        raise BadInput(f"--split-by must be module or package, got {split_by!r}")
+    try:
+        summary = build_code_dataset(
+            source,
+            output,
+            split_by=split_by,
+            test_fraction=test_fraction,
+            dev_fraction=dev_fraction,
+            min_query_words=min_query_words,
+            max_functions=max_functions,
+            seed=seed,
+            show_progress=progress,
+        )
+    except ValueError as err:
+        raise BadInput(str(err)) from err
+    counts = ", ".join(f"{split} {n}" for split, n in summary.functions.items())
+    typer.echo(f"{output}: {counts} query-function pairs from {summary.files_read} files")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def make_retriever(system, index_kind, rerank, first_stage_k, device, progress, split_identifiers):
+    """A Retriever for the options; option combinations that do not fit are bad input."""
+    from mbert_retrieval.search.models import build_retriever
+
+    try:
+        return build_retriever(
+            system,
+            index_kind,
+            rerank,
+            first_stage_k=first_stage_k,
+            device=device,
+            show_progress=progress,
+            bm25_settings={"split_identifiers": split_identifiers},
+        )
+    except (ValueError, OSError) as err:
+        if isinstance(err, user_errors()):
+            raise
+        raise BadInput(str(err)) from err
+
+
+def check_output_folder(folder: Path, overwrite: bool, marker: str) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"--output {folder} is a file")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not (folder / marker).exists():
+            raise BadInput(f"--output {folder} is a non-empty folder that is not an index; choose another")
+        if not overwrite:
+            raise BadInput(f"--output {folder} already holds an index (pass --overwrite to replace it)")
+
+
+def read_documents(data: str) -> dict[str, str]:
+    from evaluation.data import DataFormatError, document_text, read_corpus, report_problems
+    from evaluation.public import resolve_dataset
+
+    path = Path(data)
+    if path.is_file():
+        corpus_file = path
+    elif (path / "corpus.jsonl").exists():
+        corpus_file = path / "corpus.jsonl"
+    elif ":" in data or data.lower() == "mldr":
+        return {i: document_text(d) for i, d in resolve_dataset(data).corpus.items()}
+    else:
+        raise DataFormatError(f"--data {data}: neither a corpus .jsonl file nor a folder with corpus.jsonl")
+    from collections import Counter
+
+    problems: Counter = Counter()
+    corpus = read_corpus(corpus_file, problems)
+    report_problems(corpus_file, problems)
+    return {i: document_text(d) for i, d in corpus.items()}
+
+
+def read_queries(query: list[str] | None, queries_file: Path | None) -> dict[str, str]:
+    """{query id: text} from --query options (ids q1, q2, ...) and/or a --queries file."""
+    named = {f"q{n}": text for n, text in enumerate(query or [], start=1)}
+    if queries_file is not None:
+        if not queries_file.is_file():
+            raise BadInput(f"--queries {queries_file}: no such file")
+        if queries_file.suffix == ".jsonl":
+            from collections import Counter
+
+            from evaluation.data import read_queries as read_beir_queries
+
+            named.update(read_beir_queries(queries_file, Counter()))
+        else:
+            lines = [line.strip() for line in queries_file.read_text().splitlines() if line.strip()]
+            named.update({f"q{n}": text for n, text in enumerate(lines, start=len(named) + 1)})
+    if not named:
+        raise BadInput("give at least one --query or a --queries file")
+    if any(not text.strip() for text in named.values()):
+        raise BadInput("queries must not be empty")
+    return named
+
+
+def format_hits(named: dict[str, str], hits, output_format: OutputFormat) -> str:
+    lines = []
+    for (query_id, text), ranking in zip(named.items(), hits):
+        if output_format == OutputFormat.json:
+            row = {
+                "query_id": query_id,
+                "query": text,
+                "hits": [{"id": h.id, "score": h.score} for h in ranking],
+            }
+            lines.append(json.dumps(row))
+        elif output_format == OutputFormat.trec:
+            lines += [
+                f"{query_id} Q0 {h.id} {rank} {h.score:.6f} mbert-retrieval"
+                for rank, h in enumerate(ranking, 1)
+            ]
+        else:
+            lines.append(f"[{query_id}] {text}")
+            for rank, h in enumerate(ranking, 1):
+                preview = " ".join(h.text.split())[:80]
+                lines.append(f"  {rank:>3}. {h.score:9.4f}  {h.id}  {preview}")
+    return "\n".join(lines) + "\n"
+
+
+def report_dataset(dataset) -> None:
+    typer.echo(dataset.summary(), err=True)
+    for what, count in sorted(dataset.problems.items()):
+        typer.echo(f"warning: {count} {what}", err=True)
+
+
+def register_train_command() -> None:
+    """`mbert-retrieval train ...` comes from mbert_retrieval.training.cli when that module is installed.
+
+    If it is there but fails to import, the other commands keep working and `train` reports why."""
+    try:
+        training_cli = importlib.import_module("mbert_retrieval.training.cli")
+    except ModuleNotFoundError as err:
+        if err.name in ("mbert_retrieval.training", "mbert_retrieval.training.cli"):
+            return
+        import_error = err
+    except Exception as err:  # a broken training module must not take the other commands down
+        import_error = err
+    else:
+        train_app = getattr(training_cli, "app", None) or training_cli.train_app
+        app.add_typer(
+            train_app, name="train", help="Train retrieval models (see `mbert-retrieval train --help`)."
+        )
+        return
+
+    @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def train_unavailable():
+        """Train retrieval models (unavailable: the training module failed to import)."""
+        typer.echo(f"error: the training commands could not be loaded: {import_error}", err=True)
+        raise typer.Exit(EXIT_FAILURE)
+
+
+register_train_command()
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
