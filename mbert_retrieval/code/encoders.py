@@ -1,0 +1,48 @@
+"""Load the models code search uses: a dense encoder (required) and a reranker (optional)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+DEFAULT_MODEL = "default"
+
+
+class ModelNotFoundError(ValueError):
+    """No model was given and no default model is installed."""
+
+
+def load_encoder(model: str | None = None):
+    """A `DenseRetriever` from a folder or hub id, or the default model when `model` is None."""
+    from mbert_retrieval.models.dense import DenseRetriever
+
+    if model is None or model == DEFAULT_MODEL:
+        if not has_default_model():
+            raise ModelNotFoundError(
+                "no default code search model is installed: pass --model with a dense model folder "
+                "(a DenseRetriever / sentence-transformers folder of a ModernBERT model) or a hub id"
+            )
+        return DenseRetriever.from_pretrained()
+    return DenseRetriever.from_pretrained(model)
+
+
+def has_default_model() -> bool:
+    from mbert_retrieval.models.dense import DenseRetriever
+
+    parameters = list(inspect.signature(DenseRetriever.from_pretrained).parameters.values())
+    return bool(parameters) and parameters[0].default is not inspect.Parameter.empty
+
+
+def model_name(model: str | None) -> str:
+    """The name an index records for `model`: an absolute folder path, a hub id, or "default"."""
+    if model is None:
+        return DEFAULT_MODEL
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def load_reranker(model: str):
+    """A `CrossEncoder` that re-scores the first-stage candidates."""
+    from mbert_retrieval.models.cross_encoder import CrossEncoder
+
+    return CrossEncoder.from_pretrained(model)

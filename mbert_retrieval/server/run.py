@@ -1,0 +1,58 @@
+"""Run the code search API with uvicorn: in the foreground (`serve`) or in a background thread."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+logger = logging.getLogger(__name__)
+
+
+def serve(
+    app, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info", token: str | None = None
+) -> None:
+    """Serve until interrupted. Without a token the server should listen on loopback only."""
+    if token is None and not _is_loopback(host):
+        logger.warning("serving on %s without a token: anyone who can reach it can search the code", host)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@dataclass
+class BackgroundServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> BackgroundServer:
+    """Start uvicorn in a daemon thread (port 0: a free port) and return once it accepts connections."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound_port = server.servers[0].sockets[0].getsockname()[1]
+    return BackgroundServer(server, thread, f"http://{host}:{bound_port}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
