@@ -189,7 +189,10 @@ class ModernBert(nn.Module):
             self.check_packed_inputs(input_ids, cu_seqlens, max_seqlen)
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
-        backend = resolve_backend(self.attn_backend, self.device, self.dtype)
+        # Under autocast (fp32 weights, bf16 compute) the attention kernels see the autocast dtype.
+        autocast = torch.is_autocast_enabled(self.device.type)
+        compute_dtype = torch.get_autocast_dtype(self.device.type) if autocast else self.dtype
+        backend = resolve_backend(self.attn_backend, self.device, compute_dtype)
         global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
         x = self.embeddings(input_ids)
         for layer in self.layers:
