@@ -54,15 +54,25 @@ def hf_logits(hf, tokenizer, pairs, max_length=None):
         return hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-@pytest.fixture(scope="module", params=["cls", "mean"])
-def reranker(request, hf_mlm_dir, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(f"reranker_{request.param}")
-    hf = make_reranker(directory, hf_mlm_dir, request.param)
+@pytest.fixture(scope="module")
+def reranker(hf_mlm_dir, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("reranker")
+    hf = make_reranker(directory, hf_mlm_dir, "cls")
     return hf, CrossEncoder.from_pretrained(directory, device="cpu")
 
 
 def test_logits_match_transformers(reranker):
-    hf, model = reranker
+    check_against_transformers(*reranker)
+
+
+def test_mean_pooling_matches_transformers(hf_mlm_dir, tmp_path):
+    hf = make_reranker(tmp_path, hf_mlm_dir, "mean")
+    model = CrossEncoder.from_pretrained(tmp_path, device="cpu")
+    assert model.pooling == "mean"
+    check_against_transformers(hf, model)
+
+
+def check_against_transformers(hf, model):
     got = model.predict(PAIRS, apply_activation=False, max_tokens_per_batch=40)
     expected = hf_logits(hf, model.tokenizer, PAIRS)[:, 0].numpy()
     assert got.shape == (len(PAIRS),)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +114,7 @@ def test_cross_encoder_folder_loads_in_sentence_transformers(hf_reranker_dir, tm
     ours = CrossEncoder.from_pretrained(hf_reranker_dir, max_length=40, device="cpu")
     ours.save_pretrained(tmp_path)
     st = STCrossEncoder(str(tmp_path), device="cpu")
-    assert st.max_length == 40
+    assert st.max_seq_length == 40
     scores = ours.predict(PAIRS)
     assert np.ptp(scores) > 0.05
     np.testing.assert_allclose(st.predict(PAIRS), scores, atol=SCORE_ATOL)
@@ -169,8 +170,7 @@ def pylate_env() -> Path:
         if done.returncode != 0:
             pytest.skip(f"PyLate could not be installed ({' '.join(PYLATE_PINS)}): {done.stderr[-500:]}")
         (staging / stamp.name).write_text("\n".join(PYLATE_PINS))
-        if target.exists():
-            subprocess.run(["rm", "-rf", str(target)], check=True)
+        shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
     probe = run_python(target, "import pylate.models")
     if probe.returncode != 0:
@@ -178,15 +178,17 @@ def pylate_env() -> Path:
     return target
 
 
-def run_python(pythonpath: Path, *args: str) -> subprocess.CompletedProcess:
+def run_python(pythonpath: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c code args...` with `pythonpath` ahead of this environment's packages."""
     env = {
         **os.environ,
         "PYTHONPATH": str(pythonpath),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    command = [sys.executable, "-c", *args] if not args[0].endswith(".json") else [sys.executable, *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def run_pylate(env: Path, jobs: list[dict], tmp_path: Path) -> None:

@@ -128,7 +128,7 @@ class ColBERT(EncoderModel):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Token states [..., H] -> unit vectors [..., dim] float32."""
         return l2_normalize(self.projection(hidden.to(self.projection.weight.dtype)))
 
@@ -137,7 +137,7 @@ class ColBERT(EncoderModel):
     ) -> torch.Tensor:
         """Packed ids [N] -> token vectors [N, dim] float32 (differentiable; skiplist not applied)."""
         hidden = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, check_inputs=check_inputs)
-        return self.head(hidden)
+        return self.project(hidden)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -151,7 +151,7 @@ class ColBERT(EncoderModel):
             hidden = self.encoder(input_ids, attention_mask)
         else:
             hidden = encode_with_key_mask(self.encoder, input_ids, key_mask.bool())
-        return self.head(hidden) * attention_mask[..., None].to(torch.float32)
+        return self.project(hidden) * attention_mask[..., None].to(torch.float32)
 
     # -- tokenization ------------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class ColBERT(EncoderModel):
             hidden = encode_with_key_mask(
                 model.encoder, batch.input_ids.view(shape), batch.extras["keys"].view(shape)
             )
-            return (model.head(hidden).flatten(0, 1),)
+            return (model.project(hidden).flatten(0, 1),)
 
         return self.run_encoding(
             sizes=[len(t) for t in texts],
@@ -317,7 +317,7 @@ class ColBERT(EncoderModel):
             hidden = model.encoder.forward_packed(
                 batch.input_ids, batch.cu_seqlens, batch.max_seqlen, check_inputs=False
             )
-            return (model.head(hidden.index_select(0, batch.extras["keep"])),)
+            return (model.project(hidden.index_select(0, batch.extras["keep"])),)
 
         return self.run_encoding(
             sizes=[len(t) for t in texts],

@@ -85,7 +85,7 @@ class DenseRetriever(EncoderModel):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled float32 states [B, H] -> embeddings [B, dim] float32."""
         if self.projection is not None:
             pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
@@ -96,12 +96,12 @@ class DenseRetriever(EncoderModel):
     ) -> torch.Tensor:
         """Packed ids [N] + cu_seqlens [B+1] -> embeddings [B, dim] float32 (differentiable)."""
         hidden = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, check_inputs=check_inputs)
-        return self.head(POOLERS_PACKED[self.pooling](hidden, cu_seqlens))
+        return self.project(POOLERS_PACKED[self.pooling](hidden, cu_seqlens))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The padded reference: ids, mask [B, L] -> embeddings [B, dim] float32."""
         hidden = self.encoder(input_ids, attention_mask)
-        return self.head(POOLERS_PADDED[self.pooling](hidden, attention_mask))
+        return self.project(POOLERS_PADDED[self.pooling](hidden, attention_mask))
 
     # -- encoding ----------------------------------------------------------------------------------
 
