@@ -204,13 +204,14 @@ def insert_after_first(sequences: list[np.ndarray], token_id: int | None) -> lis
 
 def log_truncation(num_truncated: int, total: int, max_length: int, what: str = "texts") -> None:
     if num_truncated:
+        hint = "; pass chunking={'size': ..., 'stride': ...} to encode them whole"
         logger.warning(
-            "%d of %d %s are longer than %d tokens and were truncated; pass chunking={'size': ..., "
-            "'stride': ...} to encode them whole",
+            "%d of %d %s are longer than %d tokens and were truncated%s",
             num_truncated,
             total,
             what,
             max_length,
+            hint if what in ("texts", "documents") else "",
         )
 
 
