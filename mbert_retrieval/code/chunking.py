@@ -204,13 +204,24 @@ def _first_line(node) -> int:
 
 
 def _with_leading_lines(spans: list[Span], lines: list[str], prefixes: tuple[str, ...]) -> list[Span]:
-    """Extend each span upward over the comment / decorator lines right above it."""
-    spans = sorted(spans, key=lambda s: (s.start, s.end))
-    taken = set()
-    for span in spans:
-        taken.update(range(span.start, span.end + 1))
+    """Extend each span upward over the comment / decorator lines right above it. Members take their
+    comments first; a class header then ends before the first member's comments."""
+    headers = [s for s in spans if s.kind == "class"]
+    members = _extend_upward([s for s in spans if s.kind != "class"], set(), lines, prefixes)
+    clipped = []
+    for header in headers:
+        end = min([m.start - 1 for m in members if header.start < m.start <= header.end], default=header.end)
+        while end > header.start and not lines[end].strip():
+            end -= 1
+        clipped.append(Span(header.start, end, header.symbol, header.kind))
+    taken = {line for m in members for line in range(m.start, m.end + 1)}
+    return sorted(_extend_upward(clipped, taken, lines, prefixes) + members, key=lambda s: (s.start, s.end))
+
+
+def _extend_upward(spans: list[Span], taken: set[int], lines: list[str], prefixes) -> list[Span]:
+    taken = taken | {line for s in spans for line in range(s.start, s.end + 1)}
     extended = []
-    for span in spans:
+    for span in sorted(spans, key=lambda s: (s.start, s.end)):
         start = span.start
         while prefixes and start > 0 and start - 1 not in taken:
             line = lines[start - 1].strip()

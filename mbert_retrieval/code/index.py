@@ -296,7 +296,7 @@ def compile_path_glob(glob: str) -> pathspec.PathSpec:
             f"path glob {glob!r} must not contain '..': it matches paths inside the repository only"
         )
     try:
-        return pathspec.PathSpec.from_lines("gitwildmatch", [glob])
+        return pathspec.GitIgnoreSpec.from_lines([glob])
     except Exception as err:  # pathspec raises several error types for malformed patterns
         raise ValueError(f"invalid path glob {glob!r}: {err}") from err
 
@@ -355,7 +355,8 @@ def build_code_index(
             dense = previous.dense
             stale = set(changed) | set(removed)
             dense.delete([i for i, c in previous.entries() if c.path in stale])
-        dense.add([i for i, _ in new_entries], vectors)
+        if new_entries:
+            dense.add([i for i, _ in new_entries], vectors)
         entries = sorted(entries + new_entries, key=lambda e: (e[1].path, e[1].start_line, e[1].end_line))
         bm25 = BM25Index.build(
             [i for i, _ in entries], [document_text(c) for _, c in entries], split_identifiers=True
