@@ -499,6 +499,7 @@ def register_train_command() -> None:
 
 
 register_train_command()
+importlib.import_module("mbert_retrieval.code.cli").register(app)  # index-code, serve
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
