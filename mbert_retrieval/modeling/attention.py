@@ -3,7 +3,8 @@
 Backends:
 - "varlen": `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside PyTorch, CUDA, fp16/bf16);
 - "flash_attn": `flash_attn.flash_attn_varlen_func` from the flash-attn package;
-- "reference": scaled_dot_product_attention one sequence at a time, any device and dtype.
+- "reference": scaled_dot_product_attention on the batch re-padded to [B, L] (one sequence at a
+  time for very uneven batches), any device and dtype.
 "auto" picks the first that can run on the given tensors.
 """
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "varlen", "flash_attn", "reference")
 _HALF = (torch.float16, torch.bfloat16)
+PADDED_SCORES_LIMIT = 2**26  # B x L x L mask entries the re-padded reference path may build
 
 
 def check_backend_name(name: str) -> None:
@@ -82,6 +84,32 @@ def packed_attention(
 
 
 def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window_half: int | None
+) -> torch.Tensor:
+    """SDPA on the batch re-padded to [B, heads, L, dim]; one sequence at a time when that is too big."""
+    lengths = cu_seqlens.diff()
+    batch, longest = lengths.numel(), int(lengths.max())
+    if batch == 1 or batch * longest * longest > PADDED_SCORES_LIMIT:
+        return per_sequence_attention(q, k, v, cu_seqlens, window_half)
+    sequence = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
+    position = torch.arange(q.shape[0], device=q.device) - cu_seqlens[sequence]
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(batch, longest, *t.shape[1:])
+        out[sequence, position] = t
+        return out.transpose(1, 2)
+
+    slots = torch.arange(longest, device=q.device)
+    is_real = slots[None, :] < lengths[:, None]  # [B, L]
+    mask = is_real[:, None, :]  # keys: real tokens only
+    if window_half is not None:
+        mask = mask & window_mask(longest, window_half, q.device)[None]
+    mask = mask | ~is_real[:, :, None]  # padding queries see everything: no empty rows, no NaN
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask[:, None])
+    return out.transpose(1, 2)[sequence, position]
+
+
+def per_sequence_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window_half: int | None
 ) -> torch.Tensor:
     out = torch.empty_like(q)
