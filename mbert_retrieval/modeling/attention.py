@@ -67,8 +67,13 @@ def packed_attention(
     max_seqlen: int,
     window_half: int | None,
     backend: str,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bidirectional attention within each packed sequence; `window_half` tokens each side if set."""
+    """Bidirectional attention within each packed sequence; `window_half` tokens each side if set.
+
+    `key_mask` [N] (reference backend only) keeps tokens others may attend to; every token still
+    computes its own output. A token left with nothing to attend to gets zeros.
+    """
     window = (window_half, window_half) if window_half is not None else (-1, -1)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
@@ -80,17 +85,22 @@ def packed_attention(
         return flash_attn_varlen_func(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=window
         )
-    return reference_attention(q, k, v, cu_seqlens, window_half)
+    return reference_attention(q, k, v, cu_seqlens, window_half, key_mask)
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window_half: int | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window_half: int | None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SDPA on the batch re-padded to [B, heads, L, dim]; one sequence at a time when that is too big."""
     lengths = cu_seqlens.diff()
     batch, longest = lengths.numel(), int(lengths.max())
     if batch == 1 or batch * longest * longest > PADDED_SCORES_LIMIT:
-        return per_sequence_attention(q, k, v, cu_seqlens, window_half)
+        return per_sequence_attention(q, k, v, cu_seqlens, window_half, key_mask)
     sequence = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
     position = torch.arange(q.shape[0], device=q.device) - cu_seqlens[sequence]
 
@@ -101,25 +111,41 @@ def reference_attention(
 
     slots = torch.arange(longest, device=q.device)
     is_real = slots[None, :] < lengths[:, None]  # [B, L]
-    mask = is_real[:, None, :]  # keys: real tokens only
+    keys = is_real if key_mask is None else padded(key_mask[:, None]).squeeze(1).bool()
+    mask = keys[:, None, :]  # [B, query, key]
     if window_half is not None:
         mask = mask & window_mask(longest, window_half, q.device)[None]
-    mask = mask | ~is_real[:, :, None]  # padding queries see everything: no empty rows, no NaN
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask[:, None])
+    out = masked_sdpa(padded(q), padded(k), padded(v), mask[:, None])
     return out.transpose(1, 2)[sequence, position]
 
 
 def per_sequence_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window_half: int | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window_half: int | None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         # [len, heads, dim] -> [heads, len, dim] for SDPA
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        mask = None if window_half is None else window_mask(end - start, window_half, q.device)
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask).transpose(0, 1)
+        mask = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device)
+        if window_half is not None:
+            mask = window_mask(end - start, window_half, q.device)
+        if key_mask is not None:
+            mask = mask & key_mask[start:end][None, :]
+        out[start:end] = masked_sdpa(qs, ks, vs, mask).transpose(0, 1)
     return out
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA where a query row with no allowed key gets zeros instead of NaN (and no NaN gradients)."""
+    has_key = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_key)
+    return out.masked_fill(~has_key, 0.0)
 
 
 def window_mask(length: int, window_half: int, device: torch.device) -> torch.Tensor:

@@ -92,13 +92,13 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None):
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
         # q and k rotated into one buffer and passed on as views: the same strides under
         # torch.compile as in eager, so no copies before the attention kernel.
         q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
         v = qkv[:, 2]
-        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend)
+        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask)
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -127,8 +127,8 @@ class Layer(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = GeGLU(config)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend)
+    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -158,8 +158,18 @@ class ModernBert(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embeddings.tok_embeddings.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids, attention_mask [B, L] -> last hidden state [B, L, H], zeros at padding."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask [B, L] -> last hidden state [B, L, H], zeros at padding.
+
+        `key_mask` [B, L], when given, narrows what tokens attend to (e.g. ColBERT's [MASK] query
+        expansion: those tokens compute states that no token attends to); it runs on the reference
+        attention path.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -169,7 +179,8 @@ class ModernBert(nn.Module):
                 f"attention_mask {tuple(attention_mask.shape)} and input_ids {tuple(input_ids.shape)} differ"
             )
         packed_ids, cu_seqlens, max_seqlen, keep = unpad(input_ids, attention_mask.bool())
-        hidden = self.forward_packed(packed_ids, cu_seqlens, max_seqlen)
+        packed_keys = None if key_mask is None else key_mask.bool().flatten()[keep]
+        hidden = self.forward_packed(packed_ids, cu_seqlens, max_seqlen, key_mask=packed_keys)
         return repad(hidden, keep, input_ids.shape)
 
     def forward_packed(
@@ -179,6 +190,7 @@ class ModernBert(nn.Module):
         max_seqlen: int,
         position_ids: torch.Tensor | None = None,
         check_inputs: bool = True,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [N], cu_seqlens [B+1] int32 -> hidden states [N, H].
 
@@ -193,10 +205,13 @@ class ModernBert(nn.Module):
         autocast = torch.is_autocast_enabled(self.device.type)
         compute_dtype = torch.get_autocast_dtype(self.device.type) if autocast else self.dtype
         backend = resolve_backend(self.attn_backend, self.device, compute_dtype)
+        if key_mask is not None:  # the packed kernels have no per-key mask
+            backend = "reference"
         global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
         x = self.embeddings(input_ids)
         for layer in self.layers:
-            args = (global_rope if layer.is_global else local_rope, cu_seqlens, max_seqlen, backend)
+            rope = global_rope if layer.is_global else local_rope
+            args = (rope, cu_seqlens, max_seqlen, backend, key_mask)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
             else:

@@ -7,7 +7,7 @@ punctuation skiplist dropped; documents truncated to `document_length` tokens.
 Query augmentation: with `attend_to_expansion_tokens=False` (PyLate's default) the [MASK] tokens
 compute their own states but no token attends to them, which is what a padded `transformers` batch
 does with those positions masked out. The packed kernels cannot express that, so such queries run
-through `encode_with_key_mask`, a padded pass with a key mask (queries are short).
+through the encoder's `key_mask` (reference attention; queries are short).
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mbert_retrieval.modeling import ModernBert
-from mbert_retrieval.modeling.attention import window_mask
 from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.models import folders
 from mbert_retrieval.models.base import Devices, EncoderModel, as_output, grow_embeddings, single_or_list
@@ -426,45 +424,8 @@ def encode_with_key_mask(
     encoder: ModernBert, input_ids: torch.Tensor, key_mask: torch.Tensor
 ) -> torch.Tensor:
     """Padded ids [B, L] -> hidden states [B, L, H] where every position computes a state but
-    attends only to the positions in `key_mask` [B, L] (and, in local layers, within the window).
-
-    The encoder's layer loop written out with a masked SDPA, for the [MASK] expansion tokens that
-    others must not attend to. It uses only the checkpoint's modules (names fixed by the format) and
-    the config; RoPE is recomputed here. Positions with nothing to attend to get zero attention.
-    """
-    config = encoder.config
-    batch, length = input_ids.shape
-    heads, head_dim = config.num_attention_heads, config.head_dim
-    keys = key_mask.bool()[:, None, None, :]  # [B, 1, 1, L]: broadcast over heads and queries
-    local_keys = keys & window_mask(length, config.window_half, input_ids.device)
-    rope = {
-        True: rope_tables(config.global_rope_theta, head_dim, length, input_ids.device),
-        False: rope_tables(config.local_rope_theta, head_dim, length, input_ids.device),
-    }
-    x = encoder.embeddings(input_ids.flatten())
-    for index, layer in enumerate(encoder.layers):
-        is_global = config.is_global(index)
-        qkv = layer.attn.Wqkv(layer.attn_norm(x)).view(batch, length, 3, heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)  # each [B, heads, L, head_dim]
-        q, k = rotate_half(q, *rope[is_global]), rotate_half(k, *rope[is_global])
-        allowed = keys if is_global else local_keys
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed).nan_to_num(0.0)
-        x = x + layer.attn.Wo(out.transpose(1, 2).reshape(batch * length, heads * head_dim))
-        x = x + layer.mlp(layer.mlp_norm(x))
-    return encoder.final_norm(x).view(batch, length, -1)
-
-
-def rope_tables(theta: float, head_dim: int, length: int, device: torch.device):
-    """cos, sin [L, head_dim / 2] of RoPE at positions 0..L-1 (float32, built on the CPU)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    angles = torch.arange(length, dtype=torch.float)[:, None] * inv_freq[None, :]
-    return angles.cos().to(device), angles.sin().to(device)
-
-
-def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x [..., L, head_dim] in float32 (the rotate-half convention of ModernBERT)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    attends only to the positions in `key_mask` [B, L] (and, in local layers, within the window)."""
+    return encoder(input_ids, torch.ones_like(input_ids), key_mask=key_mask)
 
 
 def maxsim(queries, documents) -> np.ndarray | torch.Tensor:
