@@ -52,7 +52,7 @@ BUILDING_PREFIX = ".building-"
 LOCK_FILE = ".lock"
 MODES = ("hybrid", "dense", "bm25")
 MAX_GLOB_CHARS = 256
-ENCODE_BATCH = 256  # chunks per encoding call: the model lock is released between calls
+ENCODE_BATCH = 32  # chunks per encoding call: the model lock is released between calls, for searches
 
 
 @dataclass(frozen=True)
