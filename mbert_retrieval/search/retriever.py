@@ -231,21 +231,24 @@ class Retriever:
     def rerank(
         self, queries: list[str], candidates: list[list[tuple[str, float]]]
     ) -> list[list[tuple[str, float]]]:
-        """Re-score each query's candidates with the reranker; best first."""
+        """Re-score each query's first `first_stage_k` candidates with the reranker, best first. Deeper
+        candidates (when k > first_stage_k) follow in first-stage order, scored below every reranked one."""
+        heads = [ranking[: self.first_stage_k] for ranking in candidates]
         if is_multi_vector(self.reranker):
-            scores = self._maxsim_rerank(queries, candidates)
+            scores = self._maxsim_rerank(queries, heads)
         else:
-            pairs = [(q, self.documents[i]) for q, ranking in zip(queries, candidates) for i, _ in ranking]
+            pairs = [(q, self.documents[i]) for q, ranking in zip(queries, heads) for i, _ in ranking]
             flat = np.asarray(
                 self.reranker.predict(pairs, show_progress_bar=self.show_progress), dtype=np.float32
             )
-            scores = np.split(
-                flat.reshape(len(pairs), -1)[:, 0], np.cumsum([len(c) for c in candidates])[:-1]
-            )
+            scores = np.split(flat.reshape(len(pairs), -1)[:, 0], np.cumsum([len(h) for h in heads])[:-1])
         reranked = []
-        for ranking, row in zip(candidates, scores):
-            order = sorted(range(len(ranking)), key=lambda j: -row[j])
-            reranked.append([(ranking[j][0], float(row[j])) for j in order])
+        for ranking, head, row in zip(candidates, heads, scores):
+            order = sorted(range(len(head)), key=lambda j: -row[j])
+            result = [(head[j][0], float(row[j])) for j in order]
+            floor = min((score for _, score in result), default=0.0)
+            result += [(doc_id, floor - 1.0 - n) for n, (doc_id, _) in enumerate(ranking[len(head) :])]
+            reranked.append(result)
         return reranked
 
     def _maxsim_rerank(self, queries, candidates) -> list[np.ndarray]:
