@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation.data import BEIR_LAYOUT, DataFormatError, RetrievalDataset, load_beir, save_beir
+from evaluation.data import BEIR_LAYOUT, DataFormatError, RetrievalDataset, load_beir, read_jsonl, save_beir
 from mbert_retrieval.modeling.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -289,6 +289,4 @@ def unavailable(hub_id: str, folder: Path, err: Exception) -> DatasetUnavailable
 
 
 def read_plain_jsonl(path: Path) -> list[dict]:
-    from evaluation.data import read_jsonl
-
     return [row for _, row in read_jsonl(path)]

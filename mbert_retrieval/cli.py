@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import traceback
+from collections import Counter
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -413,8 +414,6 @@ def read_documents(data: str) -> dict[str, str]:
         return {i: document_text(d) for i, d in resolve_dataset(data).corpus.items()}
     else:
         raise DataFormatError(f"--data {data}: neither a corpus .jsonl file nor a folder with corpus.jsonl")
-    from collections import Counter
-
     problems: Counter = Counter()
     corpus = read_corpus(corpus_file, problems)
     report_problems(corpus_file, problems)
@@ -428,8 +427,6 @@ def read_queries(query: list[str] | None, queries_file: Path | None) -> dict[str
         if not queries_file.is_file():
             raise BadInput(f"--queries {queries_file}: no such file")
         if queries_file.suffix == ".jsonl":
-            from collections import Counter
-
             from evaluation.data import read_queries as read_beir_queries
 
             named.update(read_beir_queries(queries_file, Counter()))
