@@ -1,0 +1,466 @@
+"""PlaidIndex: multi-vector (ColBERT) search in plain torch, on CPU or CUDA.
+
+    index = PlaidIndex.build(doc_embeddings, ids, nbits=2, device="cuda")   # [n_tokens_i, dim] per doc
+    ids, scores = index.search(query_embeddings, k=10)                       # [n_q, q_len, dim]
+    index.save("my-plaid"); index = PlaidIndex.load("my-plaid", device="cuda")
+
+Layout (all documents packed end to end, one row per token):
+    codes       [n_tokens]              nearest centroid of each token
+    residuals   [n_tokens, dim*nbits/8] the token minus its centroid, quantized (see codec.py)
+    doc_offsets [n_docs + 1]            where each document's tokens start
+    ivf         centroid -> the documents holding a token of that centroid (packed lists + offsets)
+
+Search, for a batch of queries (the stages of PLAID, Santhanam et al. 2022):
+    1. candidates: each query token's `n_probe` best centroids; every document in their lists.
+    2. centroid interaction: each candidate's MaxSim computed with centroid scores instead of its tokens,
+       counting only centroids that score >= `centroid_score_threshold` with some query token (pruning).
+    3. exact MaxSim on the decompressed tokens of the `n_candidates` best, and the top k of those.
+All stages run on packed tensors with offsets (scatter/segment reductions), never a Python loop over
+documents.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mbert_retrieval.index.codec import NBITS, ResidualCodec
+from mbert_retrieval.index.kmeans import train_kmeans
+from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
+
+SHARD_TOKENS = 1 << 20  # tokens encoded at once while building
+
+
+class PlaidIndex:
+    def __init__(self, codec: ResidualCodec, model_name: str | None = None):
+        """An empty index around a fitted codec; use `PlaidIndex.build` or `PlaidIndex.load`."""
+        self.codec = codec
+        self.model_name = model_name
+        self.device = codec.centroids.device
+        self.dim = codec.dim
+        self.n_centroids = len(codec.centroids)
+        # Centroid ids fit in 16 bits for up to 65536 centroids; stored as int16 bit patterns.
+        self._code_dtype = torch.int16 if self.n_centroids <= 1 << 16 else torch.int32
+        self._ids: list[str] = []
+        self._position: dict[str, int] = {}
+        self.codes = torch.zeros(0, dtype=self._code_dtype, device=self.device)
+        self.residuals = torch.zeros(0, codec.bytes_per_token, dtype=torch.uint8, device=self.device)
+        self.doc_lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._refresh_layout()
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def build(
+        cls,
+        doc_embeddings: Sequence | Iterable,
+        ids: Sequence[str],
+        nbits: int = 2,
+        n_centroids: int | None = None,
+        kmeans_iters: int = 4,
+        kmeans_sample_docs: int | None = None,
+        device: str | torch.device | None = None,
+        model_name: str | None = None,
+        seed: int = 0,
+        show_progress: bool = True,
+    ) -> PlaidIndex:
+        """Build from one `[n_tokens_i, dim]` array (numpy or torch) per document, in the order of `ids`.
+
+        `doc_embeddings` may be a lazy sequence or a one-pass iterator: documents are read in shards, so
+        the corpus need not fit in memory. k-means runs on a sample of documents (from anywhere in a
+        sequence; the first ones of an iterator). `n_centroids` defaults to PLAID's
+        2**floor(log2(16 * sqrt(n_tokens))).
+        """
+        ids = _check_new_ids(ids, existing={})
+        if nbits not in NBITS:
+            raise ValueError(f"nbits must be one of {NBITS}, got {nbits}")
+        if not ids:
+            raise ValueError("cannot build an index from an empty corpus")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        n_sample = kmeans_sample_docs or min(len(ids), 1 + int(16 * math.sqrt(120 * len(ids))))
+        sample_docs, stream = _sample_and_stream(doc_embeddings, len(ids), n_sample, seed)
+        sample = torch.cat([_as_doc_tensor(doc, None, "document") for doc in sample_docs]).to(device)
+        if n_centroids is None:
+            estimated_tokens = len(sample) / len(sample_docs) * len(ids)
+            n_centroids = 2 ** math.floor(math.log2(16 * math.sqrt(estimated_tokens)))
+        n_centroids = min(n_centroids, len(sample))
+
+        centroids = train_kmeans(sample.float(), n_centroids, kmeans_iters, seed)
+        centroids = torch.nn.functional.normalize(centroids, dim=-1)
+        codec = ResidualCodec.fit(centroids, _residual_sample(sample, seed), nbits)
+        index = cls(codec, model_name=model_name)
+        del sample, sample_docs
+        index._append(stream, ids, show_progress)
+        return index
+
+    def add(self, doc_embeddings: Sequence | Iterable, ids: Sequence[str], show_progress: bool = False):
+        """Add documents, compressed with the existing centroids (no retraining)."""
+        ids = _check_new_ids(ids, existing=self._position)
+        self._append(iter(doc_embeddings), ids, show_progress)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents: their tokens are dropped and the inverted lists rebuilt."""
+        ids = _as_id_list(ids)
+        missing = [i for i in ids if i not in self._position]
+        if missing:
+            raise KeyError(f"ids not in the index: {missing[:5]}")
+        keep_docs = torch.ones(len(self._ids), dtype=torch.bool)
+        keep_docs[[self._position[i] for i in ids]] = False
+        keep_tokens = torch.repeat_interleave(keep_docs.to(self.device), self.doc_lengths)
+        self.codes = self.codes[keep_tokens]
+        self.residuals = self.residuals[keep_tokens]
+        self.doc_lengths = self.doc_lengths[keep_docs.to(self.device)]
+        self._ids = [doc_id for doc_id, keep in zip(self._ids, keep_docs.tolist()) if keep]
+        self._refresh_layout()
+
+    def _append(self, documents: Iterator, ids: list[str], show_progress: bool) -> None:
+        codes, residuals, lengths = [self.codes], [self.residuals], [self.doc_lengths]
+        progress = tqdm(total=len(ids), desc="compressing documents", unit="doc", disable=not show_progress)
+        shard, shard_tokens, position = [], 0, 0
+        for doc in itertools.chain(documents, [None]):
+            if doc is not None:
+                if position + len(shard) >= len(ids):
+                    raise ValueError(f"got more documents than the {len(ids)} ids")
+                shard.append(_as_doc_tensor(doc, self.dim, f"document {ids[position + len(shard)]!r}"))
+                shard_tokens += len(shard[-1])
+            if shard and (doc is None or shard_tokens >= SHARD_TOKENS):
+                tokens = torch.cat(shard)
+                if not torch.isfinite(tokens).all():
+                    raise ValueError("document embeddings contain NaN or infinite values")
+                shard_codes, shard_residuals = self.codec.encode(tokens)
+                codes.append(shard_codes.to(self._code_dtype))
+                residuals.append(shard_residuals)
+                lengths.append(torch.tensor([len(d) for d in shard], device=self.device))
+                position += len(shard)
+                progress.update(len(shard))
+                shard, shard_tokens = [], 0
+        progress.close()
+        if position != len(ids):
+            raise ValueError(f"got {position} documents for {len(ids)} ids")
+        self.codes, self.residuals = torch.cat(codes), torch.cat(residuals)
+        self.doc_lengths = torch.cat(lengths)
+        self._ids.extend(ids)
+        self._refresh_layout()
+
+    def _refresh_layout(self) -> None:
+        """Recompute the derived tables: id positions, document offsets and the inverted lists."""
+        self._position = {doc_id: i for i, doc_id in enumerate(self._ids)}
+        n_docs = len(self._ids)
+        self.doc_offsets = torch.nn.functional.pad(self.doc_lengths.cumsum(0), (1, 0))
+        doc_of_token = torch.repeat_interleave(torch.arange(n_docs, device=self.device), self.doc_lengths)
+        # One entry per distinct (centroid, document) pair, sorted by centroid then document.
+        pairs = torch.unique(self._centroid_ids(self.codes) * max(n_docs, 1) + doc_of_token)
+        self.ivf_docs = (pairs % max(n_docs, 1)).to(torch.int32)
+        list_lengths = torch.bincount(pairs // max(n_docs, 1), minlength=self.n_centroids)
+        self.ivf_offsets = torch.nn.functional.pad(list_lengths.cumsum(0), (1, 0))
+
+    def _centroid_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = codes.long()
+        return codes & 0xFFFF if self._code_dtype == torch.int16 else codes
+
+    # ---------------------------------------------------------------------------------------- contents
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._position
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.codes)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the tensors searching needs (codes, residuals, layout, inverted lists, codec)."""
+        tensors = [self.codes, self.residuals, self.doc_lengths, self.doc_offsets, self.ivf_docs]
+        tensors += [self.ivf_offsets, *self.codec.state().values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def document_embeddings(self, doc_id: str) -> torch.Tensor:
+        """The decompressed token embeddings of one document, float32 [n_tokens, dim]."""
+        if doc_id not in self._position:
+            raise KeyError(f"id {doc_id!r} is not in the index")
+        i = self._position[doc_id]
+        start, end = self.doc_offsets[i].item(), self.doc_offsets[i + 1].item()
+        return self.codec.decode(self._centroid_ids(self.codes[start:end]), self.residuals[start:end])
+
+    # ------------------------------------------------------------------------------------------ search
+
+    @torch.inference_mode()
+    def search(
+        self,
+        query_embeddings,
+        k: int = 10,
+        n_probe: int = 4,
+        centroid_score_threshold: float = 0.45,
+        n_candidates: int = 256,
+        batch_size: int = 32,
+    ) -> tuple[list[list[str]], np.ndarray]:
+        """Top-k documents by MaxSim for each query: (ids, scores float32 [n_q, k]).
+
+        `query_embeddings`: [n_q, q_len, dim] (numpy or torch), or a list of [q_len_i, dim] arrays.
+        `n_probe`: centroids per query token whose lists give the candidates; `centroid_score_threshold`:
+        centroids scoring below it with every query token are left out of the centroid interaction;
+        `n_candidates`: documents re-scored exactly. `k` is capped at the number of documents; a query
+        with fewer than k candidates gets a shorter id list and -inf scores in the missing places.
+        """
+        queries = self._as_queries(query_embeddings)
+        if k <= 0 or n_probe <= 0 or n_candidates <= 0 or batch_size <= 0:
+            raise ValueError("k, n_probe, n_candidates and batch_size must be positive")
+        k = min(k, len(self))
+        all_ids, all_scores = [], []
+        for batch in queries.split(batch_size):
+            if k == 0:
+                all_ids += [[] for _ in batch]
+                all_scores.append(torch.zeros(len(batch), 0))
+                continue
+            docs, scores = self._search_batch(
+                batch, k, n_probe, centroid_score_threshold, max(n_candidates, k)
+            )
+            scores = scores.float().cpu()
+            for row, row_scores in zip(docs.tolist(), scores.tolist()):
+                all_ids.append([self._ids[d] for d, s in zip(row, row_scores) if s > -math.inf])
+            all_scores.append(scores)
+        return all_ids, torch.cat(all_scores).numpy()
+
+    def _search_batch(self, queries, k, n_probe, threshold, n_candidates):
+        centroid_scores = queries @ self.codec.centroids.to(queries.dtype).T  # [B, L, n_centroids]
+        candidates = self._probe(centroid_scores, min(n_probe, self.n_centroids))
+        approximate = self._centroid_interaction(centroid_scores, candidates, threshold)
+        shortlist, valid = _top_per_row(candidates, approximate, n_candidates)
+        exact = self._maxsim(queries, shortlist, valid)
+        scores, best = exact.topk(min(k, exact.shape[1]), dim=1)
+        return shortlist.gather(1, best), scores
+
+    def _probe(self, centroid_scores: torch.Tensor, n_probe: int) -> torch.Tensor:
+        """Stage 1: a [B, n_docs] mask of the documents in the lists of each query token's best centroids."""
+        batch = len(centroid_scores)
+        probed = torch.zeros(batch, self.n_centroids, dtype=torch.bool, device=self.device)
+        probed.scatter_(1, centroid_scores.topk(n_probe, dim=-1).indices.flatten(1), True)
+        query_of_cell, cell = probed.nonzero().unbind(1)
+        docs, owner = self._expand_lists(cell)
+        candidates = torch.zeros(batch, len(self), dtype=torch.bool, device=self.device)
+        candidates[query_of_cell[owner], docs] = True
+        return candidates
+
+    def _centroid_interaction(self, centroid_scores, candidates, threshold) -> torch.Tensor:
+        """Stage 2: approximate MaxSim of every candidate (in `candidates.nonzero()` order).
+
+        For each candidate and query token: the best score of a centroid that holds one of the
+        document's tokens and passes the threshold (0 if none). Walking the kept centroids' lists finds
+        exactly those (document, centroid) pairs.
+        """
+        kept_query, kept_cell = (centroid_scores.amax(1) >= threshold).nonzero().unbind(1)
+        docs, owner = self._expand_lists(kept_cell)
+        query = kept_query[owner]
+        slot = (candidates.flatten().cumsum(0) - 1).view_as(candidates)  # row of each candidate
+        is_candidate = candidates[query, docs]
+        rows = slot[query, docs][is_candidate]
+        cell_scores = centroid_scores.transpose(1, 2)[query[is_candidate], kept_cell[owner[is_candidate]]]
+        per_token = torch.zeros(
+            int(candidates.sum()), centroid_scores.shape[1], device=self.device, dtype=centroid_scores.dtype
+        )
+        per_token.scatter_reduce_(0, rows[:, None].expand_as(cell_scores), cell_scores, "amax")
+        return per_token.sum(1)
+
+    def _maxsim(self, queries, shortlist, valid) -> torch.Tensor:
+        """Stage 3: exact MaxSim of the shortlisted documents on their decompressed tokens."""
+        batch, width = shortlist.shape
+        lengths = torch.where(valid, self.doc_lengths[shortlist], 0).flatten()
+        owner = torch.repeat_interleave(torch.arange(batch * width, device=self.device), lengths)
+        token_starts = self.doc_offsets[shortlist.flatten()] - (lengths.cumsum(0) - lengths)
+        tokens = torch.arange(len(owner), device=self.device) + token_starts[owner]
+        embeddings = self.codec.decode(
+            self._centroid_ids(self.codes[tokens]), self.residuals[tokens], queries.dtype
+        )
+
+        # Pad each query's tokens into one row of a batch so a single bmm scores them all.
+        per_query = lengths.view(batch, width).sum(1)
+        query_of_token = owner // width
+        position = (
+            torch.arange(len(owner), device=self.device) - (per_query.cumsum(0) - per_query)[query_of_token]
+        )
+        padded = torch.zeros(batch, int(per_query.max()), self.dim, dtype=queries.dtype, device=self.device)
+        padded[query_of_token, position] = embeddings
+        similarities = torch.bmm(padded, queries.transpose(1, 2))[query_of_token, position]  # [tokens, L]
+
+        best = torch.full(
+            (batch * width, queries.shape[1]), -math.inf, dtype=queries.dtype, device=self.device
+        )
+        best.scatter_reduce_(0, owner[:, None].expand_as(similarities), similarities, "amax")
+        scores = best.float().sum(1).view(batch, width)
+        return scores.masked_fill(~valid, -math.inf)
+
+    def _expand_lists(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The documents of each given centroid's list, packed, with the position of their centroid."""
+        starts, ends = self.ivf_offsets[cells], self.ivf_offsets[cells + 1]
+        lengths = ends - starts
+        owner = torch.repeat_interleave(torch.arange(len(cells), device=self.device), lengths)
+        offsets_in_list = torch.arange(len(owner), device=self.device) - (lengths.cumsum(0) - lengths)[owner]
+        return self.ivf_docs[starts[owner] + offsets_in_list].long(), owner
+
+    def _as_queries(self, query_embeddings) -> torch.Tensor:
+        if isinstance(query_embeddings, (list, tuple)):
+            rows = [_as_doc_tensor(q, self.dim, "query") for q in query_embeddings]
+            if not rows:
+                raise ValueError("no queries given")
+            queries = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        else:
+            queries = query_embeddings
+            if not torch.is_tensor(queries):
+                queries = torch.from_numpy(np.asarray(queries))
+            if queries.ndim == 2:
+                queries = queries[None]
+            if queries.ndim != 3 or queries.shape[-1] != self.dim:
+                raise ValueError(
+                    f"query_embeddings must have shape [n_q, q_len, {self.dim}], got {tuple(queries.shape)}"
+                )
+        if not torch.isfinite(queries).all():
+            raise ValueError("query_embeddings contain NaN or infinite values")
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        return queries.to(self.device, dtype)
+
+    # ------------------------------------------------------------------------------------- persistence
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Save as a folder (manifest.json + data); a crash mid-save leaves the previous save loadable."""
+        from safetensors.torch import save_file
+
+        def tensors(**named):
+            return {name: t.detach().contiguous().cpu() for name, t in named.items()}
+
+        codec = tensors(**self.codec.state())
+        documents = tensors(codes=self.codes, residuals=self.residuals, doc_lengths=self.doc_lengths)
+        files = {
+            "codec.safetensors": lambda path: save_file(codec, str(path)),
+            "documents.safetensors": lambda path: save_file(documents, str(path)),
+            "ids.json": lambda path: path.write_text(json.dumps(self._ids)),
+        }
+        manifest = {
+            "index_type": "plaid",
+            "model_name": self.model_name,
+            "dim": self.dim,
+            "metric": "maxsim",
+            "nbits": self.codec.nbits,
+            "n_centroids": self.n_centroids,
+            "n_documents": len(self),
+            "n_tokens": self.n_tokens,
+        }
+        save_index_folder(directory, files, manifest)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        device: str | torch.device | None = None,
+        expected_model: str | None = None,
+        verify_checksums: bool = True,
+    ) -> PlaidIndex:
+        """Load a saved index onto `device`, checking its manifest and checksums."""
+        from safetensors.torch import load_file
+
+        manifest, data_dir = load_index_folder(directory, "plaid", expected_model, verify_checksums)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            codec = load_file(str(data_dir / "codec.safetensors"), device=str(device))
+            documents = load_file(str(data_dir / "documents.safetensors"), device=str(device))
+            ids = json.loads((data_dir / "ids.json").read_text())
+            index = cls(ResidualCodec(**codec), model_name=manifest.get("model_name"))
+        except Exception as err:  # safetensors and json raise their own error types
+            raise IndexFormatError(f"{directory}: unreadable index data: {err}") from err
+        index.codes = documents["codes"].to(index._code_dtype)
+        index.residuals, index.doc_lengths = documents["residuals"], documents["doc_lengths"]
+        index._ids = ids
+        if len(ids) != len(index.doc_lengths) or int(index.doc_lengths.sum()) != len(index.codes):
+            raise IndexFormatError(f"{directory}: ids, document lengths and token codes disagree in size")
+        index._refresh_layout()
+        return index
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _top_per_row(mask: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of the n largest `values` in each row of `mask` (values given in mask.nonzero() order).
+
+    Returns (columns [B, n'], valid [B, n']) with n' = min(n, the most entries in a row); rows with fewer
+    entries are padded with column 0, marked invalid.
+    """
+    rows, columns = mask.nonzero().unbind(1)
+    per_row = mask.sum(1)
+    first = per_row.cumsum(0) - per_row
+    longest = max(1, int(per_row.max()))
+    padded = torch.full((len(mask), longest), -math.inf, dtype=values.dtype, device=mask.device)
+    padded[rows, torch.arange(len(rows), device=mask.device) - first[rows]] = values
+    top = padded.topk(min(n, longest), dim=1).indices
+    valid = top < per_row[:, None]
+    if len(columns) == 0:
+        return torch.zeros_like(top), valid
+    picked = columns[(first[:, None] + top).clamp(max=len(columns) - 1)]
+    return torch.where(valid, picked, 0), valid
+
+
+def _sample_and_stream(documents, n_docs: int, n_sample: int, seed: int):
+    """A k-means sample of documents and an iterator over all of them (reading each at most twice)."""
+    if isinstance(documents, Sequence) or (
+        hasattr(documents, "__len__") and hasattr(documents, "__getitem__")
+    ):
+        if len(documents) != n_docs:
+            raise ValueError(f"got {len(documents)} documents for {n_docs} ids")
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(n_docs, generator=generator)[:n_sample].sort().values.tolist()
+        return [documents[i] for i in chosen], iter(documents)
+    iterator = iter(documents)
+    head = list(itertools.islice(iterator, n_sample))
+    if not head:
+        raise ValueError("cannot build an index from an empty corpus")
+    return head, itertools.chain(head, iterator)
+
+
+def _residual_sample(sample: torch.Tensor, seed: int, limit: int = 1 << 15) -> torch.Tensor:
+    if len(sample) <= limit:
+        return sample
+    generator = torch.Generator().manual_seed(seed + 1)
+    return sample[torch.randperm(len(sample), generator=generator)[:limit].to(sample.device)]
+
+
+def _as_doc_tensor(array, dim: int | None, what: str) -> torch.Tensor:
+    tensor = array.detach() if torch.is_tensor(array) else torch.from_numpy(np.asarray(array))
+    if tensor.ndim != 2 or (dim is not None and tensor.shape[1] != dim):
+        raise ValueError(f"{what} must have shape [n_tokens, {dim or 'dim'}], got {tuple(tensor.shape)}")
+    if len(tensor) == 0:
+        raise ValueError(f"{what} has no token embeddings")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{what} must hold floats, got {tensor.dtype}")
+    return tensor
+
+
+def _as_id_list(ids) -> list[str]:
+    if isinstance(ids, str):
+        raise TypeError("ids must be a sequence of strings, not one string")
+    ids = list(ids)
+    bad = [i for i in ids if not isinstance(i, str)]
+    if bad:
+        raise TypeError(f"ids must be strings, got {type(bad[0]).__name__} ({bad[0]!r})")
+    return ids
+
+
+def _check_new_ids(ids, existing) -> list[str]:
+    ids = _as_id_list(ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids must be unique")
+    clash = [i for i in ids if i in existing]
+    if clash:
+        raise ValueError(f"ids already in the index: {clash[:5]}")
+    return ids

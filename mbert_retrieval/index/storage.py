@@ -1,0 +1,158 @@
+"""Index folders: versioned data, a manifest with checksums, and crash-safe saves.
+
+A saved index is a folder:
+
+    my-index/
+        manifest.json          # format version, settings, counts, and the sha256 of every data file
+        data-<stamp>/          # the files the manifest lists
+            ...
+
+A save writes a complete new `data-*` folder first and only then replaces `manifest.json` (atomically:
+temp file, fsync, rename). A crash at any moment therefore leaves either the old manifest pointing at the
+old, untouched data, or the new manifest pointing at the complete new data. Old data folders are removed
+after the switch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mbert_retrieval.modeling.io import atomic_write, atomic_write_text
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DATA_PREFIX = "data-"
+STAGING_PREFIX = ".staging-"
+
+FileWriter = Callable[[Path], None]
+
+
+class IndexFormatError(ValueError):
+    """A saved index that is missing, corrupt, truncated, or does not match what the caller expects."""
+
+
+def save_index_folder(directory: str | os.PathLike, files: dict[str, FileWriter], manifest: dict[str, Any]):
+    """Write `files` (name -> function writing that file) and `manifest` as the new state of `directory`."""
+    directory = Path(directory)
+    _check_writable_target(directory)
+    staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+    staging.mkdir(parents=True)
+    entries = {}
+    for name, write in files.items():
+        path = staging / name
+        atomic_write(path, write)
+        entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    data_name = f"{DATA_PREFIX}{time.time_ns()}-{secrets.token_hex(3)}"
+    os.replace(staging, directory / data_name)
+    _fsync_dir(directory)
+
+    full_manifest = {"format_version": FORMAT_VERSION, **manifest, "data": data_name, "files": entries}
+    atomic_write_text(directory / MANIFEST, json.dumps(full_manifest, indent=2) + "\n")
+    _remove_stale_data(directory, keep=data_name)
+
+
+def load_index_folder(
+    directory: str | os.PathLike,
+    index_type: str,
+    expected_model: str | None = None,
+    verify_checksums: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Read and check the manifest of a saved index; returns it with the folder holding the data files."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{directory}: index format version {manifest.get('format_version')!r}, "
+            f"this library reads version {FORMAT_VERSION}"
+        )
+    if manifest.get("index_type") != index_type:
+        raise IndexFormatError(
+            f"{directory} holds a {manifest.get('index_type')!r} index, not a {index_type!r} index"
+        )
+    if expected_model is not None and manifest.get("model_name") != expected_model:
+        raise IndexFormatError(
+            f"{directory} was built with model {manifest.get('model_name')!r}, "
+            f"but {expected_model!r} was expected: query embeddings would not match the index"
+        )
+    data_dir = directory / str(manifest.get("data", ""))
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not manifest.get("data") or not data_dir.is_dir():
+        raise IndexFormatError(f"{directory}: manifest.json names no data folder, or it is missing")
+    for name, entry in files.items():
+        check_file(data_dir / name, entry, verify_checksums)
+    return manifest, data_dir
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise IndexFormatError(f"index folder {directory} does not exist")
+    if not path.is_file():
+        raise IndexFormatError(f"{directory} has no {MANIFEST}: it is not a saved index")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexFormatError(f"{path} is not valid JSON (corrupt manifest): {err}") from err
+    if not isinstance(manifest, dict):
+        raise IndexFormatError(f"{path} is not a JSON object (corrupt manifest)")
+    return manifest
+
+
+def check_file(path: Path, entry: dict[str, Any], verify_checksum: bool) -> None:
+    if not path.is_file():
+        raise IndexFormatError(f"index file {path} is missing")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise IndexFormatError(
+            f"index file {path} has {size} bytes, the manifest says {entry.get('bytes')}: "
+            f"the file is truncated or was changed"
+        )
+    if verify_checksum and file_sha256(path) != entry.get("sha256"):
+        raise IndexFormatError(f"index file {path} does not match its sha256 checksum: the file is corrupt")
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_writable_target(directory: Path) -> None:
+    """Refuse to turn a folder with unrelated content into an index (and so to delete that content later)."""
+    if directory.exists() and not directory.is_dir():
+        raise IndexFormatError(f"cannot save an index to {directory}: it is a file")
+    if directory.is_dir() and not (directory / MANIFEST).exists():
+        ours = (DATA_PREFIX, STAGING_PREFIX, f".{MANIFEST}.")
+        foreign = [p.name for p in directory.iterdir() if not p.name.startswith(ours)]
+        if foreign:
+            raise IndexFormatError(
+                f"cannot save an index to {directory}: the folder is not empty and is not an index "
+                f"(it holds {', '.join(sorted(foreign)[:3])})"
+            )
+
+
+def _remove_stale_data(directory: Path, keep: str) -> None:
+    for path in directory.iterdir():
+        if path.name != keep and path.is_dir() and path.name.startswith((DATA_PREFIX, STAGING_PREFIX)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems refuse to open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
