@@ -279,3 +279,21 @@ def test_building_into_a_foreign_folder_or_from_an_empty_repo_is_refused(model, 
 def test_without_a_model_the_error_says_to_pass_one():
     with pytest.raises(ModelNotFoundError, match="--model"):
         load_encoder(None)
+
+
+def test_rerank_stage_rescores_the_first_stage_candidates(built, model, hf_mlm_dir):
+    """Reranked hits are the first stage's top candidates, ordered by the cross-encoder's scores."""
+    from mbert_retrieval.models.cross_encoder import CrossEncoder
+
+    index = CodeIndex.load(built[0] / "index")
+    reranker = CrossEncoder.from_pretrained(hf_mlm_dir)
+    query = "decode a JSON document"
+    candidates = index.search(model, query, k=12)
+    hits = index.search(model, query, k=5, reranker=reranker, rerank_depth=12)
+    by_location = {(c.path, c.start_line): c for c in candidates}
+    assert len(hits) == 5 and all((h.path, h.start_line) in by_location for h in hits)
+    chunk_of = {(c.path, c.start_line): c for c in index.chunks}
+    expected = reranker.predict(
+        [(query, document_text(chunk_of[(c.path, c.start_line)])) for c in candidates]
+    )
+    np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1][:5], rtol=1e-5, atol=1e-6)

@@ -236,6 +236,31 @@ def test_the_example_ide_client_prints_path_line_symbol_score(served):
     assert wrong.returncode == 1 and "401" in wrong.stderr
 
 
+def test_optional_rerank_stage(served, hf_mlm_dir):
+    from mbert_retrieval.models.cross_encoder import CrossEncoder
+
+    _, service, _ = served
+    reranking = CodeSearchService(
+        service.index_dir,
+        service.model,
+        model_name=service.model_name,
+        reranker=CrossEncoder.from_pretrained(hf_mlm_dir),
+    )
+    server = start_in_thread(create_app(reranking))
+    try:
+        body = {"query": "decode a JSON document", "k": 5}
+        reranked = httpx.post(f"{server.url}/search", json=body, timeout=60).json()["hits"]
+        plain = httpx.post(f"{server.url}/search", json={**body, "rerank": False}, timeout=60).json()["hits"]
+    finally:
+        server.stop()
+    first_stage = search(served[2], query=body["query"], k=50)
+    assert len(reranked) == 5 and {(h["path"], h["start_line"]) for h in reranked} <= {
+        (h["path"], h["start_line"]) for h in first_stage
+    }
+    assert [h["score"] for h in plain] == [h["score"] for h in first_stage[:5]]
+    assert [h["score"] for h in reranked] != [h["score"] for h in plain]
+
+
 # ------------------------------------------------------------------------------------ command line
 
 

@@ -54,12 +54,19 @@ def serve(
     ),
     reranker: str | None = typer.Option(None, "--reranker", help="CrossEncoder folder to rerank the hits"),
     max_k: int = typer.Option(100, "--max-k", help="Largest k a request may ask for"),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads per model call (default: torch's)"
+    ),
 ) -> None:
     """Serve code search over HTTP for IDE plugins (POST /search, POST /reindex, GET /health)."""
     from mbert_retrieval.code.index import read_index_settings
     from mbert_retrieval.server import CodeSearchService, Limits, create_app
     from mbert_retrieval.server import serve as run_server
 
+    if threads is not None:  # many concurrent requests each using every core thrash; one or two is often best
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         name = model_name(model) if model is not None else read_index_settings(index)["model_name"]
         service = CodeSearchService(
