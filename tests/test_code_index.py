@@ -255,6 +255,9 @@ def test_corrupt_or_missing_indexes_are_clear_errors(built, tmp_path):
     (index_dir / POINTER).write_text("{not json")
     with pytest.raises(IndexFormatError, match="corrupt"):
         CodeIndex.load(index_dir)
+    (index_dir / POINTER).write_text(json.dumps({"snapshot": f"{SNAPSHOT_PREFIX}gone"}))
+    with pytest.raises(IndexFormatError, match="is missing"):
+        CodeIndex.load(index_dir)
     (index_dir / POINTER).write_text(json.dumps({"snapshot": "../../etc"}))
     with pytest.raises(IndexFormatError, match="invalid snapshot"):
         CodeIndex.load(index_dir)

@@ -155,25 +155,27 @@ class CodeIndex:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CodeIndex:
         directory = Path(directory)
-        for attempt in range(3):  # a rebuild may remove an old snapshot between reading the pointer and it
-            name = read_pointer(directory)
+        name = read_pointer(directory)
+        for _ in range(3):
             try:
                 return cls._load_snapshot(directory, name)
-            except FileNotFoundError:
-                if attempt == 2 or read_pointer(directory) == name:
-                    raise IndexFormatError(
-                        f"{directory}: snapshot {name} named by {POINTER} is missing"
-                    ) from None
-        raise AssertionError("unreachable")
+            except IndexFormatError:
+                newer = read_pointer(directory)
+                if newer == name:
+                    raise
+                name = newer  # a rebuild removed the snapshot while it was being read: load the new one
+        return cls._load_snapshot(directory, name)
 
     @classmethod
     def _load_snapshot(cls, directory: Path, name: str) -> CodeIndex:
         folder = directory / name
-        if not folder.is_dir():
-            raise FileNotFoundError(folder)
         try:
             meta = json.loads((folder / "index.json").read_text())
             chunk_rows = json.loads((folder / "chunks.json").read_text())
+        except FileNotFoundError as err:
+            raise IndexFormatError(
+                f"{folder}: snapshot named by {POINTER} is missing ({err.filename})"
+            ) from None
         except json.JSONDecodeError as err:
             raise IndexFormatError(f"{folder}: corrupt index data: {err}") from err
         if meta.get("format_version") != FORMAT_VERSION:
