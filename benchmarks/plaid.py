@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--mean-len", type=int, default=128)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--nbits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--nbits", type=int, nargs="+", default=None, help="default: 2 4 (--small: 2)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--latency-queries", type=int, default=200)
     parser.add_argument("--no-fast-plaid", action="store_true")
@@ -324,6 +324,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.small:
         args.docs, args.mean_len, args.queries, args.latency_queries = 2000, 48, 64, 16
+    args.nbits = args.nbits or ([2] if args.small else [2, 4])
     if args.out is None:
         args.out = Path(f"benchmarks/results/plaid{'_small' if args.small else ''}.json")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
