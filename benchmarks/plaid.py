@@ -15,6 +15,7 @@ decompressed embeddings, which isolates the search stages from the compression.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
 import platform
@@ -198,7 +199,6 @@ def bench_ours(tokens, lengths, queries, truth, nbits, args, device, workdir):
 
 def bench_fast_plaid(tokens, lengths, queries, truth, nbits, args, device, workdir):
     try:
-        import fast_plaid
         from fast_plaid import search as fp_search
     except Exception as err:  # not installed, or built for another torch
         return {"skipped": f"fast_plaid not importable: {type(err).__name__}: {err}"}
@@ -212,7 +212,7 @@ def bench_fast_plaid(tokens, lengths, queries, truth, nbits, args, device, workd
 
     index, build_s = timed(build, device)
     result = {
-        "version": getattr(fast_plaid, "__version__", None),
+        "version": importlib.metadata.version("fast-plaid"),
         "build_s": build_s,
         "disk_bytes_per_token": folder_bytes(path) / len(tokens),
         "settings": [],
