@@ -1,0 +1,360 @@
+"""The training loop shared by every head.
+
+    task = DenseTask(DenseRetriever.from_pretrained("path/to/base"), temperature=0.05)
+    result = Trainer(task, JsonlExamples("train.jsonl"), TrainingArguments("runs/dense", max_steps=1000)).train()
+
+Per optimizer step: `gradient_accumulation_steps` global batches; each rank takes its share of
+each, runs forward + backward (bf16 autocast on CUDA, GradCache when `chunk_tokens` is set);
+gradients are summed over ranks, clipped, and the optimizer steps at the learning rate of the
+warmup-stable-decay schedule. Losses go to `metrics.jsonl` (and TensorBoard), the dev metric
+every `eval_steps`, checkpoints every `save_steps`, and the final model to `output_dir/final`
+in its ecosystem's folder format. `resume_from` continues a run exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from mbert_retrieval.training import checkpoint
+from mbert_retrieval.training.batching import DataPosition, prefetch
+from mbert_retrieval.training.distributed import (
+    World,
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
+from mbert_retrieval.training.evaluate import DevSet, evaluate_task
+from mbert_retrieval.training.mlm import MLMTask
+from mbert_retrieval.training.optim import BatchSizeWarmup, Decay, WarmupStableDecay, make_optimizer
+from mbert_retrieval.training.tasks import RetrievalTask
+
+logger = logging.getLogger("mbert_retrieval")
+
+
+@dataclass
+class TrainingArguments:
+    """How to train. Step counts are optimizer steps.
+
+    Batches: retrieval tasks take up to `batch_size` examples and at most `max_tokens_per_batch`
+    tokens (queries and documents together) per batch, whichever comes first; MLM batches hold
+    exactly `max_tokens_per_batch` tokens, growing from `warmup_tokens_per_batch` over
+    `batch_warmup_steps` steps when set. `chunk_tokens` turns on GradCache (retrieval) or chunked
+    forward passes (MLM) of at most that many tokens, so a large batch fits in memory.
+    """
+
+    output_dir: str
+    max_steps: int | None = None
+    epochs: float = 1.0
+    batch_size: int | None = 32
+    max_tokens_per_batch: int | None = None
+    chunk_tokens: int | None = None
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    warmup_steps: float = 0.1  # a fraction of the steps when below 1
+    decay: Decay = "linear"
+    decay_steps: float | None = None  # a fraction when below 1; None: every step after warmup
+    min_lr: float = 0.0
+    warmup_tokens_per_batch: int | None = None
+    batch_warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    bf16: bool | None = None  # None: on CUDA
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    keep_checkpoints: int = 2
+    resume_from: str | None = None  # a checkpoint folder, or "latest"
+    tensorboard: bool = False
+    show_progress: bool = True
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be at least 1")
+        if self.batch_size is None and self.max_tokens_per_batch is None:
+            raise ValueError("give batch_size, max_tokens_per_batch, or both")
+        for name in (
+            "max_steps",
+            "batch_size",
+            "max_tokens_per_batch",
+            "chunk_tokens",
+            "eval_steps",
+            "save_steps",
+        ):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    losses: list[float]  # one per optimizer step run in this call
+    dev_metrics: list[dict] = field(default_factory=list)
+    final_model: Path | None = None
+
+
+def _steps(value: float, total: int) -> int:
+    return int(round(value * total)) if value < 1 else int(value)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per record) and, optionally, TensorBoard scalars."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool, resumed_step: int):
+        self.path = output_dir / "metrics.jsonl"
+        if resumed_step and self.path.exists():  # drop records from after the checkpoint
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if json.loads(line)["step"] <= resumed_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("tensorboard=True needs `pip install tensorboard`") from err
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Trains `task.model` on `data` (an ExampleSource for retrieval, a TextCorpus for MLM)."""
+
+    def __init__(
+        self, task: RetrievalTask | MLMTask, data, args: TrainingArguments, dev: DevSet | None = None
+    ):
+        if dev is not None and isinstance(task, MLMTask):
+            raise ValueError("a dev set ranks documents; MLM pretraining has none")
+        self.task, self.data, self.args, self.dev = task, data, args, dev
+        self.output_dir = Path(args.output_dir)
+        self.world = World()
+        self.device = torch.device("cpu")
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        args = self.args
+        if args.max_steps is not None:
+            return args.max_steps
+        if isinstance(self.task, MLMTask) or args.batch_size is None:
+            raise ValueError("give max_steps: the number of batches per epoch is not known in advance")
+        per_step = args.batch_size * args.gradient_accumulation_steps
+        return max(1, math.ceil(args.epochs * len(self.data) / per_step))
+
+    def schedule(self, total: int) -> WarmupStableDecay:
+        args = self.args
+        warmup = _steps(args.warmup_steps, total)
+        decay = total - warmup if args.decay_steps is None else _steps(args.decay_steps, total)
+        return WarmupStableDecay(args.learning_rate, total, warmup, decay, args.decay, args.min_lr)
+
+    def batches(self, start: DataPosition):
+        args = self.args
+        if isinstance(self.task, MLMTask):
+            final = args.max_tokens_per_batch
+            if final is None:
+                raise ValueError("MLM needs max_tokens_per_batch (tokens per batch)")
+            if final < self.world.size * self.task.max_length:
+                raise ValueError(
+                    f"max_tokens_per_batch {final} must hold at least one {self.task.max_length}-token "
+                    f"sequence per process ({self.world.size})"
+                )
+            batch_tokens = lambda batch: final  # noqa: E731
+            if args.warmup_tokens_per_batch is not None and args.batch_warmup_steps:
+                batch_tokens = BatchSizeWarmup(
+                    max(args.warmup_tokens_per_batch, self.world.size * self.task.max_length),
+                    final,
+                    args.batch_warmup_steps * args.gradient_accumulation_steps,
+                    self.task.max_length,
+                )
+            return self.task.batches(self.data, batch_tokens=batch_tokens, seed=args.seed, start=start)
+        return self.task.batches(
+            self.data,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens_per_batch,
+            seed=args.seed,
+            start=start,
+        )
+
+    def _prepare_model(self) -> torch.nn.Module:
+        model = self.task.model.to(self.device)
+        model.train()
+        encoder = model.model if isinstance(self.task, MLMTask) else model.encoder
+        encoder.gradient_checkpointing = self.args.gradient_checkpointing
+        if self.args.compile:
+            encoder.compile_layers()
+        if self.world.distributed:  # start every rank from rank 0's weights (new heads are random)
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        return model
+
+    def _autocast(self):
+        bf16 = self.args.bf16 if self.args.bf16 is not None else self.device.type == "cuda"
+        if not bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self) -> TrainingResult:
+        args = self.args
+        self.world, self.device = init_distributed(args.device)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        model = self._prepare_model()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay)
+        total = self.total_steps()
+        schedule = self.schedule(total)
+        checkpoints = self.output_dir / "checkpoints"
+
+        step, position, tokens_seen = 0, DataPosition(), 0
+        if args.resume_from:
+            path = checkpoint.resolve_checkpoint(args.resume_from, checkpoints)
+            state = checkpoint.load_checkpoint(path, model, optimizer, self.world)
+            step, tokens_seen = state["step"], state["tokens_seen"]
+            position = DataPosition.from_dict(state["position"])
+            logger.info("resumed from %s at step %d", path, step)
+
+        log = None
+        if self.world.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+            log = MetricsLog(self.output_dir, args.tensorboard, step)
+            if hasattr(self.data, "log_report"):
+                self.data.log_report()
+        result = TrainingResult(steps=step, losses=[])
+        batches = prefetch(iter(self.batches(position)))
+        progress = tqdm(
+            total=total,
+            initial=step,
+            desc="training",
+            unit="step",
+            disable=not (args.show_progress and self.world.is_main),
+        )
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while step < total:
+                lr = schedule(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = torch.zeros((), device=self.device)
+                for _ in range(args.gradient_accumulation_steps):
+                    batch = next(batches)
+                    local = batch.shard(self.world.rank, self.world.size).to(self.device)
+                    with self._autocast():
+                        loss += self.task.step(local, args.chunk_tokens)
+                    window_tokens += batch.num_tokens
+                    position = batch.position
+                grad_norm = self._finish_gradients(parameters)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_value = float(all_reduce_sum(loss)) / args.gradient_accumulation_steps
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"the loss is {loss_value} at step {step}; lower the learning rate or check the data"
+                    )
+                result.losses.append(loss_value)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                if log is not None and (step % args.logging_steps == 0 or step == total):
+                    elapsed = time.perf_counter() - window_start
+                    tokens_seen += window_tokens
+                    record = {
+                        "step": step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "epoch": position.epoch,
+                        "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                        "tokens_seen": tokens_seen,
+                    }
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    log.write(record)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if (
+                    self.dev is not None
+                    and args.eval_steps
+                    and (step % args.eval_steps == 0 or step == total)
+                ):
+                    metrics = self.evaluate(model)
+                    if metrics is not None:
+                        result.dev_metrics.append({"step": step, **metrics})
+                        log.write({"step": step, **{f"dev_{k}": v for k, v in metrics.items()}})
+                if args.save_steps and (step % args.save_steps == 0 or step == total):
+                    trainer_state = {
+                        "step": step,
+                        "position": position.to_dict(),
+                        "tokens_seen": tokens_seen,
+                        "seed": args.seed,
+                        "world_size": self.world.size,
+                    }
+                    checkpoint.save_checkpoint(
+                        checkpoints, step, model, optimizer, trainer_state, self.world, args.keep_checkpoints
+                    )
+        finally:
+            progress.close()
+            batches.close()
+            if log is not None:
+                log.close()
+        result.steps = step
+        if self.world.is_main:
+            result.final_model = self.output_dir / "final"
+            model.eval()
+            self.task.save(result.final_model)
+        barrier()
+        return result
+
+    def _finish_gradients(self, parameters) -> float | None:
+        """Sum over ranks, average over accumulated batches, clip; returns the norm when clipping."""
+        all_reduce_gradients(parameters)
+        if self.args.gradient_accumulation_steps > 1:
+            for param in parameters:
+                if param.grad is not None:
+                    param.grad.div_(self.args.gradient_accumulation_steps)
+        if self.args.max_grad_norm is None:
+            return None
+        return float(torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm))
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None:
+        """The dev metric on rank 0 (None on the other ranks, which wait for it)."""
+        metrics = None
+        if self.world.is_main:
+            model.eval()
+            with self._autocast():
+                metrics = evaluate_task(self.task, self.dev)
+            model.train()
+        barrier()
+        return metrics
