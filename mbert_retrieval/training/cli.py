@@ -115,12 +115,13 @@ def training_arguments(**values):
 
 
 def run(task, data, args, dev: Path | None, dev_split: str) -> None:
+    from mbert_retrieval.training.distributed import current_world
     from mbert_retrieval.training.evaluate import DevSet
     from mbert_retrieval.training.trainer import Trainer
 
     dev_set = DevSet.from_beir(dev, split=dev_split) if dev is not None else None
     result = Trainer(task, data, args, dev=dev_set).train()
-    if result.final_model is None:  # not the main process
+    if not current_world().is_main:
         return
     typer.echo(data.report())
     summary = {"steps": result.steps, "final_model": str(result.final_model)}

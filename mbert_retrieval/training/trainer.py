@@ -82,6 +82,7 @@ class TrainingArguments:
     keep_checkpoints: int = 2
     resume_from: str | None = None  # a checkpoint folder, or "latest"
     tensorboard: bool = False
+    save_final_model: bool = True
     show_progress: bool = True
     device: str | None = None
 
@@ -297,6 +298,7 @@ class Trainer:
                         "loss": loss_value,
                         "lr": lr,
                         "epoch": position.epoch,
+                        "seconds": elapsed,  # since the previous record
                         "tokens_per_second": window_tokens / max(elapsed, 1e-9),
                         "tokens_seen": tokens_seen,
                     }
@@ -330,7 +332,7 @@ class Trainer:
             if log is not None:
                 log.close()
         result.steps = step
-        if self.world.is_main:
+        if self.world.is_main and args.save_final_model:
             result.final_model = self.output_dir / "final"
             model.eval()
             self.task.save(result.final_model)
