@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mbert_retrieval.modeling.io import atomic_write, atomic_write_text
+from mbert_retrieval.modeling.io import atomic_write, atomic_write_text, fsync_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,7 +52,7 @@ def save_index_folder(directory: str | os.PathLike, files: dict[str, FileWriter]
         entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     data_name = f"{DATA_PREFIX}{time.time_ns()}-{secrets.token_hex(3)}"
     os.replace(staging, directory / data_name)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
     full_manifest = {"format_version": FORMAT_VERSION, **manifest, "data": data_name, "files": entries}
     atomic_write_text(directory / MANIFEST, json.dumps(full_manifest, indent=2) + "\n")
@@ -145,14 +145,3 @@ def _remove_stale_data(directory: Path, keep: str) -> None:
     for path in directory.iterdir():
         if path.name != keep and path.is_dir() and path.name.startswith((DATA_PREFIX, STAGING_PREFIX)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems refuse to open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -89,7 +89,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -109,7 +109,8 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # some filesystems refuse to open directories
