@@ -14,25 +14,26 @@ timed; real tokens count only the tokens of the texts (no padding). Prints a tab
     PYTHONPATH=. python3 benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
     PYTHONPATH=. python3 benchmarks/train_throughput.py --small     # CPU check: tiny model, few steps
 
-`--no-compile` leaves out the row with torch.compile'd encoder layers.
+`--no-compile` leaves out the row with torch.compile'd encoder layers. SentenceTransformerTrainer needs
+`datasets`; where it is not installed, the same steps run in a plain loop (the JSON says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import platform
 import random
 import sysconfig
 import tempfile
+import textwrap
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from evaluation.code_dataset import extract_functions
 from mbert_retrieval import DenseRetriever
 from mbert_retrieval.tokenization import train_tokenizer
 from mbert_retrieval.training import DenseTask, JsonlExamples, Trainer, TrainingArguments
@@ -46,20 +47,46 @@ def docstring_pairs(limit: int, seed: int = 0) -> list[tuple[str, str]]:
     """(docstring first paragraph, function without its docstring) from the stdlib and site-packages,
     files in a seeded random order so both places are represented."""
     paths = sysconfig.get_paths()
-    roots = [Path(paths["stdlib"]), Path(paths["purelib"])]
-    files = sorted({(root, f) for root in roots for f in root.rglob("*.py")})
+    roots = {Path(paths["stdlib"]), Path(paths["purelib"])}
+    files = sorted({f for root in roots for f in root.rglob("*.py")})
     random.Random(seed).shuffle(files)
     pairs, seen = [], set()
-    for root, file in files:
-        functions = extract_functions(file, file.relative_to(root).as_posix(), 3, Counter()) or []
-        for function in functions[:MAX_PAIRS_PER_FILE]:
-            if function.query in seen:
+    for file in files:
+        try:
+            source = file.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        lines = source.splitlines()
+        taken = 0
+        for node in ast.walk(tree):
+            pair = function_pair(node, lines)
+            if pair is None or pair[0] in seen:
                 continue
-            seen.add(function.query)
-            pairs.append((function.query, function.code))
-        if len(pairs) >= limit:
+            seen.add(pair[0])
+            pairs.append(pair)
+            taken += 1
+            if taken == MAX_PAIRS_PER_FILE or len(pairs) == limit:
+                break
+        if len(pairs) == limit:
             break
-    return pairs[:limit]
+    return pairs
+
+
+def function_pair(node, lines: list[str]) -> tuple[str, str] | None:
+    """A documented function as (query, code): the docstring's first paragraph (3+ words) and the
+    function's lines without the docstring's."""
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or len(node.body) < 2:
+        return None
+    docstring = ast.get_docstring(node)
+    if not docstring:
+        return None
+    query = " ".join(docstring.strip().split("\n\n")[0].split())
+    if len(query.split()) < 3:
+        return None
+    doc = node.body[0]
+    kept = lines[node.lineno - 1 : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
+    return query, textwrap.dedent("\n".join(kept))
 
 
 def make_model_folder(texts: list[str], small: bool, max_length: int, directory: Path) -> Path:
@@ -155,14 +182,11 @@ def run_ours(folder: Path, data: Path, args, device: torch.device, compiled: boo
 
 
 def run_sentence_transformers(folder: Path, pairs, args, device: torch.device, tmp: Path) -> dict:
-    from datasets import Dataset
-    from sentence_transformers import (
-        SentenceTransformer,
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
+    """SentenceTransformerTrainer + MultipleNegativesRankingLoss; where `datasets` (which the trainer
+    needs) is not installed, the same steps in a plain loop: tokenize with padding, bf16 autocast
+    forward, the loss, backward, clip, AdamW."""
+    from sentence_transformers import SentenceTransformer
     from sentence_transformers.losses import MultipleNegativesRankingLoss
-    from transformers import TrainerCallback
 
     class CountingLoss(MultipleNegativesRankingLoss):
         """MNRL that also counts the real and padded tokens it is given."""
@@ -175,16 +199,49 @@ def run_sentence_transformers(folder: Path, pairs, args, device: torch.device, t
                 CountingLoss.padded += features["attention_mask"].numel()
             return super().forward(sentence_features, labels)
 
-    class StepClock(TrainerCallback):
-        def __init__(self):
-            self.marks = []  # (time, real tokens so far) at the end of each step
+    marks = []  # (time, real tokens so far, padded tokens so far) at the end of each step
 
-        def on_step_end(self, *_, **__):
-            synchronize()
-            self.marks.append((time.perf_counter(), CountingLoss.real, CountingLoss.padded))
+    def mark() -> None:
+        synchronize()
+        marks.append((time.perf_counter(), CountingLoss.real, CountingLoss.padded))
 
     reset_memory()
     model = SentenceTransformer(str(folder), device=str(device))
+    loss = CountingLoss(model, scale=1 / TEMPERATURE)
+    try:
+        import datasets  # noqa: F401
+
+        baseline = "SentenceTransformerTrainer"
+        train_with_trainer(model, loss, pairs, args, device, tmp, mark)
+    except ImportError:
+        baseline = "plain loop (datasets, which SentenceTransformerTrainer needs, is not installed)"
+        train_in_loop(model, loss, pairs, args, device, mark)
+    (start, real_start, padded_start), (end, real_end, padded_end) = marks[args.warmup_steps - 1], marks[-1]
+    steps = len(marks) - args.warmup_steps
+    row = {
+        "baseline": baseline,
+        "steps": steps,
+        "seconds": end - start,
+        "steps_per_s": steps / (end - start),
+        "tokens_per_s": (real_end - real_start) / (end - start),
+        "tokens_per_step": (real_end - real_start) / steps,
+        "padded_tokens_per_step": (padded_end - padded_start) / steps,
+        "peak_memory_gib": peak_memory_gib(),
+        "attn_implementation": getattr(model[0].auto_model.config, "_attn_implementation", None),
+    }
+    del model, loss
+    return row
+
+
+def train_with_trainer(model, loss, pairs, args, device, tmp: Path, mark) -> None:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            mark()
+
     dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [d for _, d in pairs]})
     training = SentenceTransformerTrainingArguments(
         output_dir=str(tmp / "sentence_transformers_run"),
@@ -203,29 +260,32 @@ def run_sentence_transformers(folder: Path, pairs, args, device: torch.device, t
         disable_tqdm=True,
         seed=0,
     )
-    clock = StepClock()
-    loss = CountingLoss(model, scale=1 / TEMPERATURE)
     trainer = SentenceTransformerTrainer(
-        model=model, args=training, train_dataset=dataset, loss=loss, callbacks=[clock]
+        model=model, args=training, train_dataset=dataset, loss=loss, callbacks=[StepClock()]
     )
     trainer.train()
-    (start, real_start, padded_start), (end, real_end, padded_end) = (
-        clock.marks[args.warmup_steps - 1],
-        clock.marks[-1],
-    )
-    steps = len(clock.marks) - args.warmup_steps
-    row = {
-        "steps": steps,
-        "seconds": end - start,
-        "steps_per_s": steps / (end - start),
-        "tokens_per_s": (real_end - real_start) / (end - start),
-        "tokens_per_step": (real_end - real_start) / steps,
-        "padded_tokens_per_step": (padded_end - padded_start) / steps,
-        "peak_memory_gib": peak_memory_gib(),
-        "attn_implementation": getattr(model[0].auto_model.config, "_attn_implementation", None),
-    }
-    del trainer, model
-    return row
+
+
+def train_in_loop(model, loss, pairs, args, device, mark) -> None:
+    from sentence_transformers.util import batch_to_device
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    order = list(range(len(pairs)))
+    random.Random(0).shuffle(order)
+    model.train()
+    for step in range(args.warmup_steps + args.steps):
+        start = step * args.batch_size % (len(order) - args.batch_size + 1)
+        batch = [pairs[i] for i in order[start : start + args.batch_size]]
+        features = [
+            batch_to_device(model.tokenize([pair[side] for pair in batch]), device) for side in (0, 1)
+        ]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            value = loss(features, None)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mark()
 
 
 def main() -> None:
@@ -266,8 +326,10 @@ def main() -> None:
         data.write_text("".join(json.dumps({"query": q, "positive": d}) + "\n" for q, d in pairs))
 
         rows["sentence_transformers"] = run_sentence_transformers(folder, pairs, args, device, tmp)
+        baseline = rows["sentence_transformers"]
         print(
-            f"sentence_transformers: {rows['sentence_transformers']['steps_per_s']:.2f} steps/s", flush=True
+            f"sentence_transformers ({baseline['baseline']}): {baseline['steps_per_s']:.2f} steps/s",
+            flush=True,
         )
         rows["ours"] = run_ours(folder, data, args, device, compiled=False, tmp=tmp)
         print(f"ours: {rows['ours']['steps_per_s']:.2f} steps/s", flush=True)

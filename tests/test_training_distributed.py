@@ -139,3 +139,74 @@ def test_mlm_chunks_match_the_whole_batch(hf_mlm_dir):
     torch.testing.assert_close(chunked_loss, whole_loss)
     for param, grad in gradients(model).items():
         torch.testing.assert_close(grad, whole[param], rtol=1e-4, atol=1e-6, msg=param)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(hf_mlm_dir):
+    task = build_task("dense", hf_mlm_dir)
+    task.model.train()
+    batch = global_batch(task)
+    plain_loss = task.step(batch)
+    plain = gradients(task.model)
+    task.model.zero_grad(set_to_none=True)
+    task.model.encoder.gradient_checkpointing = True
+    torch.testing.assert_close(task.step(batch), plain_loss)
+    for param, grad in gradients(task.model).items():
+        torch.testing.assert_close(grad, plain[param], rtol=1e-5, atol=1e-7, msg=param)
+
+
+def trainer_run(model_dir: Path, data: Path, output_dir: Path):
+    from mbert_retrieval.training.data import JsonlExamples
+    from mbert_retrieval.training.trainer import Trainer, TrainingArguments
+
+    task = build_task("dense", model_dir)
+    args = TrainingArguments(
+        str(output_dir),
+        max_steps=3,
+        batch_size=5,
+        learning_rate=1e-3,
+        save_steps=2,
+        show_progress=False,
+        device="cpu",
+    )
+    return Trainer(task, JsonlExamples(data), args).train()
+
+
+def trainer_worker(rank: int, world: int, port: int, model_dir: str, data: str, out_dir: str) -> None:
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        result = trainer_run(Path(model_dir), Path(data), Path(out_dir) / "ddp")
+        if rank == 0:
+            torch.save(result.losses, Path(out_dir) / "ddp_losses.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_trainer_under_two_processes_follows_the_single_process_run(hf_mlm_dir, tmp_path):
+    import json
+    import socket
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"query": e.query, "positive": e.documents[0]}) + "\n" for e in examples())
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(trainer_worker, args=(2, port, str(hf_mlm_dir), str(data), str(tmp_path)), nprocs=2, join=True)
+    single = trainer_run(hf_mlm_dir, data, tmp_path / "single")
+    torch.testing.assert_close(
+        torch.tensor(torch.load(tmp_path / "ddp_losses.pt")), torch.tensor(single.losses)
+    )
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == [
+        "step-00000002",
+        "step-00000003",
+    ]
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000002" / "rng-rank1.pt").exists()

@@ -274,24 +274,28 @@ def example_batches(
 
 
 def prefetch(batches: Iterator, depth: int = 2) -> Iterator:
-    """Build the next `depth` batches on a background thread while the current one trains."""
+    """Build the next `depth` batches on a background thread while the current one trains. Closing
+    the iterator stops the thread and waits for it (no thread outlives the training loop)."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
+    def offer(item) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                ready.put(item, timeout=0.1)
+                return True
+        return False
+
     def produce():
         try:
             for batch in batches:
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        ready.put(batch, timeout=0.1)
-                        break
-                if stop.is_set():
+                if not offer(batch):
                     return
         except BaseException as err:  # handed to the consumer, which raises it
-            ready.put(err)
+            offer(err)
             return
-        ready.put(done)
+        offer(done)
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
@@ -305,3 +309,4 @@ def prefetch(batches: Iterator, depth: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+        thread.join()

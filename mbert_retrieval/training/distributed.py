@@ -44,6 +44,8 @@ def init_distributed(device: str | None = None) -> tuple[World, torch.device]:
         device = f"cuda:{local_rank}"
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
