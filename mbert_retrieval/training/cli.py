@@ -141,7 +141,9 @@ def dense(
     model: Model,
     data: Data,
     output_dir: OutputDir = Path("runs/dense"),
-    pooling: Annotated[str, typer.Option(help="mean or cls (for a bare encoder).")] = "mean",
+    pooling: Annotated[
+        str | None, typer.Option(help="mean or cls (default: the folder's, else mean).")
+    ] = None,
     query_prefix: Annotated[str | None, typer.Option(help="Text put before each query.")] = None,
     document_prefix: Annotated[str | None, typer.Option(help="Text put before each document.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Document tokens kept.")] = None,

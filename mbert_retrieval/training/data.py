@@ -297,7 +297,7 @@ class HFExamples(ExampleSource):
             self.name = f"{dataset} [{split}]"
             dataset = load_dataset(dataset, split=split)
         else:
-            self.name = getattr(dataset, "info", None) and dataset.info.dataset_name or "dataset"
+            self.name = getattr(getattr(dataset, "info", None), "dataset_name", None) or "dataset"
         missing = [
             c for c in (query_column, positive_column, *negative_columns) if c not in dataset.column_names
         ]

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from mbert_retrieval.modeling.io import atomic_write_text
 from mbert_retrieval.training import checkpoint
 from mbert_retrieval.training.batching import DataPosition, prefetch
 from mbert_retrieval.training.distributed import (
@@ -127,7 +128,7 @@ class MetricsLog:
                 for line in self.path.read_text().splitlines()
                 if json.loads(line)["step"] <= resumed_step
             ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
         if tensorboard:
             try:
@@ -251,7 +252,9 @@ class Trainer:
         log = None
         if self.world.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "training_args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+            atomic_write_text(
+                self.output_dir / "training_args.json", json.dumps(asdict(args), indent=2) + "\n"
+            )
             log = MetricsLog(self.output_dir, args.tensorboard, step)
             if hasattr(self.data, "log_report"):
                 self.data.log_report()
