@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import make_model_folder
 from mbert_retrieval import DenseRetriever
-from mbert_retrieval.tokenization import train_tokenizer
 
 MAX_FUNCTIONS_PER_FILE = 25
 
@@ -69,45 +69,6 @@ def python_functions(limit: int, seed: int = 0) -> list[str]:
         if len(texts) == limit:
             break
     return texts
-
-
-def make_model_folder(texts: list[str], small: bool, max_length: int, directory: Path) -> Path:
-    """Train the tokenizer, build random ModernBERT weights, save as a sentence-transformers folder."""
-    from transformers import ModernBertConfig, ModernBertModel
-
-    vocab = 4096 if small else 50368
-    bare = directory / "bare"
-    tokenizer = train_tokenizer(texts, vocab_size=vocab, save_directory=bare)
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"))
-    }
-    shape = (
-        dict(
-            hidden_size=128,
-            intermediate_size=192,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            local_attention=32,
-        )
-        if small
-        else {}  # ModernBERT-base: 22 layers, hidden 768, 12 heads, GeGLU 1152, window 128
-    )
-    config = ModernBertConfig(
-        vocab_size=vocab,
-        max_position_embeddings=8192,
-        pad_token_id=ids["pad"],
-        cls_token_id=ids["cls"],
-        sep_token_id=ids["sep"],
-        bos_token_id=ids["cls"],
-        eos_token_id=ids["sep"],
-        **shape,
-    )
-    torch.manual_seed(0)
-    ModernBertModel(config).save_pretrained(bare)
-    folder = directory / "sentence_transformers"
-    DenseRetriever.from_pretrained(bare, max_length=max_length, device="cpu").save_pretrained(folder)
-    return folder
 
 
 def timed(fn) -> tuple[float, object]:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import make_model_folder
 from mbert_retrieval import DenseRetriever
-from mbert_retrieval.tokenization import train_tokenizer
 from mbert_retrieval.training import DenseTask, JsonlExamples, Trainer, TrainingArguments
 
 MAX_PAIRS_PER_FILE = 20
@@ -87,42 +87,6 @@ def function_pair(node, lines: list[str]) -> tuple[str, str] | None:
     doc = node.body[0]
     kept = lines[node.lineno - 1 : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
     return query, textwrap.dedent("\n".join(kept))
-
-
-def make_model_folder(texts: list[str], small: bool, max_length: int, directory: Path) -> Path:
-    """Train the tokenizer, build random ModernBERT weights, save as a sentence-transformers folder."""
-    from transformers import ModernBertConfig, ModernBertModel
-
-    vocab = 4096 if small else 50368
-    bare = directory / "bare"
-    tokenizer = train_tokenizer(texts, vocab_size=vocab, save_directory=bare)
-    ids = {name: tokenizer.convert_tokens_to_ids(f"[{name.upper()}]") for name in ("cls", "sep", "pad")}
-    shape = (
-        dict(
-            hidden_size=128,
-            intermediate_size=192,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            local_attention=32,
-        )
-        if small
-        else {}  # ModernBERT-base: 22 layers, hidden 768, 12 heads, GeGLU 1152, window 128
-    )
-    config = ModernBertConfig(
-        vocab_size=vocab,
-        max_position_embeddings=8192,
-        pad_token_id=ids["pad"],
-        cls_token_id=ids["cls"],
-        sep_token_id=ids["sep"],
-        bos_token_id=ids["cls"],
-        eos_token_id=ids["sep"],
-        **shape,
-    )
-    torch.manual_seed(0)
-    ModernBertModel(config).save_pretrained(bare)
-    folder = directory / "sentence_transformers"
-    DenseRetriever.from_pretrained(bare, max_length=max_length, device="cpu").save_pretrained(folder)
-    return folder
 
 
 def synchronize() -> None:

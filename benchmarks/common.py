@@ -1,0 +1,49 @@
+"""Pieces the benchmarks share: a random ModernBERT saved as a DenseRetriever folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mbert_retrieval import DenseRetriever
+from mbert_retrieval.tokenization import train_tokenizer
+
+
+def make_model_folder(texts: list[str], small: bool, max_length: int, directory: Path) -> Path:
+    """Train the tokenizer, build random ModernBERT weights, save as a sentence-transformers folder."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    vocab = 4096 if small else 50368
+    bare = directory / "bare"
+    tokenizer = train_tokenizer(texts, vocab_size=vocab, save_directory=bare)
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"))
+    }
+    shape = (
+        dict(
+            hidden_size=128,
+            intermediate_size=192,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            local_attention=32,
+        )
+        if small
+        else {}  # ModernBERT-base: 22 layers, hidden 768, 12 heads, GeGLU 1152, window 128
+    )
+    config = ModernBertConfig(
+        vocab_size=vocab,
+        max_position_embeddings=8192,
+        pad_token_id=ids["pad"],
+        cls_token_id=ids["cls"],
+        sep_token_id=ids["sep"],
+        bos_token_id=ids["cls"],
+        eos_token_id=ids["sep"],
+        **shape,
+    )
+    torch.manual_seed(0)
+    ModernBertModel(config).save_pretrained(bare)
+    folder = directory / "sentence_transformers"
+    DenseRetriever.from_pretrained(bare, max_length=max_length, device="cpu").save_pretrained(folder)
+    return folder
