@@ -221,3 +221,11 @@ def test_progress_bar_runs(model, capsys):
     got = model.encode(TEXTS * 3, show_progress_bar=True, max_tokens_per_batch=32)
     assert "27/27" in capsys.readouterr().err
     np.testing.assert_allclose(got[: len(TEXTS)], model.encode(TEXTS), atol=1e-6)
+
+
+def test_no_default_model_gives_a_clear_error(monkeypatch, tmp_path):
+    from mbert_retrieval.models import dense
+
+    monkeypatch.setattr(dense, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(CheckpointError, match="no default model is shipped"):
+        DenseRetriever.from_pretrained()

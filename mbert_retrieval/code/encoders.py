@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 DEFAULT_MODEL = "default"
@@ -27,10 +26,9 @@ def load_encoder(model: str | None = None):
 
 
 def has_default_model() -> bool:
-    from mbert_retrieval.models.dense import DenseRetriever
+    from mbert_retrieval.models.dense import default_model_dir
 
-    parameters = list(inspect.signature(DenseRetriever.from_pretrained).parameters.values())
-    return bool(parameters) and parameters[0].default is not inspect.Parameter.empty
+    return default_model_dir() is not None
 
 
 def model_name(model: str | None) -> str:

@@ -249,7 +249,7 @@ class DenseRetriever(EncoderModel):
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | os.PathLike,
+        path_or_hub_id: str | os.PathLike | None = None,
         *,
         tokenizer=None,
         pooling: Pooling | None = None,
@@ -268,7 +268,14 @@ class DenseRetriever(EncoderModel):
 
         Arguments other than the path override what the folder says. The model goes to CUDA when
         available, in bfloat16 there and float32 on the CPU, unless `device` / `dtype` say otherwise.
+        With no path, the model shipped with the package (`default_model_dir()`).
         """
+        if path_or_hub_id is None:
+            path_or_hub_id = default_model_dir()
+            if path_or_hub_id is None:
+                raise CheckpointError(
+                    "no default model is shipped with this installation: pass a model folder or hub id"
+                )
         model_dir = cls.resolve(path_or_hub_id)
         saved = cls._read_folder(model_dir) if folders.has_modules(model_dir) else {}
         encoder, device, dtype = cls.load_encoder(
@@ -353,3 +360,11 @@ class DenseRetriever(EncoderModel):
                 "similarity_fn_name": "cosine",
             },
         )
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
+
+
+def default_model_dir() -> Path | None:
+    """The dense model shipped inside the package, when this installation has one."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / "modules.json").exists() else None
