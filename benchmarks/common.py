@@ -1,7 +1,12 @@
-"""Pieces the benchmarks share: a random ModernBERT saved as a DenseRetriever folder."""
+"""Pieces the benchmarks share: real Python sources to encode, and a random ModernBERT saved as a
+DenseRetriever folder."""
 
 from __future__ import annotations
 
+import ast
+import random
+import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,3 +52,19 @@ def make_model_folder(texts: list[str], small: bool, max_length: int, directory:
     folder = directory / "sentence_transformers"
     DenseRetriever.from_pretrained(bare, max_length=max_length, device="cpu").save_pretrained(folder)
     return folder
+
+
+def parsed_source_files(seed: int = 0) -> Iterator[tuple[list[str], ast.Module]]:
+    """(lines, syntax tree) of every readable Python file of the stdlib and site-packages, files in a
+    seeded random order so both places are represented."""
+    paths = sysconfig.get_paths()
+    roots = {Path(paths["stdlib"]), Path(paths["purelib"])}
+    files = sorted({f for root in roots for f in root.rglob("*.py")})
+    random.Random(seed).shuffle(files)
+    for file in files:
+        try:
+            source = file.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        yield source.splitlines(), tree

@@ -21,8 +21,6 @@ import argparse
 import ast
 import json
 import platform
-import random
-import sysconfig
 import tempfile
 import textwrap
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import make_model_folder
+from benchmarks.common import make_model_folder, parsed_source_files
 from mbert_retrieval import DenseRetriever
 
 MAX_FUNCTIONS_PER_FILE = 25
@@ -40,18 +38,8 @@ MAX_FUNCTIONS_PER_FILE = 25
 def python_functions(limit: int, seed: int = 0) -> list[str]:
     """Source of distinct functions (2+ lines) from the stdlib and site-packages, files in a
     seeded random order so both places are represented."""
-    paths = sysconfig.get_paths()
-    roots = {Path(paths["stdlib"]), Path(paths["purelib"])}
-    files = sorted({f for root in roots for f in root.rglob("*.py")})
-    random.Random(seed).shuffle(files)
     texts, seen = [], set()
-    for file in files:
-        try:
-            source = file.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
-            continue
-        lines = source.splitlines()
+    for lines, tree in parsed_source_files(seed):
         taken = 0
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.end_lineno is None:

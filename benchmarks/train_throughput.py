@@ -26,7 +26,6 @@ import gc
 import json
 import platform
 import random
-import sysconfig
 import tempfile
 import textwrap
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import make_model_folder
+from benchmarks.common import make_model_folder, parsed_source_files
 from mbert_retrieval import DenseRetriever
 from mbert_retrieval.training import DenseTask, JsonlExamples, Trainer, TrainingArguments
 
@@ -46,18 +45,8 @@ TEMPERATURE = 0.05  # MultipleNegativesRankingLoss's default scale of 20
 def docstring_pairs(limit: int, seed: int = 0) -> list[tuple[str, str]]:
     """(docstring first paragraph, function without its docstring) from the stdlib and site-packages,
     files in a seeded random order so both places are represented."""
-    paths = sysconfig.get_paths()
-    roots = {Path(paths["stdlib"]), Path(paths["purelib"])}
-    files = sorted({f for root in roots for f in root.rglob("*.py")})
-    random.Random(seed).shuffle(files)
     pairs, seen = [], set()
-    for file in files:
-        try:
-            source = file.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
-            continue
-        lines = source.splitlines()
+    for lines, tree in parsed_source_files(seed):
         taken = 0
         for node in ast.walk(tree):
             pair = function_pair(node, lines)
