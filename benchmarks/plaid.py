@@ -10,6 +10,11 @@ decompressed embeddings, which isolates the search stages from the compression.
 
     PYTHONPATH=. python3 benchmarks/plaid.py --out benchmarks/results/plaid.json   # CUDA, 100k docs
     PYTHONPATH=. python3 benchmarks/plaid.py --small                               # CPU smoke run
+
+With `--colbert MODEL --corpus BEIR_FOLDER` the corpus is real instead: the first `--docs` documents
+and `--queries` queries of the folder, encoded by that ColBERT model. For both kinds of corpus the JSON
+records how well the index's codec fits the tokens (mean cosine of a token with its centroid and with
+its decompressed vector), which is what tells synthetic data "shaped like real ones" apart.
 """
 
 from __future__ import annotations
@@ -85,6 +90,44 @@ def make_corpus(n_docs, mean_len, dim, vocab, n_queries, q_len, device, seed=0, 
     expansion_noise = torch.randn(n_queries, q_len - n_content, dim, generator=g, device=device)
     expansion = F.normalize(content.mean(1, keepdim=True) + expansion_noise * math.sqrt(0.5 / dim), dim=-1)
     return tokens, lengths, torch.cat([content, expansion], 1).half()
+
+
+def colbert_corpus(model_dir, beir_dir, n_docs, n_queries, device):
+    """Real token embeddings: the first `n_docs` documents and `n_queries` queries of a BEIR folder
+    encoded by a ColBERT model, in make_corpus's layout."""
+    from mbert_retrieval.models.colbert import ColBERT
+
+    def first_texts(name, n):
+        texts = []
+        with open(Path(beir_dir) / name, encoding="utf-8") as lines:
+            for line in lines:
+                record = json.loads(line)
+                texts.append(" ".join(filter(None, (record.get("title"), record["text"]))))
+                if len(texts) == n:
+                    break
+        return texts
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = ColBERT.from_pretrained(model_dir, device=device, dtype=dtype)
+    packed = model.encode_documents(first_texts("corpus.jsonl", n_docs), packed=True, convert_to_tensor=True)
+    tokens = packed.embeddings.to(device, torch.float16)
+    lengths = torch.from_numpy(packed.offsets).diff().to(device)
+    queries = model.encode_queries(first_texts("queries.jsonl", n_queries), convert_to_tensor=True)
+    return tokens, lengths, queries.to(device, torch.float16)
+
+
+@torch.inference_mode()
+def codec_fit(index: PlaidIndex, tokens: torch.Tensor, sample: int = 200_000) -> dict:
+    """Mean cosine of a token with its centroid and with its decompressed vector (a spread sample)."""
+    rows = torch.linspace(0, len(tokens) - 1, min(sample, len(tokens)), device=tokens.device).long()
+    original = tokens[rows].float()
+    codes = index._centroid_ids(index.codes[rows.to(index.codes.device)])
+    centroids = index.codec.centroids.to(original.device)[codes.to(original.device).long()]
+    decoded = index.codec.decode(codes, index.residuals[rows.to(index.residuals.device)]).to(original.device)
+    return {
+        "cosine_to_centroid": F.cosine_similarity(original, centroids, dim=-1).mean().item(),
+        "cosine_to_decompressed": F.cosine_similarity(original, decoded.float(), dim=-1).mean().item(),
+    }
 
 
 @torch.inference_mode()
@@ -166,6 +209,7 @@ def bench_ours(tokens, lengths, queries, truth, nbits, args, device, workdir):
         "n_centroids": index.n_centroids,
         "disk_bytes_per_token": disk / index.n_tokens,
         "memory_bytes_per_token": index.memory_bytes() / index.n_tokens,
+        "codec_fit": codec_fit(index, tokens),
         "settings": [],
     }
     for n_probe, threshold, n_candidates in OUR_SETTINGS:
@@ -318,6 +362,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--latency-queries", type=int, default=200)
     parser.add_argument("--no-fast-plaid", action="store_true")
+    parser.add_argument("--colbert", type=Path, default=None, help="ColBERT folder: a real corpus")
+    parser.add_argument("--corpus", type=Path, default=None, help="BEIR folder encoded by --colbert")
     parser.add_argument(
         "--out", type=Path, default=None, help="default: benchmarks/results/plaid[_small].json"
     )
@@ -327,12 +373,22 @@ def main() -> None:
     args.nbits = args.nbits or ([2] if args.small else [2, 4])
     if args.out is None:
         args.out = Path(f"benchmarks/results/plaid{'_small' if args.small else ''}.json")
+    if (args.colbert is None) != (args.corpus is None):
+        parser.error("--colbert and --corpus go together")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     dim, q_len = 128, 32
     vocab = 32768 if args.docs >= 50_000 else 4096
 
     start = time.perf_counter()
-    tokens, lengths, queries = make_corpus(args.docs, args.mean_len, dim, vocab, args.queries, q_len, device)
+    if args.colbert is not None:
+        tokens, lengths, queries = colbert_corpus(args.colbert, args.corpus, args.docs, args.queries, device)
+        args.docs, args.queries, (q_len, dim) = len(lengths), len(queries), queries.shape[1:]
+        source = f"ColBERT {args.colbert.name} over {args.corpus}"
+    else:
+        tokens, lengths, queries = make_corpus(
+            args.docs, args.mean_len, dim, vocab, args.queries, q_len, device
+        )
+        source = "synthetic, clustered ColBERT-like, see make_corpus in benchmarks/plaid.py"
     queries = queries if device.type == "cuda" else queries.float()
     corpus_s = time.perf_counter() - start
 
@@ -353,10 +409,10 @@ def main() -> None:
             "tokens": len(tokens),
             "mean_tokens": len(tokens) / args.docs,
             "dim": dim,
-            "vocabulary": vocab,
+            "vocabulary": vocab if args.colbert is None else None,
             "queries": args.queries,
             "query_tokens": q_len,
-            "synthetic": "clustered ColBERT-like, see make_corpus in benchmarks/plaid.py",
+            "source": source,
         },
         "exhaustive_maxsim_s": exhaustive_s,
         "runs": [],

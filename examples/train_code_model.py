@@ -9,6 +9,7 @@ stage so the whole recipe runs on a CPU in a few minutes, for checking):
     mlm       `mbert-retrieval train mlm --from-scratch` on the corpus
     dense     contrastive fine-tuning: in-batch negatives first, then `train mine` hard negatives
               with that model and a second round with them
+    colbert   a ColBERT from the MLM checkpoint, trained on the same mined negatives
     export    the final retriever in float16 into a folder (by default the package's default model)
     evaluate  (CPU) held-out packages of this machine's standard library as a CodeSearchNet-style
               set: ours against BM25 and all-MiniLM-L6-v2, nDCG@10 / MRR@10 and CPU encode speed
@@ -21,12 +22,15 @@ stage so the whole recipe runs on a CPU in a few minutes, for checking):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 # Standard-library packages kept out of every training stage and used for evaluation.
@@ -44,8 +48,12 @@ FULL = dict(
     corpus_mb=400,
     mlm_steps=3000,
     mlm_tokens=131072,
-    dense_steps=1500,
-    dense_batch=256,
+    dense_steps=600,
+    dense_batch=512,
+    negatives_steps=800,
+    negatives_batch=256,
+    colbert_steps=1000,
+    colbert_batch=128,
     max_pairs=None,
 )
 SMALL = dict(
@@ -60,8 +68,13 @@ SMALL = dict(
     mlm_tokens=8192,
     dense_steps=30,
     dense_batch=16,
+    negatives_steps=20,
+    negatives_batch=8,
+    colbert_steps=20,
+    colbert_batch=8,
     max_pairs=1000,
 )
+NUM_NEGATIVES = 3
 
 
 def held_out(path: Path, root: Path) -> bool:
@@ -81,6 +94,22 @@ def prepare(work: Path, size: dict) -> None:
     from mbert_retrieval.tokenization import train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
+    # The pair sets are parsed in other processes while this one trains the tokenizer.
+    pool = ProcessPoolExecutor(len(SOURCE_ROOTS), mp_context=multiprocessing.get_context("spawn"))
+    exclude = (*DEFAULT_EXCLUDED_DIRS, *HELD_OUT)
+    pair_sets = [
+        pool.submit(
+            build_code_dataset,
+            root,
+            work / f"pairs{index}",
+            exclude_dirs=exclude,
+            dev_fraction=0.05,
+            test_fraction=0.05,
+            max_functions=size["max_pairs"],
+            show_progress=False,
+        )
+        for index, root in enumerate(SOURCE_ROOTS)
+    ]
     budget, texts = size["corpus_mb"] * 2**20, []
     for path in training_files((".py", *DOC_SUFFIXES)):
         text = path.read_text(errors="ignore")
@@ -112,17 +141,9 @@ def prepare(work: Path, size: dict) -> None:
     )
     ModernBertForMaskedLM(config).save_pretrained(init)
 
-    exclude = (*DEFAULT_EXCLUDED_DIRS, *HELD_OUT)
-    for index, root in enumerate(SOURCE_ROOTS):
-        build_code_dataset(
-            root,
-            work / f"pairs{index}",
-            exclude_dirs=exclude,
-            dev_fraction=0.05,
-            test_fraction=0.05,
-            max_functions=size["max_pairs"],
-            show_progress=False,
-        )
+    for pair_set in pair_sets:
+        pair_set.result()
+    pool.shutdown()
     merge_beir([work / f"pairs{i}" for i in range(len(SOURCE_ROOTS))], work / "pairs")
 
 
@@ -150,9 +171,24 @@ def cli(*args: str) -> None:
     subprocess.run(command, check=True)
 
 
+def train(*args: str) -> None:
+    """A `train` command with compiled encoder layers on CUDA, in eager mode if compiling fails;
+    also logged to TensorBoard where it is installed."""
+    import torch
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        args = (*args, "--tensorboard")
+    if not torch.cuda.is_available():
+        return cli("train", *args)
+    try:
+        cli("train", *args, "--compile")
+    except subprocess.CalledProcessError:
+        print("compiled run failed; running it again without --compile", flush=True)
+        cli("train", *args)
+
+
 def mlm(work: Path, size: dict) -> None:
-    cli(
-        "train",
+    train(
         "mlm",
         work / "init",
         work / "corpus.jsonl",
@@ -169,7 +205,12 @@ def mlm(work: Path, size: dict) -> None:
 
 
 def dense(work: Path, size: dict) -> None:
-    common = [
+    train(
+        "dense",
+        work / "mlm" / "final",
+        work / "pairs",
+        "-o",
+        work / "dense0",
         "--max-steps",
         size["dense_steps"],
         "--batch-size",
@@ -178,8 +219,7 @@ def dense(work: Path, size: dict) -> None:
         size["max_length"],
         "--lr",
         "1e-4",
-    ]
-    cli("train", "dense", work / "mlm" / "final", work / "pairs", "-o", work / "dense0", *common)
+    )
     cli(
         "train",
         "mine",
@@ -187,20 +227,48 @@ def dense(work: Path, size: dict) -> None:
         work / "pairs",
         work / "negatives.jsonl",
         "--num-negatives",
-        4,
+        NUM_NEGATIVES,
         "--skip-top",
         2,
     )
-    cli(
-        "train",
+    train(
         "dense",
         work / "dense0" / "final",
         work / "negatives.jsonl",
         "-o",
         work / "dense",
         "--num-negatives",
-        4,
-        *common,
+        NUM_NEGATIVES,
+        "--max-steps",
+        size["negatives_steps"],
+        "--batch-size",
+        size["negatives_batch"],
+        "--max-length",
+        size["max_length"],
+        "--lr",
+        "5e-5",
+    )
+
+
+def colbert(work: Path, size: dict) -> None:
+    train(
+        "colbert",
+        work / "mlm" / "final",
+        work / "negatives.jsonl",
+        "-o",
+        work / "colbert",
+        "--num-negatives",
+        NUM_NEGATIVES,
+        "--max-steps",
+        size["colbert_steps"],
+        "--batch-size",
+        size["colbert_batch"],
+        "--document-length",
+        min(256, size["max_length"]),
+        "--query-length",
+        32,
+        "--lr",
+        "1e-4",
     )
 
 
@@ -254,7 +322,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["prepare", "mlm", "dense", "export", "evaluate"])
+    parser.add_argument("stage", choices=["prepare", "mlm", "dense", "colbert", "export", "evaluate"])
     parser.add_argument("--work", type=Path, default=Path("runs/code-model"))
     parser.add_argument("--small", action="store_true", help="tiny sizes, for a CPU check of the recipe")
     parser.add_argument("--target", type=Path, default=Path("mbert_retrieval/default_model"))
@@ -267,6 +335,8 @@ def main() -> None:
         mlm(args.work, size)
     elif args.stage == "dense":
         dense(args.work, size)
+    elif args.stage == "colbert":
+        colbert(args.work, size)
     elif args.stage == "export":
         export(args.work, args.target)
     else:
