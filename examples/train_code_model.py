@@ -13,6 +13,7 @@ stage so the whole recipe runs on a CPU in a few minutes, for checking):
     export    the final retriever in float16 into a folder (by default the package's default model)
     evaluate  (CPU) held-out packages of this machine's standard library as a CodeSearchNet-style
               set: ours against BM25 and all-MiniLM-L6-v2, nDCG@10 / MRR@10 and CPU encode speed
+    plot      loss curves of the training stages (their metrics.jsonl) into one PNG
 
     PYTHONPATH=. python3 examples/train_code_model.py prepare --work runs/code-model
     PYTHONPATH=. python3 examples/train_code_model.py mlm --work runs/code-model
@@ -318,15 +319,46 @@ def evaluate(model: Path, out: Path) -> None:
         )
 
 
+def plot(work: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("mlm", "dense0", "dense", "colbert") if (work / s / "metrics.jsonl").exists()]
+    if not stages:
+        raise SystemExit(f"no metrics.jsonl under {work}")
+    figure, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2))
+    for axis, stage in zip(list(getattr(axes, "flat", [axes])), stages):
+        records = [json.loads(line) for line in (work / stage / "metrics.jsonl").read_text().splitlines()]
+        records = [r for r in records if "loss" in r]
+        axis.plot([r["step"] for r in records], [r["loss"] for r in records])
+        axis.set(title=STAGE_TITLES[stage], xlabel="step", ylabel="loss")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+STAGE_TITLES = {
+    "mlm": "MLM pretraining",
+    "dense0": "dense, in-batch negatives",
+    "dense": "dense, mined hard negatives",
+    "colbert": "ColBERT, mined hard negatives",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["prepare", "mlm", "dense", "colbert", "export", "evaluate"])
+    parser.add_argument("stage", choices=["prepare", "mlm", "dense", "colbert", "export", "evaluate", "plot"])
     parser.add_argument("--work", type=Path, default=Path("runs/code-model"))
     parser.add_argument("--small", action="store_true", help="tiny sizes, for a CPU check of the recipe")
     parser.add_argument("--target", type=Path, default=Path("mbert_retrieval/default_model"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/default_model_eval.json"))
+    parser.add_argument("--figure", type=Path, default=Path("benchmarks/results/default_model_training.png"))
     args = parser.parse_args()
     size = SMALL if args.small else FULL
     if args.stage == "prepare":
@@ -339,8 +371,10 @@ def main() -> None:
         colbert(args.work, size)
     elif args.stage == "export":
         export(args.work, args.target)
-    else:
+    elif args.stage == "evaluate":
         evaluate(args.target, args.results)
+    else:
+        plot(args.work, args.figure)
 
 
 if __name__ == "__main__":

@@ -278,8 +278,11 @@ def test_building_into_a_foreign_folder_or_from_an_empty_repo_is_refused(model, 
         build_code_index(empty, tmp_path / "index", model, model_name="tiny", show_progress=False)
 
 
-@pytest.mark.skipif(has_default_model(), reason="a default model is installed")
-def test_without_a_model_the_error_says_to_pass_one():
+def test_without_a_model_the_error_says_to_pass_one(monkeypatch, tmp_path):
+    from mbert_retrieval.models import dense
+
+    monkeypatch.setattr(dense, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    assert not has_default_model()
     with pytest.raises(ModelNotFoundError, match="--model"):
         load_encoder(None)
 

@@ -314,14 +314,17 @@ def test_command_line_index_code_and_serve(tmp_path, hf_mlm_dir):
         server.wait(timeout=30)
 
 
-def test_command_line_errors_are_one_line_and_exit_code_2(tmp_path):
+def test_command_line_errors_are_one_line_and_exit_code_2(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from mbert_retrieval.cli import app
+    from mbert_retrieval.models import dense
 
     runner = CliRunner()
     repo = make_repository(tmp_path / "repo", ("json",))
-    if not has_default_model():
+    with monkeypatch.context() as without_default:
+        without_default.setattr(dense, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+        assert not has_default_model()
         result = runner.invoke(app, ["index-code", str(repo), "--index", str(tmp_path / "index")])
         assert result.exit_code == 2 and "--model" in result.output
     result = runner.invoke(app, ["serve", "--index", str(tmp_path), "--port", str(free_port())])

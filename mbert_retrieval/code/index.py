@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -53,6 +54,7 @@ LOCK_FILE = ".lock"
 MODES = ("hybrid", "dense", "bm25")
 MAX_GLOB_CHARS = 256
 ENCODE_BATCH = 32  # chunks per encoding call: the model lock is released between calls, for searches
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -434,12 +436,36 @@ def _chunk_files(files: Sequence[SourceFile], settings: ChunkSettings, show_prog
 def _encode(model, texts: list[str], lock, show_progress: bool) -> np.ndarray:
     parts = []
     batches = range(0, len(texts), ENCODE_BATCH)
-    for start in tqdm(batches, desc="Encoding", unit="batch", disable=not show_progress or not texts):
-        with lock:
-            parts.append(
-                np.asarray(model.encode_documents(texts[start : start + ENCODE_BATCH]), dtype=np.float32)
-            )
+    with _truncations_counted() as truncated:
+        for start in tqdm(batches, desc="Encoding", unit="batch", disable=not show_progress or not texts):
+            with lock:
+                parts.append(
+                    np.asarray(model.encode_documents(texts[start : start + ENCODE_BATCH]), dtype=np.float32)
+                )
+    if truncated[0]:
+        logger.info(
+            "%d of %d chunks were longer than the model reads and were truncated", truncated[0], len(texts)
+        )
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def _truncations_counted():
+    """Count the encoder's per-call truncation warnings instead of printing one per batch."""
+    counted = [0]
+
+    def count(record: logging.LogRecord) -> bool:
+        if "were truncated" in str(record.msg) and record.args:
+            counted[0] += int(record.args[0])
+            return False
+        return True
+
+    encoding_logger = logging.getLogger("mbert_retrieval")  # where the encoder logs them
+    encoding_logger.addFilter(count)
+    try:
+        yield counted
+    finally:
+        encoding_logger.removeFilter(count)
 
 
 def _dim(model, vectors: np.ndarray) -> int:
