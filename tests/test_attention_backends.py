@@ -1,4 +1,4 @@
-"""The fast attention paths against the per-sequence SDPA reference (CUDA only; skipped on CPU)."""
+"""The fast attention paths against the SDPA references (the CUDA kernels are skipped on CPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from mbert_retrieval import ModernBert
-from mbert_retrieval.modeling.attention import packed_attention, per_sequence_attention, reference_attention
+from mbert_retrieval.modeling.attention import (
+    blocked_window_sdpa,
+    packed_attention,
+    per_sequence_attention,
+    reference_attention,
+    resolve_backend,
+)
 
 LENGTHS = [300, 5, 129, 64, 200, 1, 130]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels need a CUDA GPU")
@@ -46,3 +52,45 @@ def test_repadded_reference_equals_per_sequence_loop(window_half):
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(batched.square().sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("window_half", [None, 0, 1, 8, 64])
+@pytest.mark.parametrize("lengths", [LENGTHS, [7, 7, 7, 300, 300, 1, 1, 40], [1], [513]])
+def test_packed_sdpa_matches_repadded_reference(window_half, lengths):
+    torch.manual_seed(0)
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 4, 16, requires_grad=True) for _ in range(3))
+    fast = packed_attention(q, k, v, cu, max(lengths), window_half, "packed_sdpa")
+    slow = reference_attention(q, k, v, cu, window_half)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(slow)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), (q, k, v))
+    slow_grads = torch.autograd.grad((slow * weights).sum(), (q, k, v))
+    for got, expected in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 5, 32, 1000])
+def test_blocked_window_any_block_size(block):
+    torch.manual_seed(0)
+    cu = F.pad(torch.tensor(LENGTHS).cumsum(0), (1, 0)).to(torch.int32)
+    q, k, v = (torch.randn(sum(LENGTHS), 2, 8) for _ in range(3))
+    fast = blocked_window_sdpa(q, k, v, cu, 8, block=block)
+    torch.testing.assert_close(fast, reference_attention(q, k, v, cu, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_on_cpu_is_packed_sdpa():
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "packed_sdpa"
+    assert resolve_backend("reference", torch.device("cpu"), torch.float32) == "reference"
+
+
+def test_packed_sdpa_model_equals_reference_model(hf_encoder_dir):
+    fast = ModernBert.from_pretrained(hf_encoder_dir, attn_backend="packed_sdpa")
+    slow = ModernBert.from_pretrained(hf_encoder_dir, attn_backend="reference")
+    lengths = [600, 5, 17, 17, 130, 64, 333, 1]  # below, at and far above the 16-token local window
+    ids = torch.randint(3, 1000, (sum(lengths),), generator=torch.Generator().manual_seed(0))
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    with torch.inference_mode():
+        got = fast.forward_packed(ids, cu, max(lengths))
+        expected = slow.forward_packed(ids, cu, max(lengths))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
