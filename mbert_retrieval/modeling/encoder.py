@@ -127,9 +127,25 @@ class Layer(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = GeGLU(config)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None):
-        x = x + self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, pending, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None):
+        """Returns the residual stream and the MLP's output not yet added to it (`pending`): the next
+        layer adds it as its first step, or the model before the final norm."""
+        if pending is not None:
+            x = add_before_norm(x, pending)
+        x = add_before_norm(x, self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask))
+        return x, self.mlp(self.mlp_norm(x))
+
+
+def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + update, for a sum that a LayerNorm reads next. Under torch.compile it is written as
+    x - (-update), the same number: inductor would fold `x + matmul` into addmm(x, ...), which
+    copies x into the output first and runs a slower GEMM, while the subtraction fuses into the
+    LayerNorm's kernel. Each layer also adds the previous layer's MLP output at its start, so that
+    sum fuses into its first LayerNorm instead of needing a kernel of its own (benchmarks/NOTES.md,
+    step 7)."""
+    if torch.compiler.is_compiling():
+        return x - update.neg()
+    return x + update
 
 
 class ModernBert(nn.Module):
@@ -208,15 +224,15 @@ class ModernBert(nn.Module):
         if key_mask is not None:  # the packed kernels have no per-key mask
             backend = "reference"
         global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
-        x = self.embeddings(input_ids)
+        x, pending = self.embeddings(input_ids), None
         for layer in self.layers:
             rope = global_rope if layer.is_global else local_rope
             args = (rope, cu_seqlens, max_seqlen, backend, key_mask)
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, *args, use_reentrant=False)
+                x, pending = torch.utils.checkpoint.checkpoint(layer, x, pending, *args, use_reentrant=False)
             else:
-                x = layer(x, *args)
-        return self.final_norm(x)
+                x, pending = layer(x, pending, *args)
+        return self.final_norm(x + pending)
 
     def compile_layers(self, **compile_kwargs) -> ModernBert:
         """torch.compile each layer in place, for varying token counts (dynamic shapes).
