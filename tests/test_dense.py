@@ -11,7 +11,13 @@ import torch
 from mbert_retrieval import DenseRetriever
 from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.models import Chunking
-from mbert_retrieval.models.encoding import pack, pad_sequences
+from mbert_retrieval.models.encoding import (
+    CPU_MAX_TOKENS_PER_BATCH,
+    DEFAULT_MAX_TOKENS_PER_BATCH,
+    default_max_tokens,
+    pack,
+    pad_sequences,
+)
 
 TEXTS = [
     "def add(a, b):\n    return a + b",
@@ -75,6 +81,23 @@ def test_independent_of_batch_composition_and_order(model):
     np.testing.assert_allclose(tiny_batches, whole, atol=1e-5)
     np.testing.assert_allclose(shuffled, whole[order], atol=1e-5)
     np.testing.assert_allclose(one_by_one, whole, atol=1e-5)
+
+
+def test_cpu_attention_equals_repadded_reference(model):
+    texts = TEXTS + ["\n".join(TEXTS) * 3, TEXTS[3] * 2, TEXTS[3] * 2]  # long and equal-length ones
+    assert model.encoder.attn_backend == "auto"  # packed_sdpa on the CPU
+    fast = model.encode(texts)
+    model.encoder.attn_backend = "reference"
+    try:
+        slow = model.encode(texts)
+    finally:
+        model.encoder.attn_backend = "auto"
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def test_default_batch_budget_depends_on_the_devices():
+    assert default_max_tokens([torch.device("cpu")]) == CPU_MAX_TOKENS_PER_BATCH
+    assert default_max_tokens([torch.device("cpu"), torch.device("cuda", 0)]) == DEFAULT_MAX_TOKENS_PER_BATCH
 
 
 def test_several_devices_give_the_same_result(model):

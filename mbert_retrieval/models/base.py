@@ -13,12 +13,12 @@ from torch import nn
 from mbert_retrieval.modeling import ModernBert
 from mbert_retrieval.modeling.io import CheckpointError, resolve_model_dir
 from mbert_retrieval.models.encoding import (
-    DEFAULT_MAX_TOKENS_PER_BATCH,
     Chunking,
     PackedBatch,
     TextTokenizer,
     default_device,
     default_dtype,
+    default_max_tokens,
     insert_after_first,
     log_truncation,
     pack,
@@ -118,7 +118,7 @@ class EncoderModel(nn.Module):
         tokenize: Callable[[np.ndarray], tuple[list[int], list[int], list[np.ndarray], int]],
         compute: Callable[[nn.Module, PackedBatch], tuple[torch.Tensor, ...]],
         extras: Callable[[list[np.ndarray], list[int]], dict[str, torch.Tensor]] | None = None,
-        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+        max_tokens_per_batch: int | None = None,
         devices: Devices = None,
         show_progress_bar: bool | None = None,
         desc: str = "Encoding",
@@ -130,6 +130,9 @@ class EncoderModel(nn.Module):
         `tokenize(item_indices)` gives (rows, windows, sequences, number truncated); `extras(sequences,
         rows)` adds per-batch tensors; `compute(model, device_batch)` returns output tensors.
         """
+        models = replicas(self, devices, share=(self.tokenizer, self.text_tokenizer))
+        if max_tokens_per_batch is None:
+            max_tokens_per_batch = default_max_tokens([device for device, _ in models])
         if max_tokens_per_batch <= 0:
             raise ValueError(f"max_tokens_per_batch must be positive, got {max_tokens_per_batch}")
         config = self.encoder.config
@@ -147,7 +150,6 @@ class EncoderModel(nn.Module):
             return batch
 
         batches = packed_batches(sizes, tokenize_chunk, make_batch, max_tokens_per_batch)
-        models = replicas(self, devices, share=(self.tokenizer, self.text_tokenizer))
         results = run_batches(
             batches, compute, models, total=len(sizes), show_progress=show_progress_bar, desc=desc
         )

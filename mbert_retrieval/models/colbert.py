@@ -26,7 +26,6 @@ from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.models import folders
 from mbert_retrieval.models.base import Devices, EncoderModel, as_output, grow_embeddings, single_or_list
 from mbert_retrieval.models.encoding import (
-    DEFAULT_MAX_TOKENS_PER_BATCH,
     Chunking,
     PackedBatch,
     check_texts,
@@ -191,7 +190,7 @@ class ColBERT(EncoderModel):
         texts: str | list[str],
         *,
         convert_to_tensor: bool = False,
-        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+        max_tokens_per_batch: int | None = None,
         devices: Devices = None,
         show_progress_bar: bool | None = None,
     ) -> np.ndarray | torch.Tensor:
@@ -257,7 +256,7 @@ class ColBERT(EncoderModel):
         convert_to_tensor: bool = False,
         packed: bool = False,
         chunking: Chunking | dict | None = None,
-        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+        max_tokens_per_batch: int | None = None,
         devices: Devices = None,
         show_progress_bar: bool | None = None,
     ) -> list | PackedEmbeddings:

@@ -23,7 +23,6 @@ from mbert_retrieval.modeling.io import CheckpointError, load_weights, read_stat
 from mbert_retrieval.models import folders
 from mbert_retrieval.models.base import Devices, EncoderModel
 from mbert_retrieval.models.encoding import (
-    DEFAULT_MAX_TOKENS_PER_BATCH,
     POOLERS_PACKED,
     POOLERS_PADDED,
     PackedBatch,
@@ -108,7 +107,7 @@ class CrossEncoder(EncoderModel):
         *,
         apply_activation: bool = True,
         convert_to_tensor: bool = False,
-        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS_PER_BATCH,
+        max_tokens_per_batch: int | None = None,
         devices: Devices = None,
         show_progress_bar: bool | None = None,
     ) -> np.ndarray | torch.Tensor:

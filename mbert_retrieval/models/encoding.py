@@ -28,7 +28,10 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("mbert_retrieval")
 
-DEFAULT_MAX_TOKENS_PER_BATCH = 16384
+DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # on accelerators
+# On the CPU, smaller batches encode faster: measured on 300 stdlib functions (up to 512 tokens)
+# with the shipped model, 2 cores, ~33 docs/s at 16384 tokens, ~37 at 8192, ~40 at 4096 and 2048.
+CPU_MAX_TOKENS_PER_BATCH = 4096
 TOKENIZE_CHUNK = 2048  # texts tokenized per step of the background tokenizer
 PROGRESS_MIN_TEXTS = 1024  # progress bars appear by default from this many texts on
 
@@ -395,6 +398,13 @@ def replicas(model: nn.Module, devices: Sequence[str | torch.device] | None, sha
         same = device == own or (device.type == own.type == "cpu")
         out.append((device, model if same else copy.deepcopy(model, memo=dict(memo)).to(device)))
     return out
+
+
+def default_max_tokens(devices: Sequence[torch.device]) -> int:
+    """Tokens per batch when the caller gives none: the CPU budget when every device is a CPU."""
+    if all(torch.device(d).type == "cpu" for d in devices):
+        return CPU_MAX_TOKENS_PER_BATCH
+    return DEFAULT_MAX_TOKENS_PER_BATCH
 
 
 # -- the encoding loop -------------------------------------------------------------------------------
