@@ -55,7 +55,9 @@ def test_repadded_reference_equals_per_sequence_loop(window_half):
 
 
 @pytest.mark.parametrize("window_half", [None, 0, 1, 8, 64])
-@pytest.mark.parametrize("lengths", [LENGTHS, [7, 7, 7, 300, 300, 1, 1, 40], [1], [513]])
+@pytest.mark.parametrize(
+    "lengths", [LENGTHS, [7, 7, 7, 300, 300, 1, 1, 40], [1], [513], [65, 3, 3, 64, 9, 10, 11]]
+)
 def test_packed_sdpa_matches_repadded_reference(window_half, lengths):
     torch.manual_seed(0)
     cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)

@@ -93,7 +93,8 @@ def packed_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=window
         )
     if backend == "packed_sdpa" and key_mask is None:
-        if window_half is None:
+        # A window wider than every sequence is no window: short texts (queries) skip the blocks.
+        if window_half is None or max_seqlen <= window_half + 1:
             return per_sequence_sdpa(q, k, v, cu_seqlens)
         return blocked_window_sdpa(q, k, v, cu_seqlens, window_half)
     return reference_attention(q, k, v, cu_seqlens, window_half, key_mask)
