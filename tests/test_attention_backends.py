@@ -81,8 +81,12 @@ def test_blocked_window_any_block_size(block):
     torch.testing.assert_close(fast, reference_attention(q, k, v, cu, 8), rtol=1e-5, atol=1e-5)
 
 
-def test_auto_backend_on_cpu_is_packed_sdpa():
-    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "packed_sdpa"
+def test_auto_backend_on_cpu_is_packed_sdpa_without_gradients():
+    with torch.no_grad():
+        assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "packed_sdpa"
+    with torch.inference_mode():
+        assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "packed_sdpa"
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"  # training
     assert resolve_backend("reference", torch.device("cpu"), torch.float32) == "reference"
 
 

@@ -9,9 +9,9 @@ Backends:
 - "reference": scaled_dot_product_attention on the batch re-padded to [B, L] (one sequence at a
   time for very uneven batches), any device and dtype.
 "auto" picks the first of varlen and flash_attn that can run on the given tensors; otherwise
-packed_sdpa on the CPU (it scores no padding: on 16k-token batches of code of mixed lengths, 2.8x
-less time in global and 4x less in sliding-window attention than the re-padded reference) and
-reference elsewhere. With a `key_mask`, packed_sdpa hands over to reference.
+packed_sdpa for CPU inference without gradients (it scores no padding: on 16k-token batches of
+code of mixed lengths, 2.8x less time in global and 4x less in sliding-window attention than the
+re-padded reference) and reference elsewhere. With a `key_mask`, packed_sdpa hands over to reference.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     for candidate in ("varlen", "flash_attn"):
         if why_unavailable(candidate, device, dtype) is None:
             return candidate
-    return "packed_sdpa" if device.type == "cpu" else "reference"
+    # CPU training keeps the reference path and its exact numerics; name packed_sdpa to train with it
+    # (its gradients match the reference's, tests/test_attention_backends.py).
+    return "packed_sdpa" if device.type == "cpu" and not torch.is_grad_enabled() else "reference"
 
 
 def packed_attention(
