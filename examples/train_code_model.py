@@ -188,6 +188,10 @@ def train(*args: str) -> None:
         cli("train", *args)
 
 
+def schedule(steps: int, batch: int, lr: str) -> list:
+    return ["--max-steps", steps, "--batch-size", batch, "--lr", lr]
+
+
 def mlm(work: Path, size: dict) -> None:
     train(
         "mlm",
@@ -212,14 +216,9 @@ def dense(work: Path, size: dict) -> None:
         work / "pairs",
         "-o",
         work / "dense0",
-        "--max-steps",
-        size["dense_steps"],
-        "--batch-size",
-        size["dense_batch"],
         "--max-length",
         size["max_length"],
-        "--lr",
-        "1e-4",
+        *schedule(size["dense_steps"], size["dense_batch"], "1e-4"),
     )
     cli(
         "train",
@@ -240,14 +239,9 @@ def dense(work: Path, size: dict) -> None:
         work / "dense",
         "--num-negatives",
         NUM_NEGATIVES,
-        "--max-steps",
-        size["negatives_steps"],
-        "--batch-size",
-        size["negatives_batch"],
         "--max-length",
         size["max_length"],
-        "--lr",
-        "5e-5",
+        *schedule(size["negatives_steps"], size["negatives_batch"], "5e-5"),
     )
 
 
@@ -260,16 +254,11 @@ def colbert(work: Path, size: dict) -> None:
         work / "colbert",
         "--num-negatives",
         NUM_NEGATIVES,
-        "--max-steps",
-        size["colbert_steps"],
-        "--batch-size",
-        size["colbert_batch"],
         "--document-length",
         min(256, size["max_length"]),
         "--query-length",
         32,
-        "--lr",
-        "1e-4",
+        *schedule(size["colbert_steps"], size["colbert_batch"], "1e-4"),
     )
 
 
@@ -319,17 +308,25 @@ def evaluate(model: Path, out: Path) -> None:
         )
 
 
+STAGE_TITLES = {
+    "mlm": "MLM pretraining",
+    "dense0": "dense, in-batch negatives",
+    "dense": "dense, mined hard negatives",
+    "colbert": "ColBERT, mined hard negatives",
+}
+
+
 def plot(work: Path, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in ("mlm", "dense0", "dense", "colbert") if (work / s / "metrics.jsonl").exists()]
+    stages = [s for s in STAGE_TITLES if (work / s / "metrics.jsonl").exists()]
     if not stages:
         raise SystemExit(f"no metrics.jsonl under {work}")
-    figure, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2))
-    for axis, stage in zip(list(getattr(axes, "flat", [axes])), stages):
+    figure, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    for axis, stage in zip(axes[0], stages):
         records = [json.loads(line) for line in (work / stage / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if "loss" in r]
         axis.plot([r["step"] for r in records], [r["loss"] for r in records])
@@ -339,14 +336,6 @@ def plot(work: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
     print(f"wrote {out}")
-
-
-STAGE_TITLES = {
-    "mlm": "MLM pretraining",
-    "dense0": "dense, in-batch negatives",
-    "dense": "dense, mined hard negatives",
-    "colbert": "ColBERT, mined hard negatives",
-}
 
 
 def main() -> None:

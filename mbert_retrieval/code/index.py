@@ -43,6 +43,7 @@ from mbert_retrieval.code.walk import SourceFile, scan_repository
 from mbert_retrieval.index.faiss_index import FaissIndex
 from mbert_retrieval.index.storage import IndexFormatError
 from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.models.encoding import TRUNCATION_MESSAGE
 from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
 from mbert_retrieval.search.fusion import reciprocal_rank_fusion
 
@@ -455,12 +456,12 @@ def _truncations_counted():
     counted = [0]
 
     def count(record: logging.LogRecord) -> bool:
-        if "were truncated" in str(record.msg) and record.args:
+        if record.msg is TRUNCATION_MESSAGE:
             counted[0] += int(record.args[0])
             return False
         return True
 
-    encoding_logger = logging.getLogger("mbert_retrieval")  # where the encoder logs them
+    encoding_logger = logging.getLogger("mbert_retrieval")  # where log_truncation writes
     encoding_logger.addFilter(count)
     try:
         yield counted

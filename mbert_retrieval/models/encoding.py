@@ -205,11 +205,14 @@ def insert_after_first(sequences: list[np.ndarray], token_id: int | None) -> lis
     return [np.concatenate([seq[:1], marker, seq[1:]]) for seq in sequences]
 
 
+TRUNCATION_MESSAGE = "%d of %d %s are longer than %d tokens and were truncated%s"
+
+
 def log_truncation(num_truncated: int, total: int, max_length: int, what: str = "texts") -> None:
     if num_truncated:
         hint = "; pass chunking={'size': ..., 'stride': ...} to encode them whole"
         logger.warning(
-            "%d of %d %s are longer than %d tokens and were truncated%s",
+            TRUNCATION_MESSAGE,
             num_truncated,
             total,
             what,
