@@ -208,6 +208,21 @@ def test_save_and_load_round_trip(model, tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_starts_from_a_dense_retriever_folder(hf_mlm_dir, tmp_path):
+    """A sentence-transformers dense folder gives its Transformer (pooling and normalization dropped)
+    and a fresh projection, as PyLate starts a ColBERT from one."""
+    from mbert_retrieval import DenseRetriever
+
+    dense = DenseRetriever.from_pretrained(hf_mlm_dir, device="cpu")
+    dense.save_pretrained(tmp_path)
+    colbert = ColBERT.from_pretrained(tmp_path, embedding_size=32, device="cpu")
+    assert colbert.dim == 32 and colbert.encoder.config.vocab_size == len(colbert.tokenizer) == 1002
+    for name, weight in dense.encoder.state_dict().items():
+        if not name.endswith("tok_embeddings.weight"):  # grown by the two marker tokens
+            assert torch.equal(colbert.encoder.state_dict()[name], weight), name
+    assert colbert.encode_documents(["def f(): pass"])[0].shape[1] == 32
+
+
 def test_bad_inputs(model):
     assert model.encode_queries([]).shape == (0, 16, model.dim)
     assert model.encode_documents([]) == []

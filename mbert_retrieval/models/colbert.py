@@ -355,8 +355,9 @@ class ColBERT(EncoderModel):
         **settings,
     ) -> ColBERT:
         """Load a PyLate ColBERT folder (ours or PyLate's) whose Transformer is ModernBERT, or start
-        from a bare ModernBERT checkpoint (encoder or masked-LM) with a fresh projection to
-        `embedding_size` (no bias) and the [Q] / [D] marker tokens added.
+        from a bare ModernBERT checkpoint (encoder or masked-LM) or a sentence-transformers dense
+        retriever (its Transformer) with a fresh projection to `embedding_size` (no bias) and the
+        [Q] / [D] marker tokens added.
 
         `settings` override the folder's (or PyLate's default) query_prefix, document_prefix,
         query_length, document_length, do_query_expansion, attend_to_expansion_tokens and
@@ -383,8 +384,13 @@ class ColBERT(EncoderModel):
         return model.eval()
 
     @staticmethod
-    def _read_folder(model_dir: Path) -> tuple[Path, nn.Linear, dict]:
+    def _read_folder(model_dir: Path) -> tuple[Path, nn.Linear | None, dict]:
+        """(Transformer folder, projection, settings) of a PyLate folder. A sentence-transformers
+        single-vector folder (one with Pooling) gives its Transformer alone, as PyLate starts from one:
+        its pooling and any Dense or Normalize after it make one vector, not token vectors."""
         modules = folders.read_modules(model_dir)
+        if any(module.kind == "Pooling" for module in modules):
+            return modules[0].path, None, {}
         folders.check_supported(model_dir, modules, {"Transformer", "Dense"})
         if [m.kind for m in modules] != ["Transformer", "Dense"]:
             raise CheckpointError(
