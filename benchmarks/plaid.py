@@ -6,7 +6,9 @@ of frequent function words; queries take words of one document, plus query-expan
 query's mean. Measured for each engine: build time, bytes per token (on disk and, for ours, in memory),
 queries/s over the whole query set, single-query p50/p99 latency, and recall@10 against exhaustive MaxSim
 on the original (uncompressed) embeddings. For ours also recall against exhaustive MaxSim over its own
-decompressed embeddings, which isolates the search stages from the compression.
+decompressed embeddings, which isolates the search stages from the compression, and how much of that
+top 10 each stage keeps: the probed candidates (stage 1) and the shortlist scored exactly (stage 2).
+`--settings 4,0.45,256 8,0.4,1024` measures other search settings than the built-in sweep.
 
     PYTHONPATH=. python3 benchmarks/plaid.py --out benchmarks/results/plaid.json   # CUDA, 100k docs
     PYTHONPATH=. python3 benchmarks/plaid.py --small                               # CPU smoke run
@@ -188,6 +190,25 @@ def folder_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------- ours
 
 
+@torch.inference_mode()
+def stage_recalls(index, queries, truth, n_probe, threshold, n_candidates, batch_size) -> dict:
+    """Share of the `truth` top-10 kept by each search stage: probed (stage 1) and shortlisted (stage 2)."""
+    from mbert_retrieval.index.plaid import _top_per_row
+
+    probed = shortlisted = 0
+    for begin in range(0, len(queries), batch_size):
+        batch = queries[begin : begin + batch_size]
+        wanted = truth[begin : begin + batch_size].to(index.device)
+        centroid_scores = batch @ index.codec.centroids.to(batch.dtype).T
+        candidates = index._probe(centroid_scores, min(n_probe, index.n_centroids))
+        approximate = index._centroid_interaction(centroid_scores, candidates, threshold)
+        shortlist, valid = _top_per_row(candidates, approximate, max(n_candidates, 10))
+        probed += int(candidates.gather(1, wanted).sum())
+        kept = (shortlist[:, :, None] == wanted[:, None, :]) & valid[:, :, None]
+        shortlisted += int(kept.any(1).sum())
+    return {"probed_recall": probed / truth.numel(), "shortlisted_recall": shortlisted / truth.numel()}
+
+
 def bench_ours(tokens, lengths, queries, truth, nbits, args, device, workdir):
     docs = list(tokens.split(lengths.tolist()))
     ids = [str(i) for i in range(len(docs))]
@@ -212,7 +233,7 @@ def bench_ours(tokens, lengths, queries, truth, nbits, args, device, workdir):
         "codec_fit": codec_fit(index, tokens),
         "settings": [],
     }
-    for n_probe, threshold, n_candidates in OUR_SETTINGS:
+    for n_probe, threshold, n_candidates in args.settings:
         params = dict(n_probe=n_probe, centroid_score_threshold=threshold, n_candidates=n_candidates)
 
         def search(q, params=params):
@@ -228,6 +249,9 @@ def bench_ours(tokens, lengths, queries, truth, nbits, args, device, workdir):
                 **latencies(search, queries, device, args.latency_queries),
                 "recall_at_10": recall(found, truth),
                 "recall_at_10_vs_decompressed": recall(found, truth_decompressed),
+                "stages_vs_decompressed": stage_recalls(
+                    index, queries, truth_decompressed, *params.values(), args.batch_size
+                ),
             }
         )
     default = [[int(i) for i in row] for row in index.search(queries, 10)[0]]
@@ -306,23 +330,27 @@ def table(result: dict) -> str:
         f"PLAID search, {corpus['documents']} docs / {corpus['tokens']} tokens x {corpus['dim']} dims, "
         f"{corpus['queries']} queries x {corpus['query_tokens']} tokens, top 10, on {result['device']}",
         "",
-        "| nbits | engine | n_probe / threshold / candidates | recall@10 | vs decompressed | queries/s "
-        "| p50 ms | p99 ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| nbits | engine | n_probe / threshold / candidates | recall@10 | vs decompressed "
+        "| probed / shortlisted | queries/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in result["runs"]:
         for engine in ("ours", "fast_plaid"):
             block = run[engine]
             if "skipped" in block:
-                lines.append(f"| {run['nbits']} | {engine} | skipped: {block['skipped']} | | | | | |")
+                lines.append(f"| {run['nbits']} | {engine} | skipped: {block['skipped']} | | | | | | |")
                 continue
             for s in block["settings"]:
                 knobs = " / ".join(str(v) for k, v in s.items() if k.startswith(("n_", "centroid")))
                 versus = (
                     f"{s['recall_at_10_vs_decompressed']:.3f}" if "recall_at_10_vs_decompressed" in s else ""
                 )
+                stages = s.get("stages_vs_decompressed")
+                stages = (
+                    f"{stages['probed_recall']:.3f} / {stages['shortlisted_recall']:.3f}" if stages else ""
+                )
                 lines.append(
-                    f"| {run['nbits']} | {engine} | {knobs} | {s['recall_at_10']:.3f} | {versus} "
+                    f"| {run['nbits']} | {engine} | {knobs} | {s['recall_at_10']:.3f} | {versus} | {stages} "
                     f"| {s['queries_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} |"
                 )
     lines += [
@@ -352,6 +380,11 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _setting(text: str) -> tuple[int, float, int]:
+    n_probe, threshold, n_candidates = text.split(",")
+    return int(n_probe), float(threshold), int(n_candidates)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="CPU smoke run on a tiny corpus")
@@ -362,6 +395,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--latency-queries", type=int, default=200)
     parser.add_argument("--no-fast-plaid", action="store_true")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        metavar="N_PROBE,THRESHOLD,CANDIDATES",
+        help="our search settings to measure (default: a fixed sweep, fastest first)",
+    )
     parser.add_argument("--colbert", type=Path, default=None, help="ColBERT folder: a real corpus")
     parser.add_argument("--corpus", type=Path, default=None, help="BEIR folder encoded by --colbert")
     parser.add_argument(
@@ -371,6 +411,7 @@ def main() -> None:
     if args.small:
         args.docs, args.mean_len, args.queries, args.latency_queries = 2000, 48, 64, 16
     args.nbits = args.nbits or ([2] if args.small else [2, 4])
+    args.settings = [_setting(text) for text in args.settings] if args.settings else OUR_SETTINGS
     if args.out is None:
         args.out = Path(f"benchmarks/results/plaid{'_small' if args.small else ''}.json")
     if (args.colbert is None) != (args.corpus is None):
