@@ -8,7 +8,7 @@ queries/s over the whole query set, single-query p50/p99 latency, and recall@10 
 on the original (uncompressed) embeddings. For ours also recall against exhaustive MaxSim over its own
 decompressed embeddings, which isolates the search stages from the compression, and how much of that
 top 10 each stage keeps: the probed candidates (stage 1) and the shortlist scored exactly (stage 2).
-`--settings 4,0.45,256 8,0.4,1024` measures other search settings than the built-in sweep.
+`--settings 4,0,0.45,256 2,64,0.4,512` measures other search settings than the built-in sweep.
 
     PYTHONPATH=. python3 benchmarks/plaid.py --out benchmarks/results/plaid.json   # CUDA, 100k docs
     PYTHONPATH=. python3 benchmarks/plaid.py --small                               # CPU smoke run
@@ -37,13 +37,15 @@ import torch.nn.functional as F
 
 from mbert_retrieval.index.plaid import PlaidIndex
 
-OUR_SETTINGS = [  # (n_probe, centroid_score_threshold, n_candidates), fastest first
-    (1, 0.5, 32),
-    (1, 0.5, 64),
-    (2, 0.5, 64),
-    (2, 0.45, 128),
-    (4, 0.45, 256),
-    (8, 0.4, 1024),
+OUR_SETTINGS = [  # (n_probe, n_query_probe, centroid_score_threshold, n_candidates), fastest first
+    (1, 0, 0.5, 64),
+    (2, 0, 0.45, 128),
+    (4, 0, 0.45, 256),
+    (8, 0, 0.4, 512),
+    (1, 32, 0.45, 128),
+    (2, 32, 0.4, 256),
+    (4, 64, 0.4, 512),  # PlaidIndex.search's defaults
+    (8, 128, 0.4, 1024),
 ]
 FAST_PLAID_SETTINGS = [(2, 256), (4, 1024), (8, 4096)]  # (n_ivf_probe, n_full_scores); the last: defaults
 
@@ -191,7 +193,7 @@ def folder_bytes(path: Path) -> int:
 
 
 @torch.inference_mode()
-def stage_recalls(index, queries, truth, n_probe, threshold, n_candidates, batch_size) -> dict:
+def stage_recalls(index, queries, truth, n_probe, n_query_probe, threshold, n_candidates, batch_size) -> dict:
     """Share of the `truth` top-10 kept by each search stage: probed (stage 1) and shortlisted (stage 2)."""
     from mbert_retrieval.index.plaid import _top_per_row
 
@@ -200,7 +202,7 @@ def stage_recalls(index, queries, truth, n_probe, threshold, n_candidates, batch
         batch = queries[begin : begin + batch_size]
         wanted = truth[begin : begin + batch_size].to(index.device)
         centroid_scores = batch @ index.codec.centroids.to(batch.dtype).T
-        candidates = index._probe(centroid_scores, min(n_probe, index.n_centroids))
+        candidates = index._probe(centroid_scores, n_probe, n_query_probe)
         approximate = index._centroid_interaction(centroid_scores, candidates, threshold)
         shortlist, valid = _top_per_row(candidates, approximate, max(n_candidates, 10))
         probed += int(candidates.gather(1, wanted).sum())
@@ -233,8 +235,13 @@ def bench_ours(tokens, lengths, queries, truth, nbits, args, device, workdir):
         "codec_fit": codec_fit(index, tokens),
         "settings": [],
     }
-    for n_probe, threshold, n_candidates in args.settings:
-        params = dict(n_probe=n_probe, centroid_score_threshold=threshold, n_candidates=n_candidates)
+    for n_probe, n_query_probe, threshold, n_candidates in args.settings:
+        params = dict(
+            n_probe=n_probe,
+            n_query_probe=n_query_probe,
+            centroid_score_threshold=threshold,
+            n_candidates=n_candidates,
+        )
 
         def search(q, params=params):
             return index.search(q, 10, batch_size=args.batch_size, **params)
@@ -330,7 +337,7 @@ def table(result: dict) -> str:
         f"PLAID search, {corpus['documents']} docs / {corpus['tokens']} tokens x {corpus['dim']} dims, "
         f"{corpus['queries']} queries x {corpus['query_tokens']} tokens, top 10, on {result['device']}",
         "",
-        "| nbits | engine | n_probe / threshold / candidates | recall@10 | vs decompressed "
+        "| nbits | engine | n_probe / n_query_probe / threshold / candidates | recall@10 | vs decompressed "
         "| probed / shortlisted | queries/s | p50 ms | p99 ms |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -380,9 +387,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _setting(text: str) -> tuple[int, float, int]:
-    n_probe, threshold, n_candidates = text.split(",")
-    return int(n_probe), float(threshold), int(n_candidates)
+def _setting(text: str) -> tuple[int, int, float, int]:
+    n_probe, n_query_probe, threshold, n_candidates = text.split(",")
+    return int(n_probe), int(n_query_probe), float(threshold), int(n_candidates)
 
 
 def main() -> None:
@@ -399,7 +406,7 @@ def main() -> None:
         "--settings",
         nargs="+",
         default=None,
-        metavar="N_PROBE,THRESHOLD,CANDIDATES",
+        metavar="N_PROBE,N_QUERY_PROBE,THRESHOLD,CANDIDATES",
         help="our search settings to measure (default: a fixed sweep, fastest first)",
     )
     parser.add_argument("--colbert", type=Path, default=None, help="ColBERT folder: a real corpus")

@@ -11,7 +11,11 @@ Layout (all documents packed end to end, one row per token):
     ivf         centroid -> the documents holding a token of that centroid (packed lists + offsets)
 
 Search, for a batch of queries (the stages of PLAID, Santhanam et al. 2022):
-    1. candidates: each query token's `n_probe` best centroids; every document in their lists.
+    1. candidates: every document in the lists of the probed centroids, which are each query token's
+       `n_probe` best plus the `n_query_probe` best for the query as a whole (score summed over its
+       tokens). ColBERT query tokens are redundant (the [MASK] expansion tokens nearly coincide), so
+       per-token probing alone reaches few distinct centroids; the summed score spreads the probes over
+       the centroids whose documents score high on MaxSim.
     2. centroid interaction: each candidate's MaxSim computed with centroid scores instead of its tokens,
        counting only centroids that score >= `centroid_score_threshold` with some query token (pruning).
     3. exact MaxSim on the decompressed tokens of the `n_candidates` best, and the top k of those.
@@ -203,21 +207,23 @@ class PlaidIndex:
         query_embeddings,
         k: int = 10,
         n_probe: int = 4,
-        centroid_score_threshold: float = 0.45,
-        n_candidates: int = 256,
+        n_query_probe: int = 64,
+        centroid_score_threshold: float = 0.4,
+        n_candidates: int = 512,
         batch_size: int = 32,
     ) -> tuple[list[list[str]], np.ndarray]:
         """Top-k documents by MaxSim for each query: (ids, scores float32 [n_q, k]).
 
         `query_embeddings`: [n_q, q_len, dim] (numpy or torch), or a list of [q_len_i, dim] arrays.
-        `n_probe`: centroids per query token whose lists give the candidates; `centroid_score_threshold`:
+        `n_probe`: centroids per query token whose lists give the candidates, and `n_query_probe`:
+        centroids for the whole query (best summed score over its tokens); `centroid_score_threshold`:
         centroids scoring below it with every query token are left out of the centroid interaction;
         `n_candidates`: documents re-scored exactly. `k` is capped at the number of documents; a query
         with fewer than k candidates gets a shorter id list and -inf scores in the missing places.
         """
         queries = self._as_queries(query_embeddings)
-        if k <= 0 or n_probe <= 0 or n_candidates <= 0 or batch_size <= 0:
-            raise ValueError("k, n_probe, n_candidates and batch_size must be positive")
+        if k <= 0 or n_probe <= 0 or n_candidates <= 0 or batch_size <= 0 or n_query_probe < 0:
+            raise ValueError("k, n_probe, n_candidates and batch_size must be positive, n_query_probe >= 0")
         k = min(k, len(self))
         all_ids, all_scores = [], []
         for batch in queries.split(batch_size):
@@ -226,7 +232,7 @@ class PlaidIndex:
                 all_scores.append(torch.zeros(len(batch), 0))
                 continue
             docs, scores = self._search_batch(
-                batch, k, n_probe, centroid_score_threshold, max(n_candidates, k)
+                batch, k, n_probe, n_query_probe, centroid_score_threshold, max(n_candidates, k)
             )
             scores = scores.float().cpu()
             for row, row_scores in zip(docs.tolist(), scores.tolist()):
@@ -234,20 +240,25 @@ class PlaidIndex:
             all_scores.append(scores)
         return all_ids, torch.cat(all_scores).numpy()
 
-    def _search_batch(self, queries, k, n_probe, threshold, n_candidates):
+    def _search_batch(self, queries, k, n_probe, n_query_probe, threshold, n_candidates):
         centroid_scores = queries @ self.codec.centroids.to(queries.dtype).T  # [B, L, n_centroids]
-        candidates = self._probe(centroid_scores, min(n_probe, self.n_centroids))
+        candidates = self._probe(centroid_scores, n_probe, n_query_probe)
         approximate = self._centroid_interaction(centroid_scores, candidates, threshold)
         shortlist, valid = _top_per_row(candidates, approximate, n_candidates)
         exact = self._maxsim(queries, shortlist, valid)
         scores, best = exact.topk(min(k, exact.shape[1]), dim=1)
         return shortlist.gather(1, best), scores
 
-    def _probe(self, centroid_scores: torch.Tensor, n_probe: int) -> torch.Tensor:
-        """Stage 1: a [B, n_docs] mask of the documents in the lists of each query token's best centroids."""
+    def _probe(self, centroid_scores: torch.Tensor, n_probe: int, n_query_probe: int = 0) -> torch.Tensor:
+        """Stage 1: a [B, n_docs] mask of the documents in the lists of each query token's `n_probe`
+        best centroids and of the query's `n_query_probe` best by summed score."""
         batch = len(centroid_scores)
         probed = torch.zeros(batch, self.n_centroids, dtype=torch.bool, device=self.device)
-        probed.scatter_(1, centroid_scores.topk(n_probe, dim=-1).indices.flatten(1), True)
+        per_token = centroid_scores.topk(min(n_probe, self.n_centroids), dim=-1).indices
+        probed.scatter_(1, per_token.flatten(1), True)
+        if n_query_probe:
+            summed = centroid_scores.float().sum(1)  # [B, n_centroids]
+            probed.scatter_(1, summed.topk(min(n_query_probe, self.n_centroids), dim=-1).indices, True)
         query_of_cell, cell = probed.nonzero().unbind(1)
         docs, owner = self._expand_lists(cell)
         candidates = torch.zeros(batch, len(self), dtype=torch.bool, device=self.device)
