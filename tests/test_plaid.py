@@ -97,9 +97,10 @@ def test_recall_at_default_settings_against_exhaustive_maxsim(corpus, index):
     assert np.all(np.diff(scores, axis=1) <= 1e-6), "scores must come sorted, best first"
 
 
-@pytest.mark.parametrize("nbits, floor", [(2, 0.85), (4, 0.93)])
+@pytest.mark.parametrize("nbits, floor", [(2, 0.9), (4, 0.95)])
 def test_recall_against_exhaustive_maxsim_on_original_embeddings(corpus, index, nbits, floor):
-    """End to end, compression included: 2 bits per dimension cost some recall, 4 bits little."""
+    """End to end, compression included: 2 bits per dimension cost some recall, 4 bits little
+    (0.93 and 0.985 here with Lloyd-Max buckets; 0.89 and 0.95 with ColBERTv2's shared quantiles)."""
     docs, queries, ids = corpus
     built = (
         index if nbits == 2 else PlaidIndex.build(docs, ids, nbits=nbits, device="cpu", show_progress=False)
@@ -141,14 +142,19 @@ def test_centroid_interaction_matches_per_document_reference(corpus, index):
     assert torch.allclose(approximate, torch.stack(expected), atol=1e-5)
 
 
-def test_probe_finds_exactly_the_documents_of_probed_centroids(corpus, index):
+@pytest.mark.parametrize("n_query_probe", [0, 20])
+def test_probe_finds_exactly_the_documents_of_probed_centroids(corpus, index, n_query_probe):
+    """Each query token's 3 best centroids, plus the query's `n_query_probe` best by summed score."""
     _, queries, _ = corpus
     centroid_scores = queries[:2] @ index.codec.centroids.T
-    candidates = index._probe(centroid_scores, n_probe=3)
+    candidates = index._probe(centroid_scores, n_probe=3, n_query_probe=n_query_probe)
     codes = index._centroid_ids(index.codes)
     doc_of_token = torch.repeat_interleave(torch.arange(len(index)), index.doc_lengths)
     for b in range(2):
-        probed = centroid_scores[b].topk(3, dim=1).indices.unique()
+        per_token = centroid_scores[b].topk(3, dim=1).indices.flatten()
+        whole_query = centroid_scores[b].sum(0).topk(n_query_probe).indices
+        probed = torch.cat([per_token, whole_query]).unique()
+        assert len(probed) > len(per_token.unique()) or n_query_probe == 0
         expected = torch.zeros(len(index), dtype=torch.bool)
         expected[doc_of_token[torch.isin(codes, probed)]] = True
         assert torch.equal(candidates[b], expected)
@@ -299,7 +305,9 @@ def test_short_result_lists_and_k_above_corpus_size():
     index = PlaidIndex.build(docs, ids, device="cpu", show_progress=False, n_centroids=32)
     found, scores = index.search(queries, k=100, n_probe=index.n_centroids, n_candidates=100)
     assert scores.shape == (2, 30) and all(sorted(row) == sorted(ids) for row in found)
-    found, scores = index.search(queries, k=10, n_probe=1, n_candidates=10, centroid_score_threshold=0.99)
+    one_token = queries[:, :1]  # one probed centroid: its list may hold fewer than 10 documents
+    found, scores = index.search(one_token, k=10, n_probe=1, n_query_probe=0, centroid_score_threshold=0.99)
+    assert any(len(row) < 10 for row in found) and np.isinf(scores).any()
     for row, row_scores in zip(found, scores):
         assert len(row) == np.isfinite(row_scores).sum()
 
@@ -324,6 +332,8 @@ def test_bad_input_gets_clear_errors(corpus, index):
         index.delete(["missing"])
     with pytest.raises(ValueError, match="query_embeddings must have shape"):
         index.search(torch.randn(2, 8, 64))
+    with pytest.raises(ValueError, match="n_query_probe >= 0"):
+        index.search(queries[:1], n_query_probe=-1)
     with pytest.raises(ValueError, match="nbits"):
         PlaidIndex.build(docs[:50], ids[:50], nbits=3, device="cpu", show_progress=False)
     assert len(index) == len(docs), "failed adds must leave the index unchanged"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import STDLIB
 
+from mbert_retrieval.index.plaid import PlaidIndex
 from mbert_retrieval.modeling import ModernBertForMaskedLM
 from mbert_retrieval.models.colbert import ColBERT
 from mbert_retrieval.models.cross_encoder import CrossEncoder
@@ -89,14 +90,44 @@ def test_dense_training_beats_the_untrained_model(hf_mlm_dir, code_pairs, held_o
     np.testing.assert_allclose(reloaded.encode_queries([query]), model.encode_queries([query]), atol=1e-5)
 
 
-def test_colbert_training_beats_the_untrained_model(hf_mlm_dir, code_pairs, held_out, tmp_path):
+@pytest.fixture(scope="module")
+def colbert_run(hf_mlm_dir, code_pairs, held_out, tmp_path_factory) -> dict:
+    """A ColBERT trained on the pairs, with its held-out nDCG@10 before and after."""
     torch.manual_seed(0)
     model = ColBERT.from_pretrained(hf_mlm_dir, query_length=32, document_length=64, device="cpu")
     task = ColBERTTask(model)
     untrained = evaluate_task(task, held_out)["NDCG@10"]
-    Trainer(task, BeirExamples(code_pairs, "train"), arguments(tmp_path, max_steps=150)).train()
-    trained = evaluate_task(task, held_out)["NDCG@10"]
+    output_dir = tmp_path_factory.mktemp("colbert_run")
+    Trainer(task, BeirExamples(code_pairs, "train"), arguments(output_dir, max_steps=150)).train()
+    return {"model": model, "untrained": untrained, "trained": evaluate_task(task, held_out)["NDCG@10"]}
+
+
+def test_colbert_training_beats_the_untrained_model(colbert_run):
+    untrained, trained = colbert_run["untrained"], colbert_run["trained"]
     assert trained > untrained + 0.08 and trained > 1.5 * untrained, (untrained, trained)
+
+
+def test_plaid_at_default_settings_on_the_trained_colberts_embeddings(colbert_run, code_pairs):
+    """PLAID over real text embedded by the trained ColBERT (2 bits per dimension, default search
+    settings): its top 10 is exhaustive MaxSim's, over the original vectors and over the stored ones."""
+    model = colbert_run["model"]
+    corpus = DevSet.from_beir(code_pairs, split="train").corpus
+    ids = list(corpus)
+    queries = model.encode_queries(
+        [query for query in DevSet.from_beir(code_pairs, split="dev").queries.values()][:200]
+    )
+    packed = model.encode_documents(list(corpus.values()), packed=True)
+    documents = np.split(packed.embeddings, packed.offsets[1:-1])
+    index = PlaidIndex.build(documents, ids, device="cpu", show_progress=False)
+    found, _ = index.search(queries, k=10)
+
+    def recall_at_10(exact_scores):
+        truth = np.argsort(-exact_scores, axis=1)[:, :10]
+        return np.mean([len(set(row) & {ids[i] for i in top}) / 10 for row, top in zip(found, truth)])
+
+    stored = [index.document_embeddings(doc_id).numpy() for doc_id in ids]
+    assert recall_at_10(model.score(queries, stored)) >= 0.97
+    assert recall_at_10(model.score(queries, documents)) >= 0.95
 
 
 @pytest.fixture(scope="module")
