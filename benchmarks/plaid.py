@@ -387,6 +387,15 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(result: dict, text: str, out: Path) -> None:
+    """Print the table; write the JSON to `out` and the table beside it as .md."""
+    print("\n" + text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+
+
 def _setting(text: str) -> tuple[int, int, float, int]:
     n_probe, n_query_probe, threshold, n_candidates = text.split(",")
     return int(n_probe), int(n_query_probe), float(threshold), int(n_candidates)
@@ -480,12 +489,7 @@ def main() -> None:
         result["runs"].append(run)
         print(f"nbits={nbits} done")
 
-    text = table(result)
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+    write_results(result, table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ centroid count asked for, and are measured by:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from plaid import colbert_corpus, exhaustive_top_k, make_corpus, recall
+from plaid import colbert_corpus, exhaustive_top_k, make_corpus, recall, write_results
 
 from mbert_retrieval.index.codec import ResidualCodec, nearest_centroids
 from mbert_retrieval.index.kmeans import train_kmeans
@@ -162,12 +161,7 @@ def main() -> None:
                 print(f"nbits={nbits} centroids={n_centroids} {name}: {run['codecs'][name]}", flush=True)
             result["runs"].append(run)
 
-    text = table(result)
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+    write_results(result, table(result), args.out)
 
 
 if __name__ == "__main__":
