@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytrec_eval
-
 from evaluation.data import DataFormatError, Qrels
 from mbert_retrieval.modeling.io import atomic_write_text
 
@@ -35,15 +33,27 @@ def evaluate_per_query(qrels: Qrels, run: Run) -> dict[str, dict[str, float]]:
     if not qrels:
         raise ValueError("qrels are empty: nothing to evaluate")
     run = {qid: docs for qid, docs in run.items() if qid in qrels and docs}
-    full = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "map"}).evaluate(run)
+    full = relevance_evaluator(qrels, {"ndcg_cut.10", "recall.100", "map"}).evaluate(run)
     top10 = {qid: dict(ranked(docs)[:10]) for qid, docs in run.items()}
-    mrr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
+    mrr = relevance_evaluator(qrels, {"recip_rank"}).evaluate(top10)
     results = {}
     for qid in qrels:
         scores = full.get(qid, {})
         results[qid] = {name: float(scores.get(measure, 0.0)) for name, measure in TREC_MEASURES.items()}
         results[qid]["MRR@10"] = float(mrr.get(qid, {}).get("recip_rank", 0.0))
     return results
+
+
+def relevance_evaluator(qrels: Qrels, measures: set[str]):
+    """pytrec_eval's evaluator, imported here so that the rest of `evaluation` (building data sets,
+    reading BEIR folders) works without the `eval` extra."""
+    try:
+        import pytrec_eval
+    except ImportError as err:
+        raise ImportError(
+            "ranking metrics need pytrec_eval: pip install 'mbert-retrieval[eval]' (or pytrec-eval-terrier)"
+        ) from err
+    return pytrec_eval.RelevanceEvaluator(qrels, measures)
 
 
 def ranked(docs: dict[str, float]) -> list[tuple[str, float]]:

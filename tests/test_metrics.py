@@ -120,3 +120,25 @@ def test_trec_run_rejects_ids_with_spaces(tmp_path):
     (tmp_path / "bad.trec").write_text("q Q0 d 1 notanumber tag\n")
     with pytest.raises(DataFormatError, match="line 1"):
         read_trec_run(tmp_path / "bad.trec")
+
+
+def test_without_pytrec_eval_data_sets_still_build_and_metrics_say_what_to_install(tmp_path):
+    """Only the metrics need the `eval` extra: building a code data set works without pytrec_eval."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys; sys.modules['pytrec_eval'] = None\n"
+        "from evaluation.code_dataset import build_code_dataset\n"
+        "from evaluation.metrics import evaluate_run\n"
+        "try:\n"
+        "    evaluate_run({'q': {'d': 1}}, {'q': {'d': 1.0}})\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert "pip install 'mbert-retrieval[eval]'" in done.stdout
