@@ -222,6 +222,8 @@ def test_lloyd_max_buckets_beat_shared_quantile_buckets():
         for b in range(4):
             inside = residuals[buckets[:, d] == b, d]
             assert abs(inside.mean() - codec.bucket_weights[d, b]) < 2e-3
+    with pytest.raises(ValueError, match="one row per dimension"):
+        ResidualCodec(centroids, codec.bucket_cutoffs[:16], codec.bucket_weights[:16])
 
 
 def test_more_bits_less_error():

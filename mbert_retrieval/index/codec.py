@@ -29,6 +29,12 @@ class ResidualCodec:
         if self.nbits is None or bucket_cutoffs.shape[-1] != n_buckets - 1:
             raise ValueError(f"bucket tables of {n_buckets} weights match no nbits in {NBITS}")
         _check_packable(self.dim, self.nbits)
+        for table in (bucket_cutoffs, bucket_weights):
+            if table.ndim not in (1, 2) or (table.ndim == 2 and len(table) != self.dim):
+                raise ValueError(
+                    f"bucket tables must be 1-D or have one row per dimension ({self.dim}), "
+                    f"got shape {tuple(table.shape)}"
+                )
         self.centroids = centroids.float()
         self.bucket_cutoffs = bucket_cutoffs.float().expand(self.dim, n_buckets - 1).contiguous()
         self.bucket_weights = bucket_weights.float().expand(self.dim, n_buckets).contiguous()
