@@ -387,6 +387,15 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def add_corpus_and_output_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """--colbert / --corpus (a real corpus instead of the synthetic one) and --out."""
+    parser.add_argument("--colbert", type=Path, default=None, help="ColBERT folder: a real corpus")
+    parser.add_argument("--corpus", type=Path, default=None, help="BEIR folder encoded by --colbert")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"default: benchmarks/results/{name}[_small].json"
+    )
+
+
 def write_results(result: dict, text: str, out: Path) -> None:
     """Print the table; write the JSON to `out` and the table beside it as .md."""
     print("\n" + text)
@@ -418,11 +427,7 @@ def main() -> None:
         metavar="N_PROBE,N_QUERY_PROBE,THRESHOLD,CANDIDATES",
         help="our search settings to measure (default: a fixed sweep, fastest first)",
     )
-    parser.add_argument("--colbert", type=Path, default=None, help="ColBERT folder: a real corpus")
-    parser.add_argument("--corpus", type=Path, default=None, help="BEIR folder encoded by --colbert")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="default: benchmarks/results/plaid[_small].json"
-    )
+    add_corpus_and_output_options(parser, "plaid")
     args = parser.parse_args()
     if args.small:
         args.docs, args.mean_len, args.queries, args.latency_queries = 2000, 48, 64, 16

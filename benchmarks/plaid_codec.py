@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from plaid import colbert_corpus, exhaustive_top_k, make_corpus, recall, write_results
+from plaid import (
+    add_corpus_and_output_options,
+    colbert_corpus,
+    exhaustive_top_k,
+    make_corpus,
+    recall,
+    write_results,
+)
 
 from mbert_retrieval.index.codec import ResidualCodec, nearest_centroids
 from mbert_retrieval.index.kmeans import train_kmeans
@@ -103,11 +110,7 @@ def main() -> None:
         default=[1.0, 2.0],
         help="centroid counts as multiples of PlaidIndex.build's default",
     )
-    parser.add_argument("--colbert", type=Path, default=None, help="ColBERT folder: a real corpus")
-    parser.add_argument("--corpus", type=Path, default=None, help="BEIR folder encoded by --colbert")
-    parser.add_argument(
-        "--out", type=Path, default=None, help="default: benchmarks/results/plaid_codec[_small].json"
-    )
+    add_corpus_and_output_options(parser, "plaid_codec")
     args = parser.parse_args()
     if (args.colbert is None) != (args.corpus is None):
         parser.error("--colbert and --corpus go together")
