@@ -195,16 +195,13 @@ def folder_bytes(path: Path) -> int:
 @torch.inference_mode()
 def stage_recalls(index, queries, truth, n_probe, n_query_probe, threshold, n_candidates, batch_size) -> dict:
     """Share of the `truth` top-10 kept by each search stage: probed (stage 1) and shortlisted (stage 2)."""
-    from mbert_retrieval.index.plaid import _top_per_row
-
     probed = shortlisted = 0
     for begin in range(0, len(queries), batch_size):
         batch = queries[begin : begin + batch_size]
         wanted = truth[begin : begin + batch_size].to(index.device)
-        centroid_scores = batch @ index.codec.centroids.to(batch.dtype).T
-        candidates = index._probe(centroid_scores, n_probe, n_query_probe)
-        approximate = index._centroid_interaction(centroid_scores, candidates, threshold)
-        shortlist, valid = _top_per_row(candidates, approximate, max(n_candidates, 10))
+        candidates, shortlist, valid = index._shortlist(
+            batch, n_probe, n_query_probe, threshold, max(n_candidates, 10)
+        )
         probed += int(candidates.gather(1, wanted).sum())
         kept = (shortlist[:, :, None] == wanted[:, None, :]) & valid[:, :, None]
         shortlisted += int(kept.any(1).sum())

@@ -241,13 +241,18 @@ class PlaidIndex:
         return all_ids, torch.cat(all_scores).numpy()
 
     def _search_batch(self, queries, k, n_probe, n_query_probe, threshold, n_candidates):
-        centroid_scores = queries @ self.codec.centroids.to(queries.dtype).T  # [B, L, n_centroids]
-        candidates = self._probe(centroid_scores, n_probe, n_query_probe)
-        approximate = self._centroid_interaction(centroid_scores, candidates, threshold)
-        shortlist, valid = _top_per_row(candidates, approximate, n_candidates)
+        _, shortlist, valid = self._shortlist(queries, n_probe, n_query_probe, threshold, n_candidates)
         exact = self._maxsim(queries, shortlist, valid)
         scores, best = exact.topk(min(k, exact.shape[1]), dim=1)
         return shortlist.gather(1, best), scores
+
+    def _shortlist(self, queries, n_probe, n_query_probe, threshold, n_candidates):
+        """Stages 1 and 2: the candidates ([B, n_docs] mask) and the `n_candidates` best of them by
+        centroid interaction (columns [B, n'] and their validity, as `_top_per_row` gives them)."""
+        centroid_scores = queries @ self.codec.centroids.to(queries.dtype).T  # [B, L, n_centroids]
+        candidates = self._probe(centroid_scores, n_probe, n_query_probe)
+        approximate = self._centroid_interaction(centroid_scores, candidates, threshold)
+        return candidates, *_top_per_row(candidates, approximate, n_candidates)
 
     def _probe(self, centroid_scores: torch.Tensor, n_probe: int, n_query_probe: int = 0) -> torch.Tensor:
         """Stage 1: a [B, n_docs] mask of the documents in the lists of each query token's `n_probe`
