@@ -106,6 +106,7 @@ class Tokenized:
     documents: list[np.ndarray]
     scores: list[float] | None = None
     query_keys: np.ndarray | None = None  # which query tokens others attend to (ColBERT expansion)
+    teacher: np.ndarray | None = None  # [2, dim] a teacher's embeddings of the query and the positive
 
     @property
     def num_tokens(self) -> int:
@@ -148,6 +149,7 @@ class ContrastiveBatch:
     documents: Sequences
     doc_offsets: torch.Tensor  # [B + 1] int64
     scores: torch.Tensor | None = None  # [num_documents] teacher scores
+    teacher: torch.Tensor | None = None  # [B, 2, dim] teacher embeddings of each query and positive
     position: DataPosition = field(default_factory=DataPosition)  # the position after this batch
     global_examples: int = 0
     global_documents: int = 0
@@ -188,6 +190,7 @@ class ContrastiveBatch:
             documents=self.documents.slice(first, last),
             doc_offsets=self.doc_offsets[start : end + 1] - first,
             scores=None if self.scores is None else self.scores[first:last],
+            teacher=None if self.teacher is None else self.teacher[start:end],
             example_offset=start,
             document_offset=first,
         )
@@ -199,6 +202,7 @@ class ContrastiveBatch:
             documents=self.documents.to(device),
             doc_offsets=self.doc_offsets.to(device),
             scores=None if self.scores is None else self.scores.to(device),
+            teacher=None if self.teacher is None else self.teacher.to(device),
         )
 
 
@@ -219,11 +223,15 @@ def collate(
     scores = None
     if all(e.scores is not None for e in examples):
         scores = torch.tensor([s for e in examples for s in e.scores], dtype=torch.float32)
+    teacher = None
+    if all(e.teacher is not None for e in examples):
+        teacher = torch.from_numpy(np.stack([e.teacher for e in examples])).float()
     return ContrastiveBatch(
         queries=queries,
         documents=Sequences.from_arrays(documents, vocab_size, max_positions),
         doc_offsets=doc_offsets,
         scores=scores,
+        teacher=teacher,
         position=position,
     )
 

@@ -153,6 +153,13 @@ def dense(
     matryoshka_dims: Annotated[
         str | None, typer.Option(help="Comma-separated dims, e.g. 512,256,128.")
     ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="sentence-transformers model (folder or hub id) whose embeddings to distil."),
+    ] = None,
+    distillation: Annotated[
+        float, typer.Option(help="Weight of the distance to the --teacher's embeddings.")
+    ] = 1.0,
     num_negatives: NumNegatives = None,
     max_steps: MaxSteps = None,
     epochs: Epochs = 1.0,
@@ -204,8 +211,28 @@ def dense(
         symmetric=symmetric,
         matryoshka_dims=dims,
         query_max_length=query_max_length,
+        teacher=None if teacher is None else sentence_transformer_teacher(teacher, device),
+        distillation=distillation,
     )
     run(task, load_examples(data, num_negatives=num_negatives), args, dev, dev_split)
+
+
+def sentence_transformer_teacher(name: str, device: str | None):
+    """A sentence-transformers model as a frozen teacher: texts -> normalised embeddings."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SentenceTransformer(name, device=device)
+    if model.device.type == "cuda":
+        model.half()
+
+    def embed(texts: list[str]):
+        return model.encode(
+            texts, batch_size=256, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+
+    return embed
 
 
 @train_app.command()

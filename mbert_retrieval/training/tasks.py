@@ -8,7 +8,7 @@ backward, whole or with GradCache (`chunk_tokens`), and returns the loss share o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -97,8 +97,12 @@ def _split_documents(texts_per_example: list[list[str]], tokenize_flat) -> list[
 # -- dense -------------------------------------------------------------------------------------------
 
 
+Teacher = Callable[[list[str]], np.ndarray]  # texts -> [n, dim] embeddings
+
+
 class DenseTask(RetrievalTask):
-    """InfoNCE over in-batch and hard negatives (all ranks' documents under torchrun).
+    """InfoNCE over in-batch and hard negatives (all ranks' documents under torchrun), optionally
+    plus distillation of a teacher's embedding space.
 
     Args:
         temperature: scores are cosine similarities divided by this (0.05 = sentence-transformers'
@@ -106,6 +110,10 @@ class DenseTask(RetrievalTask):
         symmetric: also score each positive document against all queries, and average both ways.
         matryoshka_dims: also train these leading sub-dimensions (the loss is the mean over them
             and the full size).
+        teacher: a function embedding texts, e.g. a sentence-transformers model's `encode`, of the
+            model's dimension. The loss then adds `distillation` x the mean cosine distance between
+            the model's and the teacher's embeddings of each query and its positive, so the model
+            learns the teacher's sense of language while it learns the task.
     """
 
     def __init__(
@@ -116,9 +124,13 @@ class DenseTask(RetrievalTask):
         symmetric: bool = False,
         matryoshka_dims: list[int] | None = None,
         query_max_length: int | None = None,
+        teacher: Teacher | None = None,
+        distillation: float = 1.0,
     ):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if distillation < 0:
+            raise ValueError(f"distillation weight must not be negative, got {distillation}")
         for dim in matryoshka_dims or []:
             if not 0 < dim <= model.dim:
                 raise ValueError(f"matryoshka dim {dim} must be between 1 and the model's {model.dim}")
@@ -127,8 +139,28 @@ class DenseTask(RetrievalTask):
         self.symmetric = symmetric
         self.dims = sorted(set(matryoshka_dims or []) | {model.dim}, reverse=True)
         self.query_max_length = query_max_length or model.max_length
+        self.teacher = teacher
+        self.distillation = distillation
 
     def tokenize(self, examples: list[Example]) -> list[Tokenized]:
+        tokenized = self._tokenize(examples)
+        if self.teacher is not None:
+            for item, vectors in zip(tokenized, self._teacher_embeddings(examples)):
+                item.teacher = vectors
+        return tokenized
+
+    def _teacher_embeddings(self, examples: list[Example]) -> np.ndarray:
+        """[n, 2, dim]: the teacher's embeddings of each query and its positive."""
+        texts = [e.query for e in examples] + [e.documents[0] for e in examples]
+        vectors = np.asarray(self.teacher(texts), dtype=np.float32)
+        if vectors.shape != (len(texts), self.model.dim):
+            raise ValueError(
+                f"the teacher gives embeddings of shape {tuple(vectors.shape[1:])}, the model "
+                f"{self.model.dim} dims: distillation needs the same size"
+            )
+        return np.stack([vectors[: len(examples)], vectors[len(examples) :]], axis=1)
+
+    def _tokenize(self, examples: list[Example]) -> list[Tokenized]:
         model = self.model
         queries = model.tokenize_texts(
             [e.query for e in examples],
@@ -168,7 +200,16 @@ class DenseTask(RetrievalTask):
                 every_query = losses.truncate_embeddings(all_queries, dim, normalize)
                 loss = (loss + losses.info_nce(positives @ every_query.T, own, self.temperature)) / 2
             total = total + loss
-        return total / (len(self.dims) * batch.global_examples)
+        total = total / (len(self.dims) * batch.global_examples)
+        if self.teacher is not None and batch.teacher is not None:
+            total = total + self.distillation * self._distillation_loss(queries, documents, batch)
+        return total
+
+    def _distillation_loss(self, queries, documents, batch) -> torch.Tensor:
+        """Cosine distance to the teacher, summed over query and positive, scaled like InfoNCE."""
+        student = torch.stack([queries, documents[batch.positives]], dim=1).float()
+        cosine = torch.nn.functional.cosine_similarity(student, batch.teacher, dim=-1)
+        return (1 - cosine).sum() / (2 * batch.global_examples)
 
     @torch.no_grad()
     def score(self, queries, documents):
