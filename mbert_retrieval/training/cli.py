@@ -162,6 +162,9 @@ def dense(
     ] = 1.0,
     num_negatives: NumNegatives = None,
     max_steps: MaxSteps = None,
+    max_time: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (then save as usual).")
+    ] = None,
     epochs: Epochs = 1.0,
     batch_size: BatchSize = 32,
     max_tokens_per_batch: MaxTokens = None,
@@ -456,6 +459,7 @@ def mine(
 TRAINING_OPTIONS = {
     "output_dir",
     "max_steps",
+    "max_time",
     "epochs",
     "batch_size",
     "max_tokens_per_batch",

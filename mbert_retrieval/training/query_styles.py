@@ -140,7 +140,10 @@ def how_to_query(words: list[str], language: str, rng: random.Random) -> str | N
 
 
 def identifier_query(name: str, language: str, rng: random.Random) -> str | None:
-    words = [w.lower() for w in split_identifier(name.rsplit(".", 1)[-1])]
+    name = name.rsplit(".", 1)[-1]
+    if name.startswith("__") or name in ("constructor", "init", "main", "String", "toString"):
+        return None  # special methods say nothing about what the code does
+    words = [w.lower() for w in split_identifier(name)]
     if sum(len(w) for w in words) < 4:
         return None
     return _with_language(words, language, rng)

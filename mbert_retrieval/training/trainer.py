@@ -33,6 +33,7 @@ from mbert_retrieval.training.batching import DataPosition, prefetch
 from mbert_retrieval.training.distributed import (
     World,
     all_reduce_gradients,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     init_distributed,
@@ -58,6 +59,7 @@ class TrainingArguments:
 
     output_dir: str
     max_steps: int | None = None
+    max_time: float | None = None  # seconds: the run stops after the step that passes it, and saves
     epochs: float = 1.0
     batch_size: int | None = 32
     max_tokens_per_batch: int | None = None
@@ -99,6 +101,7 @@ class TrainingArguments:
             "chunk_tokens",
             "eval_steps",
             "save_steps",
+            "max_time",
         ):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -268,8 +271,9 @@ class Trainer:
             disable=not (args.show_progress and self.world.is_main),
         )
         window_start, window_tokens = time.perf_counter(), 0
+        started = time.perf_counter()
         try:
-            while step < total:
+            while step < total and not self._out_of_time(started):
                 lr = schedule(step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -341,6 +345,15 @@ class Trainer:
             self.task.save(result.final_model)
         barrier()
         return result
+
+    def _out_of_time(self, started: float) -> bool:
+        """Past `max_time` (on any rank: all stop together)."""
+        if self.args.max_time is None:
+            return False
+        late = time.perf_counter() - started > self.args.max_time
+        if late and self.world.is_main:
+            logger.warning("stopping at the time limit of %.0f s", self.args.max_time)
+        return bool(all_reduce_max(int(late), self.device))
 
     def _finish_gradients(self, parameters) -> float | None:
         """Sum over ranks, average over accumulated batches, clip; returns the norm when clipping."""
