@@ -1,4 +1,6 @@
-"""Reciprocal rank fusion (Cormack et al., 2009): score(d) = sum over rankings of w / (k + rank(d))."""
+"""Fusing rankings: reciprocal rank fusion (Cormack et al., 2009), score(d) = sum over rankings of
+w / (k + rank(d)); and convex fusion of min-max normalised scores (Bruch et al., 2023), whose
+fused score is itself a readable number in [0, 1]."""
 
 from __future__ import annotations
 
@@ -22,4 +24,29 @@ def reciprocal_rank_fusion(
     for ranking, weight in zip(rankings, weights):
         for rank, doc_id in enumerate(ranking, start=1):
             fused[doc_id] = fused.get(doc_id, 0.0) + weight / (k + rank)
+    return sorted(fused.items(), key=lambda item: item[1], reverse=True)
+
+
+def convex_fusion(
+    rankings: Sequence[Sequence[tuple[str, float]]], weights: Sequence[float]
+) -> list[tuple[str, float]]:
+    """Fuse (id, score) lists by a weighted mean of min-max normalised scores, best first.
+
+    Each list's scores are mapped onto [0, 1] (its best 1, its worst 0; all 1 when they are equal),
+    so a fused score reads the same way whatever the rankings' scales: 1.0 is first in every
+    ranking. A document missing from a list gets 0 from it; an empty list takes no part.
+    """
+    if len(weights) != len(rankings):
+        raise ValueError(f"{len(weights)} weights for {len(rankings)} rankings")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"fusion weights must not be negative, got {list(weights)}")
+    used = [(ranking, w) for ranking, w in zip(rankings, weights) if ranking and w > 0]
+    total = sum(w for _, w in used)
+    fused: dict[str, float] = {}
+    for ranking, weight in used:
+        scores = [s for _, s in ranking]
+        low, span = min(scores), max(scores) - min(scores)
+        for doc_id, score in ranking:
+            normalised = (score - low) / span if span > 0 else 1.0
+            fused[doc_id] = fused.get(doc_id, 0.0) + weight * normalised / total
     return sorted(fused.items(), key=lambda item: item[1], reverse=True)
