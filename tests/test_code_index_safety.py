@@ -251,7 +251,6 @@ def test_every_damaged_metadata_byte_is_refused_or_harmless(saved, model, tmp_pa
                 outcomes["harmless"] += 1
             finally:
                 path.write_bytes(original)
-    print(outcomes)
     assert outcomes["refused"] >= 5 * 20
     assert results(CodeIndex.load(index_dir), model) == expected
 
