@@ -38,11 +38,13 @@ SECRET_FILES = {
     ".pypirc": f"[pypi]\npassword = {SECRET_WORD}\n",
     "config/credentials.json": f'{{"secret": "{SECRET_WORD}"}}\n',
     "config/credentials": f"{SECRET_WORD}\n",
+    "config/secrets.yaml": f"token: {SECRET_WORD}\n",
     "deploy/deploy_key": f"-----BEGIN OPENSSH PRIVATE KEY-----\n{SECRET_WORD}\n-----END OPENSSH PRIVATE KEY-----\n",
     ".ssh/config": f"Host x\n  IdentityFile {SECRET_WORD}\n",
 }
 KEPT_FILES = {  # look a little like secrets, but are code or public
     "auth/credentials.py": "def load_credentials(path):\n    return open(path).read()\n",
+    "config/secrets.py": "def rotate_secrets(store):\n    return store.rotate()\n",
     "keys/id_ed25519.pub": "ssh-ed25519 AAAAC3Nza public key\n",
     "app.py": "def handle_request(request):\n    return request.path\n",
 }
