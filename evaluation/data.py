@@ -119,7 +119,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                errors.append(f"line {number}: not valid JSON ({err.msg})")
+                errors.append(f"line {number}: not valid JSON ({err.msg} at column {err.colno})")
                 continue
             if not isinstance(row, dict):
                 errors.append(f"line {number}: expected a JSON object, got {type(row).__name__}")
@@ -211,11 +211,9 @@ def drop_unknown(qrels: Qrels, queries: dict[str, str], corpus: Corpus, problems
 def raise_errors(path: Path, errors: list[str]) -> None:
     if not errors:
         return
-    shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
-    more = (
-        f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-    )
-    raise DataFormatError(f"{path}: {len(errors)} malformed line(s):\n  {shown}{more}")
+    shown = "; ".join(errors[:MAX_REPORTED_ERRORS])  # one line: a log or a terminal shows it whole
+    more = f"; and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+    raise DataFormatError(f"{path}: {len(errors)} malformed line(s): {shown}{more}")
 
 
 def report_problems(source: Path | str, problems: Counter) -> None:

@@ -105,8 +105,9 @@ SystemOption = Annotated[
     str,
     typer.Option(
         "--system",
-        help="'bm25'; a model folder or hub id (sentence-transformers, dense or ColBERT; prefix with dense:, "
-        "colbert: or st: to skip detection); or 'hybrid:<model>' for BM25 + the model fused by reciprocal rank.",
+        help="'bm25'; 'default' (the dense model shipped with the package); a model folder or hub id "
+        "(sentence-transformers, dense or ColBERT; prefix with dense:, colbert: or st: to skip detection); "
+        "or 'hybrid:<model>' for BM25 + the model fused by reciprocal rank.",
     ),
 ]
 IndexOption = Annotated[
@@ -179,7 +180,12 @@ def index(
 @app.command()
 @reports_errors
 def search(
-    index_dir: Annotated[Path, typer.Option("--index", help="A folder saved by `mbert-retrieval index`.")],
+    index_dir: Annotated[
+        Path,
+        typer.Option(
+            "--index", help="A folder saved by `mbert-retrieval index`, or a code index (`index-code`)."
+        ),
+    ],
     query: Annotated[
         list[str] | None, typer.Option("--query", "-q", help="A query (repeat the option for several).")
     ] = None,
@@ -202,20 +208,27 @@ def search(
     device: DeviceOption = None,
     progress: ProgressOption = False,
 ):
-    """Search a saved index with one or more queries."""
+    """Search a saved index (or a code index) with one or more queries."""
+    from mbert_retrieval.code.cli import is_code_index
     from mbert_retrieval.search.models import canonical_name
     from mbert_retrieval.search.retriever import Retriever
 
+    if not index_dir.is_dir():
+        problem = "is a file, not an index folder" if index_dir.exists() else "does not exist"
+        raise BadInput(f"--index {index_dir} {problem}")
     named = read_queries(query, queries)
-    retriever = Retriever.load(
-        index_dir,
-        reranker_name=canonical_name(rerank) if rerank else None,
-        device=device,
-        show_progress=progress,
-    )
-    retriever.first_stage_k = first_stage_k
-    hits = retriever.search(list(named.values()), k=top_k)
-    text = format_hits(named, hits, output_format)
+    if is_code_index(index_dir):
+        text = search_code_index(index_dir, named, top_k, rerank, first_stage_k, output_format)
+    else:
+        retriever = Retriever.load(
+            index_dir,
+            reranker_name=canonical_name(rerank) if rerank else None,
+            device=device,
+            show_progress=progress,
+        )
+        retriever.first_stage_k = first_stage_k
+        hits = retriever.search(list(named.values()), k=top_k)
+        text = format_hits(named, hits, output_format)
     if output is None:
         typer.echo(text, nl=False)
     else:
@@ -239,7 +252,8 @@ def evaluate(
         str,
         typer.Option(
             "--system",
-            help="'bm25', a model folder or hub id, 'hybrid:<model>', or a folder saved by `mbert-retrieval index`.",
+            help="'bm25', 'default' (the shipped model), a model folder or hub id, 'hybrid:<model>', "
+            "or a folder saved by `mbert-retrieval index`.",
         ),
     ],
     output: Annotated[
@@ -391,6 +405,34 @@ def make_retriever(system, index_kind, rerank, first_stage_k, device, progress, 
         raise BadInput(str(err)) from err
 
 
+def search_code_index(index_dir, named: dict[str, str], k, rerank, first_stage_k, output_format) -> str:
+    """`search` over a code index (built by `index-code`), in the same output formats."""
+    from mbert_retrieval.code.cli import hit_line, hit_record, run_code_search
+
+    try:
+        hits = run_code_search(
+            index_dir, list(named.values()), k, reranker=rerank, rerank_depth=max(first_stage_k, k)
+        )
+    except (ValueError, OSError) as err:
+        if isinstance(err, user_errors()):
+            raise
+        raise BadInput(str(err)) from err
+    lines = []
+    for (query_id, text), ranking in zip(named.items(), hits):
+        if output_format == OutputFormat.json:
+            row = {"query_id": query_id, "query": text, "hits": [hit_record(h) for h in ranking]}
+            lines.append(json.dumps(row))
+        elif output_format == OutputFormat.trec:
+            lines += [
+                f"{query_id} Q0 {h.path}:{h.start_line}-{h.end_line} {rank} {h.score:.6f} mbert-retrieval"
+                for rank, h in enumerate(ranking, 1)
+            ]
+        else:
+            lines.append(f"[{query_id}] {text}")
+            lines += [f"  {rank:>3}. {hit_line(h)}" for rank, h in enumerate(ranking, 1)]
+    return "\n".join(lines) + "\n"
+
+
 def check_output_folder(folder: Path, overwrite: bool, marker: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise BadInput(f"--output {folder} is a file")
@@ -429,15 +471,25 @@ def read_queries(query: list[str] | None, queries_file: Path | None) -> dict[str
         if queries_file.suffix == ".jsonl":
             from evaluation.data import read_queries as read_beir_queries
 
-            named.update(read_beir_queries(queries_file, Counter()))
+            from_file = read_beir_queries(queries_file, Counter())
         else:
-            lines = [line.strip() for line in queries_file.read_text().splitlines() if line.strip()]
-            named.update({f"q{n}": text for n, text in enumerate(lines, start=len(named) + 1)})
+            lines = [line.strip() for line in read_text_file(queries_file).splitlines() if line.strip()]
+            from_file = {f"q{n}": text for n, text in enumerate(lines, start=len(named) + 1)}
+        if not from_file:
+            raise BadInput(f"--queries {queries_file}: the file has no queries")
+        named.update(from_file)
     if not named:
         raise BadInput("give at least one --query or a --queries file")
     if any(not text.strip() for text in named.values()):
         raise BadInput("queries must not be empty")
     return named
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInput(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
 def format_hits(named: dict[str, str], hits, output_format: OutputFormat) -> str:

@@ -100,7 +100,7 @@ def test_python_that_does_not_parse_becomes_line_windows():
     text = "def broken(:\n" + "x = 1\n" * 130
     chunks = chunk_file("bad.py", text, ChunkSettings(window_lines=50, window_overlap=10))
     check_spans(chunks, text)
-    assert {c.kind for c in chunks} == {"module"} and {c.symbol for c in chunks} == {None}
+    assert {c.kind for c in chunks} == {"module"} and {c.symbol for c in chunks} == {"bad"}
     assert chunks[0].start_line == 1 and chunks[-1].end_line == 131
 
 
@@ -273,7 +273,7 @@ def test_chunking_stdlib_sources_keeps_every_line_in_place():
         for chunk in chunks:
             first_windows.setdefault(chunk.symbol, chunk)
         for chunk in first_windows.values():
-            if chunk.symbol:  # its first line past comments and decorators defines the symbol
+            if chunk.kind != "module":  # its first line past comments and decorators defines the symbol
                 first = next(x for x in chunk.text.splitlines() if not x.strip().startswith(("#", "@")))
                 assert re.match(rf"\s*(async )?(def|class) {chunk.symbol.split('.')[-1]}\b", first), chunk
         top_level = re.findall(r"^(?:async )?(?:def|class) (\w+)", text, re.M)

@@ -5,8 +5,10 @@
                #       start_line=12, end_line=40, text="    def parse(self, ...")
 
 Python is parsed with `ast`; JavaScript, TypeScript, Java, Go, Rust, C and C++ with tree-sitter
-(`treesitter.py`); any other text file, and source that does not parse, is cut into line windows.
-Lines outside every definition (imports, constants, script code) become "module" chunks. Comments
+(`treesitter.py`); any other text file, and source that does not parse (or nests too deeply to
+parse), is cut into line windows. Lines outside every definition (imports, constants, script code)
+become "module" chunks, named after the module ("pkg.sub.mod" for Python, the file path otherwise),
+as are the windows of text files. Comments
 and decorators right above a definition belong to it. Line numbers start at 1; `end_line` is
 inclusive. Definitions longer than `max_lines` are cut into overlapping windows that keep the symbol.
 """
@@ -84,7 +86,7 @@ LEADING_LINE_PREFIXES = {
 class Chunk:
     path: str
     language: str
-    symbol: str | None  # "function", "Class", "Class.method"; None for module code and text windows
+    symbol: str | None  # "function", "Class", "Class.method"; the module's name for module and text chunks
     kind: str  # "function" | "method" | "class" | "type" | "module" | "text"
     start_line: int  # 1-based, inclusive
     end_line: int  # inclusive
@@ -130,10 +132,14 @@ def chunk_file(path: str, text: str, settings: ChunkSettings | None = None) -> l
     lines = text.splitlines()
     if not lines:
         return []
-    spans = definition_spans(path, language, text)
+    try:
+        spans = definition_spans(path, language, text)
+    except (RecursionError, MemoryError):  # absurdly deep nesting: read it as text
+        spans = None
     if spans is None:  # not a parsed language, or the parser gave up
         kind = "text" if language not in PARSED_LANGUAGES else "module"
-        return _windows(path, language, lines, 0, len(lines) - 1, None, kind, settings)
+        symbol = module_symbol(path, language)
+        return _windows(path, language, lines, 0, len(lines) - 1, symbol, kind, settings)
     spans = _with_leading_lines(spans, lines, LEADING_LINE_PREFIXES.get(language, ()))
     chunks = []
     for span in spans:
@@ -142,6 +148,16 @@ def chunk_file(path: str, text: str, settings: ChunkSettings | None = None) -> l
         )
     chunks += _module_chunks(path, language, lines, spans, settings)
     return sorted(chunks, key=lambda c: (c.start_line, c.end_line))
+
+
+def module_symbol(path: str, language: str) -> str:
+    """How module-level code is named: the dotted module path for Python, else the file path."""
+    if language != "python":
+        return path
+    parts = list(PurePosixPath(path).with_suffix("").parts)
+    if parts and parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts) or path
 
 
 def definition_spans(path: str, language: str, text: str) -> list[Span] | None:
@@ -161,7 +177,7 @@ def python_spans(text: str) -> list[Span] | None:
     """Functions, classes and methods of a Python module; None when it does not parse."""
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):  # ValueError: null bytes in the source
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: null bytes
         return None
     spans: list[Span] = []
     _python_body(tree.body, "", False, spans)
@@ -247,7 +263,8 @@ def _module_chunks(path, language, lines, spans: list[Span], settings: ChunkSett
         elif not free and start is not None:
             code = [n for n in range(start, i) if lines[n].strip()]
             if len(code) >= settings.min_module_lines:
-                chunks += _windows(path, language, lines, code[0], code[-1], None, "module", settings)
+                symbol = module_symbol(path, language)
+                chunks += _windows(path, language, lines, code[0], code[-1], symbol, "module", settings)
             start = None
     return chunks
 

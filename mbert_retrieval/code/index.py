@@ -11,13 +11,14 @@ picks "dense", "bm25" or "hybrid" and the weights.
 On disk an index is a folder of immutable snapshots and a pointer to the live one:
 
     repo-index/
-        CURRENT.json          {"snapshot": "snapshot-..."}, replaced atomically
+        CURRENT.json          {"snapshot": "snapshot-...", "index_sha256": ...}, replaced atomically
         snapshot-.../         index.json (settings, files and their sha256), chunks.json, dense/, bm25/
 
 A rebuild writes a new snapshot beside the live one and only then switches the pointer, so a reader
 always loads a complete snapshot. Rebuilds are incremental: files whose content hash did not change
 keep their chunks and vectors; only new or edited files are chunked and encoded, and deleted files
-are removed.
+are removed. Each metadata file is pinned by a checksum and validated at load (`metadata.py`): a
+damaged or edited index is refused with an `IndexFormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -39,6 +40,17 @@ import pathspec
 from tqdm.auto import tqdm
 
 from mbert_retrieval.code.chunking import LANGUAGES, Chunk, ChunkSettings, chunk_file, language_of
+from mbert_retrieval.code.metadata import (
+    FORMAT_VERSION,
+    POINTER,
+    SNAPSHOT_PREFIX,
+    check_dense,
+    checksums,
+    read_chunks,
+    read_meta,
+    read_pointer,
+    write_pointer,
+)
 from mbert_retrieval.code.walk import SourceFile, scan_repository
 from mbert_retrieval.index.faiss_index import FaissIndex
 from mbert_retrieval.index.storage import IndexFormatError
@@ -47,9 +59,6 @@ from mbert_retrieval.models.encoding import TRUNCATION_MESSAGE
 from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
 from mbert_retrieval.search.fusion import reciprocal_rank_fusion
 
-FORMAT_VERSION = 1
-POINTER = "CURRENT.json"
-SNAPSHOT_PREFIX = "snapshot-"
 BUILDING_PREFIX = ".building-"
 LOCK_FILE = ".lock"
 MODES = ("hybrid", "dense", "bm25")
@@ -103,17 +112,23 @@ class IndexReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
+        secrets_note = (
+            " (secret-looking files are left out; --include-secrets indexes them)"
+            if self.skipped.get("secret")
+            else ""
+        )
         return (
             f"{'full build' if self.full else 'incremental update'} in {self.seconds:.1f}s: {self.files} files "
             f"({self.files_added} added, {self.files_changed} changed, {self.files_removed} removed, "
             f"{self.files_unchanged} unchanged), {self.chunks} chunks ({self.chunks_encoded} encoded); "
-            f"skipped: {skipped}"
+            f"skipped: {skipped}{secrets_note}"
         )
 
 
 def document_text(chunk: Chunk) -> str:
-    """What the model and BM25 see: where the code lives, its name, then the code."""
-    return f"{chunk.path} {chunk.symbol or ''}\n{chunk.text}"
+    """What the model and BM25 see: where the code lives, the definition's name, then the code."""
+    name = chunk.symbol if chunk.kind not in ("module", "text") else None  # the path says it already
+    return f"{chunk.path} {name or ''}\n{chunk.text}"
 
 
 # ------------------------------------------------------------------------------------------- searching
@@ -157,40 +172,43 @@ class CodeIndex:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CodeIndex:
+        """Load the live snapshot, checking every file against its checksum (see metadata.py)."""
         directory = Path(directory)
-        name = read_pointer(directory)
+        pointer = read_pointer(directory)
         for _ in range(3):
             try:
-                return cls._load_snapshot(directory, name)
+                return cls._load_snapshot(directory, pointer)
             except IndexFormatError:
                 newer = read_pointer(directory)
-                if newer == name:
+                if newer == pointer:
                     raise
-                name = newer  # a rebuild removed the snapshot while it was being read: load the new one
-        return cls._load_snapshot(directory, name)
+                pointer = newer  # a rebuild removed the snapshot while it was being read: load the new one
+        return cls._load_snapshot(directory, pointer)
 
     @classmethod
-    def _load_snapshot(cls, directory: Path, name: str) -> CodeIndex:
-        folder = directory / name
+    def _load_snapshot(cls, directory: Path, pointer) -> CodeIndex:
+        folder = directory / pointer.snapshot
+        meta = read_meta(directory, pointer)
+        ids, chunks = read_chunks(folder, meta)
         try:
-            meta = json.loads((folder / "index.json").read_text())
-            chunk_rows = json.loads((folder / "chunks.json").read_text())
-        except FileNotFoundError as err:
-            raise IndexFormatError(
-                f"{folder}: snapshot named by {POINTER} is missing ({err.filename})"
-            ) from None
-        except json.JSONDecodeError as err:
-            raise IndexFormatError(f"{folder}: corrupt index data: {err}") from err
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{folder}: code index format {meta.get('format_version')!r} is not supported"
-            )
-        ids = [row.pop("id") for row in chunk_rows]
-        chunks = [Chunk(**row) for row in chunk_rows]
-        dense, bm25 = FaissIndex.load(folder / "dense"), BM25Index.load(folder / "bm25")
-        if len(dense) != len(ids) or bm25.ids != ids:
+            dense, bm25 = FaissIndex.load(folder / "dense"), BM25Index.load(folder / "bm25")
+        except IndexFormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:  # a manifest value the loaders reject
+            raise IndexFormatError(f"{folder}: unreadable dense or BM25 manifest: {err!r}") from None
+        check_dense(folder, dense)
+        if (
+            len(dense) != len(ids)
+            or set(dense.ids) != set(ids)
+            or bm25.ids != ids
+            or dense.dim != meta["dim"]
+        ):
             raise IndexFormatError(f"{folder}: the chunk list, vectors and BM25 index disagree")
-        return cls(directory, name, meta, ids, chunks, dense, bm25)
+        if not Path(meta["root"]).is_dir():
+            logger.warning(
+                "%s: the indexed folder %s is gone; search works, reindexing will not", folder, meta["root"]
+            )
+        return cls(directory, pointer.snapshot, meta, ids, chunks, dense, bm25)
 
     def search(
         self,
@@ -322,6 +340,7 @@ def build_code_index(
     max_file_bytes: int = 1_000_000,
     encode_lock: contextlib.AbstractContextManager | None = None,
     show_progress: bool = True,
+    include_secrets: bool = False,
 ) -> IndexReport:
     """Index the repository at `root` into `directory` and make it the live snapshot.
 
@@ -329,6 +348,8 @@ def build_code_index(
     recorded so the index is searched with the same model. When `directory` already holds an index
     of this repository, model and chunk settings, only new and changed files are encoded (unless
     `full`). `encode_lock` is held around each call to the model (a server shares it with searches).
+    Secret-looking files (`.env`, private keys, credentials, ...) are left out and counted in the
+    report's `skipped["secret"]` unless `include_secrets`.
     """
     started = time.perf_counter()
     root = Path(root).resolve()
@@ -336,7 +357,7 @@ def build_code_index(
     chunk_settings = chunk_settings or ChunkSettings()
     encode_lock = encode_lock or contextlib.nullcontext()
     with _build_lock(directory):
-        scan = scan_repository(root, max_file_bytes=max_file_bytes)
+        scan = scan_repository(root, max_file_bytes=max_file_bytes, include_secrets=include_secrets)
         if not scan.files:
             raise ValueError(
                 f"no indexable source files under {root} (skipped: {dict(scan.skipped) or 'none'})"
@@ -351,7 +372,9 @@ def build_code_index(
         removed = [p for p in old_files if p not in scan.files]
 
         entries = [] if previous is None else [e for e in previous.entries() if e[1].path in unchanged]
-        new_entries = _chunk_files([scan.files[p] for p in changed + added], chunk_settings, show_progress)
+        new_entries = _chunk_files(
+            [scan.files[p] for p in changed + added], chunk_settings, show_progress, scan.skipped
+        )
         vectors = _encode(model, [document_text(c) for _, c in new_entries], encode_lock, show_progress)
 
         if previous is None:
@@ -396,27 +419,15 @@ def build_code_index(
     )
 
 
-def read_pointer(directory: Path) -> str:
-    pointer = directory / POINTER
-    if not pointer.is_file():
-        raise IndexFormatError(
-            f"{directory} is not a code index (no {POINTER}); build one with "
-            f"`mbert-retrieval index-code REPO --index {directory}`"
-        )
-    try:
-        name = json.loads(pointer.read_text())["snapshot"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise IndexFormatError(f"{pointer} is corrupt: {err}") from err
-    if not isinstance(name, str) or not name.startswith(SNAPSHOT_PREFIX) or "/" in name:
-        raise IndexFormatError(f"{pointer} names an invalid snapshot {name!r}")
-    return name
-
-
 def _previous_for(directory: Path, root: Path, model_name: str, chunk_settings: ChunkSettings):
     """The live snapshot, loaded afresh, when an update can build on it; else None (full build)."""
     if not (directory / POINTER).exists():
         return None
-    previous = CodeIndex.load(directory)
+    try:
+        previous = CodeIndex.load(directory)
+    except IndexFormatError as err:  # an old or damaged index: a full build replaces it
+        logger.warning("building %s afresh: %s", directory, err)
+        return None
     same = (
         previous.meta["root"] == str(root)
         and previous.model_name == model_name
@@ -425,11 +436,17 @@ def _previous_for(directory: Path, root: Path, model_name: str, chunk_settings: 
     return previous if same else None
 
 
-def _chunk_files(files: Sequence[SourceFile], settings: ChunkSettings, show_progress: bool):
-    """(id, chunk) pairs; an id is the path and the chunk's number within its file."""
+def _chunk_files(files: Sequence[SourceFile], settings: ChunkSettings, show_progress: bool, skipped):
+    """(id, chunk) pairs; an id is the path and the chunk's number within its file. A file the
+    chunker fails on is counted in `skipped` and left out: one file never stops a build."""
     entries = []
     for source in tqdm(files, desc="Chunking", unit="file", disable=not show_progress or not files):
-        chunks = chunk_file(source.path, source.text, settings)
+        try:
+            chunks = chunk_file(source.path, source.text, settings)
+        except Exception as err:  # a chunker bug on one odd file; logged so that it gets fixed
+            logger.warning("%s could not be chunked and is left out: %r", source.path, err)
+            skipped["unchunkable"] += 1
+            continue
         entries += [(f"{source.path}#{n}", chunk) for n, chunk in enumerate(chunks)]
     return entries
 
@@ -519,21 +536,20 @@ def _write_snapshot(directory: Path, meta: dict, entries, dense: FaissIndex, bm2
         atomic_write_text(building / "chunks.json", json.dumps(rows))
         dense.save(building / "dense")
         bm25.save(building / "bm25")
+        meta = {**meta, "checksums": checksums(building)}
         atomic_write_text(building / "index.json", json.dumps(meta, indent=1))
         name = f"{SNAPSHOT_PREFIX}{time.time_ns()}-{secrets.token_hex(3)}"
         os.replace(building, directory / name)
     finally:
         shutil.rmtree(building, ignore_errors=True)
-    atomic_write_text(
-        directory / POINTER, json.dumps({"format_version": FORMAT_VERSION, "snapshot": name}) + "\n"
-    )
+    write_pointer(directory, name)
     _remove_old_snapshots(directory, keep=2)
     return name
 
 
 def _remove_old_snapshots(directory: Path, keep: int) -> None:
     """Keep the live snapshot and the one before it (a reader may still be loading it)."""
-    live = read_pointer(directory)
+    live = read_pointer(directory).snapshot
     snapshots = sorted(p.name for p in directory.iterdir() if p.name.startswith(SNAPSHOT_PREFIX))
     old = [n for n in snapshots if n != live][: max(0, len(snapshots) - keep)]
     for name in old:
@@ -546,9 +562,5 @@ def _remove_old_snapshots(directory: Path, keep: int) -> None:
 def read_index_settings(directory: str | os.PathLike) -> dict:
     """The live snapshot's settings (root, model name, dim, ...) without loading its data."""
     directory = Path(directory)
-    folder = directory / read_pointer(directory)
-    try:
-        meta = json.loads((folder / "index.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise IndexFormatError(f"{folder}: unreadable index.json: {err}") from err
+    meta = read_meta(directory, read_pointer(directory))
     return {key: value for key, value in meta.items() if key != "files"}

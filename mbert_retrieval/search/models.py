@@ -5,7 +5,8 @@
     load_search_model("path/to/minilm")       -> SentenceTransformerEncoder (any other sentence-transformers model)
     load_reranker("path/to/cross-encoder")    -> CrossEncoder              (ours, or sentence-transformers' for others)
 
-A "kind:" prefix (dense:, colbert:, st:, cross:) skips the detection.
+A "kind:" prefix (dense:, colbert:, st:, cross:) skips the detection. "default" names the dense
+model shipped inside the package (mbert_retrieval/default_model), never a hub id.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from mbert_retrieval.modeling.io import CheckpointError, resolve_model_dir
 
 KINDS = ("dense", "colbert", "st", "cross")
+DEFAULT_MODEL = "default"
 
 
 class SentenceTransformerEncoder:
@@ -93,10 +95,23 @@ def read_config(model_dir: Path) -> dict:
 
 def resolve(spec: str) -> tuple[str, Path]:
     kind, path = split_kind(spec)
-    model_dir = resolve_model_dir(path)
+    model_dir = shipped_model_dir() if path == DEFAULT_MODEL else resolve_model_dir(path)
     if not model_dir.is_dir():
         raise CheckpointError(f"{path}: no such model folder")
     return kind or detect_kind(model_dir), model_dir
+
+
+def shipped_model_dir() -> Path:
+    """The folder of the model shipped inside the package, which the name "default" stands for."""
+    from mbert_retrieval.models.dense import default_model_dir
+
+    model_dir = default_model_dir()
+    if model_dir is None:
+        raise CheckpointError(
+            f"{DEFAULT_MODEL!r} names the model shipped with mbert-retrieval, but this installation has "
+            "none; pass a model folder or hub id"
+        )
+    return model_dir
 
 
 def load_search_model(spec: str, device: str | None = None):
@@ -145,8 +160,9 @@ def build_retriever(
     show_progress: bool = False,
     bm25_settings: dict | None = None,
 ):
-    """An empty Retriever for a system spec: "bm25", a model folder or hub id ("dense:", "colbert:",
-    "st:" prefixes optional), or "hybrid:<model>" (BM25 and the model fused by reciprocal rank)."""
+    """An empty Retriever for a system spec: "bm25", "default" (the shipped model), a model folder or
+    hub id ("dense:", "colbert:", "st:" prefixes optional), or "hybrid:<model>" (BM25 and the model
+    fused by reciprocal rank)."""
     from mbert_retrieval.search.retriever import Retriever
 
     hybrid = system.startswith("hybrid:")
@@ -175,8 +191,9 @@ def build_retriever(
 
 
 def canonical_name(spec: str) -> str:
-    """Local folders as absolute paths (so a saved index finds its model from anywhere); hub ids as given."""
+    """Local folders as absolute paths (so a saved index finds its model from anywhere); hub ids and
+    "default" (the shipped model, wherever the package is installed) as given."""
     kind, path = split_kind(spec)
-    if Path(path).expanduser().is_dir():
+    if path != DEFAULT_MODEL and Path(path).expanduser().is_dir():
         path = str(Path(path).expanduser().resolve())
     return f"{kind}:{path}" if kind else path
