@@ -11,6 +11,9 @@ seconds to finish before the run stops without it.
 
     PYTHONPATH=. python benchmarks/service_load.py                                # 2 x 60 s
     PYTHONPATH=. python benchmarks/service_load.py --duration 10 --clients 8      # smoke run
+
+Results: `results/service_load.json`; `results/service_load_before.json` is the same run on the code
+that encoded in the server process (p99 15.9 s during a reindex against 2.8 s steady).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -292,7 +296,7 @@ def main() -> None:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "note": args.note,
     }
-    result["command"] = " ".join(["python", *sys.argv])
+    result["command"] = shlex.join(["python", *sys.argv])
     text = table(result)
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -175,5 +175,8 @@ def serve_builds(threads: str, niceness: str) -> None:
             reply = ("ok", report)
         except Exception as err:
             reply = ("error", f"{type(err).__name__}: {err}")
-        pickle.dump(reply, replies)
-        replies.flush()
+        try:
+            pickle.dump(reply, replies)
+            replies.flush()
+        except OSError:  # the server is gone
+            return
