@@ -94,6 +94,23 @@ def test_search_details(tmp_path):
         BM25Index.load(tmp_path / "bm25")
 
 
+@pytest.mark.parametrize("split_identifiers", [False, True])
+def test_queries_without_terms_match_nothing(split_identifiers):
+    """Stopwords, one-letter words, punctuation, emoji, NUL: nothing is left to score, so nothing
+    matches (bm25s itself fails on an empty term list)."""
+    texts = ["the cat sat on a mat", "x = a_b or the_thing", "def parse_header(value): ..."]
+    index = BM25Index.build(["a", "b", "c"], texts, split_identifiers=split_identifiers)
+    termless = ["the", "a", "x", "_", "?!", "()", "\U0001f600", "\x00", "", "   ", "the a of"]
+    assert index.tokenize(termless) == [[] for _ in termless]
+    for query in termless:
+        scores = index.scores(query)
+        assert scores.shape == (3,) and scores.dtype == np.float32 and not scores.any()
+    ids, scores = index.search(termless, k=3)
+    assert ids == [[] for _ in termless] and all(len(s) == 0 for s in scores)
+    ids, _ = index.search(["the", "cat", "?!"], k=3)  # mixed with a query that has a term
+    assert ids == [[], ["a"], []]
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="empty corpus"):
         BM25Index.build([], [])

@@ -36,6 +36,7 @@ def served(tmp_path_factory, hf_mlm_dir):
     yield repo, service, client
     client.close()
     server.stop()
+    service.close()
 
 
 def search(client, **body):

@@ -45,6 +45,7 @@ def served(tmp_path_factory, hf_mlm_dir):
     server = start_in_thread(create_app(service))
     yield repo, service, server.url
     server.stop()
+    service.close()
 
 
 async def run_clients(url: str, requests: list[dict]) -> list[tuple[float, int, str]]:

@@ -2,7 +2,7 @@
 
     mbert-retrieval index-code REPO --index DIR [--model M] [--full] [--include-secrets]
     mbert-retrieval search-code DIR QUERY... [-k 10] [--mode hybrid|dense|bm25] [--path GLOB] [--json]
-    mbert-retrieval serve --index DIR [--host 127.0.0.1] [--port 8765] [--token T]
+    mbert-retrieval serve --index DIR [--host 127.0.0.1] [--port 8765] [--token T] [--allow-no-token]
 
 `register(app)` adds the commands to a typer app; this module's own `app` runs them standalone
 (`python -m mbert_retrieval.code.cli ...`).
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -186,17 +187,24 @@ def serve(
     threads: int | None = typer.Option(
         None, "--threads", help="CPU threads per model call (default: torch's)"
     ),
+    allow_no_token: bool = typer.Option(
+        False, "--allow-no-token", help="Serve without a token on an address other than loopback"
+    ),
 ) -> None:
     """Serve code search over HTTP for IDE plugins (POST /search, POST /reindex, GET /health)."""
     from mbert_retrieval.code.index import read_index_settings
     from mbert_retrieval.server import CodeSearchService, Limits, create_app
     from mbert_retrieval.server import serve as run_server
+    from mbert_retrieval.server.run import check_token
 
     if threads is not None:  # many concurrent requests each using every core thrash; one or two is often best
         import torch
 
         torch.set_num_threads(threads)
+    if token is None:  # typer reads an empty variable as unset; an empty token must be refused
+        token = os.environ.get("MBERT_RETRIEVAL_TOKEN")
     try:
+        check_token(token, host, allow_no_token)
         name = model_name(model) if model is not None else read_index_settings(index)["model_name"]
         service = CodeSearchService(
             index,
@@ -208,7 +216,11 @@ def serve(
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from None
     run_server(
-        create_app(service, token=token, limits=Limits(max_k=max_k)), host=host, port=port, token=token
+        create_app(service, token=token, limits=Limits(max_k=max_k)),
+        host=host,
+        port=port,
+        token=token,
+        allow_no_token=allow_no_token,
     )
 
 

@@ -249,7 +249,7 @@ class CodeIndex:
             rankings.append([p for p, _ in ranking])
             weights.append(self.fusion.bm25_weight)
             scores.update(ranking)
-        if mode == "hybrid":
+        if mode == "hybrid":  # no BM25 term in the query ("the", "?!"): the dense ranking alone
             fused = reciprocal_rank_fusion(rankings, k=self.fusion.rrf_k, weights=weights)
         else:
             fused = [(p, scores[p]) for p in rankings[0]]

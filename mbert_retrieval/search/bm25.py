@@ -81,8 +81,13 @@ class BM25Index:
         )
 
     def scores(self, query: str) -> np.ndarray:
-        """BM25 score of every document for one query, [n_docs] float32 (0 where no term matches)."""
-        return np.asarray(self._bm25.get_scores(self.tokenize([query])[0]), dtype=np.float32)
+        """BM25 score of every document for one query, [n_docs] float32 (0 where no term matches).
+
+        A query with no terms left after tokenisation ("the", "?!", an emoji) matches nothing."""
+        terms = self.tokenize([query])[0]
+        if not terms:  # bm25s fails on an empty term list
+            return np.zeros(len(self._ids), dtype=np.float32)
+        return np.asarray(self._bm25.get_scores(terms), dtype=np.float32)
 
     def search(self, queries: str | Sequence[str], k: int = 10) -> tuple[list[list[str]], list[np.ndarray]]:
         """Top-k per query, best first: (ids, scores). Documents that match no query term are left out,

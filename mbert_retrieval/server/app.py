@@ -7,8 +7,9 @@
     GET  /health   status, index size, reindex state (no authentication)
     GET  /openapi.json, /docs
 
-With a token configured, /search and /reindex need `Authorization: Bearer <token>`. Bad input gets a
-4xx answer naming the problem: an empty or over-long query, k outside 1..max_k, an unknown language,
+With a token configured, /search and /reindex need exactly one `Authorization: Bearer <token>`
+header (compared in constant time); an empty token is refused when the app is created. Bad input
+gets a 4xx answer naming the problem: an empty or over-long query, k outside 1..max_k, an unknown language,
 a path glob reaching outside the repository, a body over the size limit. Hits come from the index
 only: no request makes the server read a file.
 """
@@ -97,6 +98,8 @@ def create_app(
     service: CodeSearchService, *, token: str | None = None, limits: Limits | None = None
 ) -> FastAPI:
     limits = limits or Limits()
+    if token is not None and not token.strip():
+        raise ValueError("the token is empty: give a non-empty token, or None to serve without one")
     app = FastAPI(title="mbert-retrieval code search", version="1", description=__doc__)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     authorized = [Depends(bearer_token_check(token))]
@@ -186,13 +189,17 @@ def check_search_request(request: SearchRequest, limits: Limits) -> None:
 
 
 def bearer_token_check(token: str | None):
-    """A dependency that accepts every request without a token, else only `Bearer <token>`."""
+    """A dependency that accepts every request without a token, else only one `Bearer <token>` header."""
 
     def check(request: Request) -> None:
         if token is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        headers = request.headers.getlist("authorization")
+        if len(headers) > 1:  # proxies and servers disagree on which one counts: accept neither
+            raise HTTPException(status_code=400, detail="more than one Authorization header")
+        scheme, _, given = (headers[0] if headers else "").partition(" ")
+        given = given.strip().encode("latin-1")  # the raw header bytes (ASGI decodes them as latin-1)
+        if scheme.lower() != "bearer" or not given or not hmac.compare_digest(given, token.encode()):
             raise HTTPException(
                 status_code=401,
                 detail="missing or invalid bearer token",

@@ -14,12 +14,30 @@ logger = logging.getLogger(__name__)
 
 
 def serve(
-    app, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info", token: str | None = None
+    app,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    log_level: str = "info",
+    token: str | None = None,
+    allow_no_token: bool = False,
 ) -> None:
-    """Serve until interrupted. Without a token the server should listen on loopback only."""
+    """Serve until interrupted. `token` is the one `app` checks; see `check_token`."""
+    check_token(token, host, allow_no_token)
     if token is None and not _is_loopback(host):
         logger.warning("serving on %s without a token: anyone who can reach it can search the code", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def check_token(token: str | None, host: str, allow_no_token: bool = False) -> None:
+    """Refuse settings that would leave the service open by mistake: an empty or blank token (an
+    unset shell variable), or no token on an address other than loopback without `allow_no_token`."""
+    if token is not None and not token.strip():
+        raise ValueError("the token is empty: give a non-empty --token (or MBERT_RETRIEVAL_TOKEN)")
+    if token is None and not _is_loopback(host) and not allow_no_token:
+        raise ValueError(
+            f"refusing to serve on {host} without a token: anyone who can reach it could search the "
+            "code; give --token, or --allow-no-token to serve without authentication anyway"
+        )
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """The code search service behind the HTTP API: a live index snapshot, the model, and reindexing.
 
 Searches read `service.index` once and use that snapshot to the end of the request. A reindex
-builds a new snapshot on disk beside the live one (`build_code_index`), loads it, and only then
-replaces the reference, so no reader ever sees a half-built index and none waits for a rebuild.
+builds a new snapshot on disk beside the live one (`build_code_index`, in a low-priority worker
+process: see reindex_worker.py), loads it, and only then replaces the reference, so no reader ever
+sees a half-built index and none waits for a rebuild.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mbert_retrieval.code.index import CodeHit, CodeIndex, IndexReport, build_code_index
+from mbert_retrieval.code.index import CodeHit, CodeIndex, IndexReport
+from mbert_retrieval.server.reindex_worker import ReindexFailed, ReindexWorker
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,9 @@ class CodeSearchService:
         model_name: str,
         reranker=None,
         rerank_depth: int = 50,
+        reindex_threads: int | None = None,
     ):
+        """`reindex_threads`: torch threads of the reindex process (default: half the cores)."""
         self.index_dir = Path(index_dir)
         self.model = model
         self.model_name = model_name
@@ -65,6 +69,7 @@ class CodeSearchService:
         self.rerank_depth = rerank_depth
         self._model_lock = threading.Lock()
         self._reindex_lock = threading.Lock()
+        self._worker = ReindexWorker(model, threads=reindex_threads)
         self._index = CodeIndex.load(self.index_dir)
         self.state = ReindexState()
         self._check_model(self._index)
@@ -126,23 +131,24 @@ class CodeSearchService:
             thread.join()
         return thread
 
+    def close(self) -> None:
+        """Stop the reindex process (started by the first reindex, then kept for the next ones)."""
+        self._worker.close()
+
     def _reindex(self, full: bool) -> None:
         started = time.perf_counter()
         try:
-            report = build_code_index(
-                self._index.root,
-                self.index_dir,
-                self.model,
-                model_name=self.model_name,
-                full=full,
-                encode_lock=self._model_lock,
-                show_progress=False,
+            report = self._worker.build(
+                self._index.root, self.index_dir, model_name=self.model_name, full=full
             )
             fresh = CodeIndex.load(self.index_dir)
             self._index = fresh  # the swap: requests already running keep the snapshot they hold
             self.state.last_report, self.state.last_error = report, None
             self.state.completed += 1
             logger.info("reindex done in %.1fs: %s", time.perf_counter() - started, report.summary())
+        except ReindexFailed as err:  # the build's own error, from the worker process
+            self.state.last_error = str(err)
+            logger.error("reindex failed (%s); still serving snapshot %s", err, self._index.snapshot)
         except Exception as err:  # the live index stays as it was; the error is reported by /health
             self.state.last_error = f"{type(err).__name__}: {err}"
             logger.exception("reindex failed; still serving snapshot %s", self._index.snapshot)
