@@ -409,6 +409,8 @@ def replace_inline_tags(text: str) -> str:
 
 
 def _inline_tag(tag: str, body: str) -> str:
+    if tag not in ("code", "literal"):  # {@return a {@code Set} of codes}
+        body = replace_inline_tags(body)
     if tag in ("link", "linkplain", "linkcode", "see"):
         target, label = LINK_TARGET.match(body).groups()
         if label.strip():

@@ -50,7 +50,7 @@ public class Box<T> {
 
     static class Lid {
         /**
-         * {@return whether the lid is open}
+         * {@return whether the {@code lid} is open}
          */
         boolean isOpen() { return open; }
     }
