@@ -170,6 +170,8 @@ def build_code_dataset(
     query_metadata = {query_id(f): {"language": f.language} for f in kept}
     qrels = {split: {query_id(f): {f.doc_id: 1} for f in pairs[split]} for split in SPLITS if pairs[split]}
     save_beir(out_dir, corpus, queries, qrels, query_metadata=query_metadata)
+    for split in set(SPLITS) - set(qrels):  # an empty split has no qrels file, not a stale one
+        (out_dir / "qrels" / f"{split}.tsv").unlink(missing_ok=True)
 
     summary = CodeDatasetSummary(
         folder=str(out_dir),

@@ -38,6 +38,7 @@ import sysconfig
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LANGUAGES = ("python", "java", "javascript", "typescript", "go")
@@ -238,7 +239,17 @@ def run(command: list, capture: bool = False) -> str:
 # ---------------------------------------------------------------------------------------------- build
 
 
-def build(sources: Path, out: Path, languages: list[str], options: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class BuildSettings:
+    max_train_pairs: int | None = 60_000
+    dev_fraction: float = 0.02
+    test_fraction: float = 0.02
+    workers: int = os.cpu_count() or 1
+    typescript_declarations: bool = False
+    held_out: dict = field(default_factory=lambda: HELD_OUT)
+
+
+def build(sources: Path, out: Path, languages: list[str], options: BuildSettings) -> None:
     missing = [language for language in languages if not (sources / language).is_dir()]
     if missing:
         raise SystemExit(f"no sources for {', '.join(missing)} under {sources}: run `fetch` first")
@@ -249,13 +260,17 @@ def build(sources: Path, out: Path, languages: list[str], options: argparse.Name
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = {job: pool.submit(build_one, sources, out, *job, options) for job in jobs}
         results = {job: future.result() for job, future in futures.items()}
-    manifest = {"seconds": round(time.perf_counter() - started, 1), "held_out": HELD_OUT, "languages": {}}
+    manifest = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "held_out": options.held_out,
+        "languages": {},
+    }
     for language in languages:
-        removed = drop_held_out_texts(out / "train" / language, out / "heldout" / language)
-        manifest["languages"][language] = {
-            "train": results[language, "train"] | {"removed_as_held_out": removed},
-            "heldout": results[language, "heldout"],
-        }
+        train = results[language, "train"]
+        left = drop_held_out_texts(out / "train" / language, out / "heldout" / language)
+        removed = sum(train["functions"].values()) - sum(left.values())
+        train |= {"functions": {**train["functions"], **left}, "removed_as_held_out": removed}
+        manifest["languages"][language] = {"train": train, "heldout": results[language, "heldout"]}
     write_json(out / "manifest.json", manifest)
     print(f"{'language':12s} {'train':>7s} {'dev':>6s} {'test':>6s} {'held-out':>9s}")
     for language, record in manifest["languages"].items():
@@ -267,7 +282,7 @@ def build(sources: Path, out: Path, languages: list[str], options: argparse.Name
     print(f"built in {manifest['seconds']} s -> {out}/train/<language>, {out}/heldout/<language>")
 
 
-def build_one(sources: Path, out: Path, language: str, part: str, options: argparse.Namespace) -> dict:
+def build_one(sources: Path, out: Path, language: str, part: str, options: BuildSettings) -> dict:
     from evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
 
     started = time.perf_counter()
@@ -276,7 +291,7 @@ def build_one(sources: Path, out: Path, language: str, part: str, options: argpa
         typescript_declarations=options.typescript_declarations,
         show_progress=False,
     )
-    held_out = HELD_OUT[language]
+    held_out = options.held_out[language]
     if part == "heldout":
         summary = build_code_dataset(
             sources / language,
@@ -308,25 +323,40 @@ def build_one(sources: Path, out: Path, language: str, part: str, options: argpa
     }
 
 
-def drop_held_out_texts(train: Path, heldout: Path) -> int:
-    """Remove from the training set's qrels every pair whose query or function text is also a held-out
-    pair's (the same function copied into two packages, say). Returns how many were removed."""
-    held_queries = {json.loads(line)["text"] for line in (heldout / "queries.jsonl").open()}
-    held_code = {json.loads(line)["text"] for line in (heldout / "corpus.jsonl").open()}
-    bad_queries = {
-        r["_id"] for r in map(json.loads, (train / "queries.jsonl").open()) if r["text"] in held_queries
+def drop_held_out_texts(train: Path, heldout: Path) -> dict[str, int]:
+    """Remove from the training set every pair whose query or function text is also a held-out pair's
+    (the same function copied into two packages, say): its qrels row, its query and its document.
+    Returns the pairs left per split."""
+    held_queries = {record["text"] for _, record in read_jsonl(heldout / "queries.jsonl")}
+    held_code = {record["text"] for _, record in read_jsonl(heldout / "corpus.jsonl")}
+    bad = {
+        record["_id"] for _, record in read_jsonl(train / "queries.jsonl") if record["text"] in held_queries
     }
-    bad_docs = {r["_id"] for r in map(json.loads, (train / "corpus.jsonl").open()) if r["text"] in held_code}
-    removed = 0
+    bad |= {record["_id"] for _, record in read_jsonl(train / "corpus.jsonl") if record["text"] in held_code}
+    dropped, left = set(), {}
     for qrels in sorted((train / "qrels").glob("*.tsv")):
         header, *rows = qrels.read_text().splitlines(keepends=True)
-        kept = [
-            row for row in rows if not ({row.split("\t")[0]} & bad_queries or {row.split("\t")[1]} & bad_docs)
-        ]
-        removed += len(rows) - len(kept)
+        kept = []
+        for row in rows:
+            query, document = row.split("\t")[:2]
+            if query in bad or document in bad:
+                dropped |= {query, document}
+            else:
+                kept.append(row)
+        left[qrels.stem] = len(kept)
         if len(kept) < len(rows):
             atomic_write(qrels, "".join([header, *kept]))
-    return removed
+    for name in ("queries.jsonl", "corpus.jsonl") if dropped else ():
+        kept_lines = [line for line, record in read_jsonl(train / name) if record["_id"] not in dropped]
+        atomic_write(train / name, "".join(kept_lines))
+    return left
+
+
+def read_jsonl(path: Path):
+    """(line, record) for every line of a JSON-lines file."""
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            yield line, json.loads(line)
 
 
 # -------------------------------------------------------------------------------------------- helpers
@@ -372,7 +402,14 @@ def main() -> None:
     if args.command == "fetch":
         fetch(args.sources, languages, args.force)
     else:
-        build(args.sources, args.out, languages, args)
+        settings = BuildSettings(
+            args.max_train_pairs,
+            args.dev_fraction,
+            args.test_fraction,
+            args.workers,
+            args.typescript_declarations,
+        )
+        build(args.sources, args.out, languages, settings)
 
 
 if __name__ == "__main__":

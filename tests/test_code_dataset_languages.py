@@ -338,6 +338,7 @@ def test_language_in_the_metadata(built):
 
 def test_language_choice_declarations_and_an_evaluation_only_set(built, tmp_path):
     root, _, _ = built
+    build_code_dataset(root, tmp_path / "ts", test_fraction=0.3, dev_fraction=0.2, show_progress=False)
     summary = build_code_dataset(
         root,
         tmp_path / "ts",
