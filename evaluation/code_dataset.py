@@ -39,6 +39,7 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from evaluation.data import DataFormatError, save_beir
+from evaluation.doc_comments import Documented, documented_definitions
 from mbert_retrieval.modeling.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,30 @@ def extract_functions(
 ) -> list[CodeFunction] | None:
     """The documented functions of one file; None when the file is skipped (counted in `problems`) or
     left out as minified or generated (counted in `left_out`)."""
+    found = read_definitions(path, relative, language, problems, left_out)
+    if found is None:
+        return None
+    functions, seen_ids = [], Counter()
+    for definition in found:
+        if len(definition.query.split()) < min_query_words:
+            skipped["query shorter than min_query_words"] += 1
+            continue
+        if definition.code is None:
+            skipped[definition.problem] += 1
+            continue
+        doc_id = f"{relative}:{definition.name}"
+        seen_ids[doc_id] += 1
+        if seen_ids[doc_id] > 1:  # the same name defined twice (e.g. under if/else, or overloads)
+            doc_id = f"{doc_id}@{definition.line}"
+        functions.append(
+            CodeFunction(doc_id, relative, definition.name, definition.query, definition.code, language)
+        )
+    return functions
+
+
+def read_definitions(
+    path: Path, relative: str, language: str, problems: Counter, left_out: Counter
+) -> list[Documented] | None:
     try:
         source = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -322,48 +347,30 @@ def extract_functions(
         left_out["minified or generated"] += 1
         return None
     try:
-        found = (
-            python_definitions(source)
-            if language == "python"
-            else other_definitions(source, relative, language)
-        )
+        if language == "python":
+            return python_definitions(source)
+        return other_definitions(source, relative, language)
     except (RecursionError, MemoryError):
         problems["nested too deeply to parse"] += 1
         logger.warning("%s: nested too deeply to parse; skipped", path)
-        return None
     except (SyntaxError, ValueError):
         problems["does not parse"] += 1
-        return None
     except GrammarMissing as err:
         left_out[str(err)] += 1
-        return None
-    functions, seen_ids = [], Counter()
-    for name, line, query, code in found:
-        if len(query.split()) < min_query_words:
-            skipped["query shorter than min_query_words"] += 1
-            continue
-        if code is None:
-            skipped["no code besides the docstring"] += 1
-            continue
-        doc_id = f"{relative}:{name}"
-        seen_ids[doc_id] += 1
-        if seen_ids[doc_id] > 1:  # the same name defined twice (e.g. under if/else, or overloads)
-            doc_id = f"{doc_id}@{line}"
-        functions.append(CodeFunction(doc_id, relative, name, query, code, language))
-    return functions
+    return None
 
 
-def python_definitions(source: str) -> list[tuple[str, int, str, str | None]]:
-    """(qualified name, line, query, code or None) of the documented Python functions."""
+def python_definitions(source: str) -> list[Documented]:
+    """The documented Python functions (module level and methods)."""
     tree = ast.parse(source)
     lines = source.splitlines()
     found = []
     for node, qualname in walk_definitions(tree):
         docstring = ast.get_docstring(node, clean=True)
         if docstring:
-            found.append(
-                (qualname, node.lineno, first_paragraph(docstring), source_without_docstring(node, lines))
-            )
+            code = source_without_docstring(node, lines)
+            problem = "no code besides the docstring" if code is None else None
+            found.append(Documented(qualname, node.lineno, first_paragraph(docstring), code, problem))
     return found
 
 
@@ -371,12 +378,10 @@ class GrammarMissing(Exception):
     """No tree-sitter grammar for a language; the message says why, for the count of files left out."""
 
 
-def other_definitions(source: str, relative: str, language: str) -> list[tuple[str, int, str, str | None]]:
-    """(qualified name, line, query, code or None) of the documented functions, read with tree-sitter."""
-    from evaluation.doc_comments import documented_definitions
-
+def other_definitions(source: str, relative: str, language: str) -> list[Documented]:
+    """The documented functions of a Java, JavaScript, TypeScript or Go file, read with tree-sitter."""
     try:
-        found = documented_definitions(
+        return documented_definitions(
             source,
             language,
             tsx=relative.endswith(".tsx"),
@@ -384,7 +389,6 @@ def other_definitions(source: str, relative: str, language: str) -> list[tuple[s
         )
     except ImportError as err:  # tree-sitter-language-pack comes with the `server` extra
         raise GrammarMissing("no tree-sitter grammars (pip install tree-sitter-language-pack)") from err
-    return [(d.name, d.line, d.query, d.code) for d in found]
 
 
 def walk_definitions(tree: ast.Module):

@@ -109,12 +109,14 @@ GO_DOC_LINK = re.compile(r"\[(\*?[A-Za-z_][\w.]*)\]")
 
 @dataclass(frozen=True)
 class Documented:
-    """One documented definition; `code` is None when it has nothing but a placeholder or no body."""
+    """One documented definition; without code when it has no body, only a placeholder, or does not
+    parse (`problem` says which)."""
 
     name: str  # qualified: Class.method, Receiver.Method
     line: int  # 1-based line of the definition
     query: str  # the doc comment's first paragraph, as plain text
     code: str | None  # the definition without its doc comment, dedented
+    problem: str | None = None
 
 
 def documented_definitions(
@@ -134,16 +136,20 @@ def documented_definitions(
             continue
         start, outer = _extent(definition)
         comment = _doc_comment(start, language, source)
-        if comment is None or (
-            _assigned_call(definition) and not _wraps_function(_assigned_call(definition))
-        ):
+        call = _assigned_call(definition)
+        if comment is None or (call is not None and not _wraps_function(call)):
             continue
         inside_until = outer.end_byte
-        code = None
-        if not outer.has_error and _has_code(definition, declarations, source):
+        code, problem = None, None
+        if outer.has_error:
+            problem = "syntax error in the definition"
+        elif not _has_code(definition, declarations, source):
+            problem = "no code besides the docstring"
+        else:
             code = _code(source, start.start_byte, outer.end_byte)
         name = _qualified_name(definition, source)
-        found.append(Documented(name, definition.start_point[0] + 1, query_text(comment, language), code))
+        line = definition.start_point[0] + 1
+        found.append(Documented(name, line, query_text(comment, language), code, problem))
     return found
 
 
