@@ -62,7 +62,7 @@ TYPESCRIPT_PACKAGES = {
     **{"@tanstack/query-core": "5.108.4", "@tanstack/router-core": "1.171.39"},
     **{"@reduxjs/toolkit": "2.15.0", "redux": "5.0.1", "@trpc/server": "11.25.2"},
 }
-TYPESCRIPT_LIB = ("typescript", "7.0.2")  # lib/*.d.ts: the standard library's declarations
+TYPESCRIPT_LIB = ("typescript", "5.9.3")  # lib/*.d.ts: the standard library's declarations (7.x ships none)
 
 # Folders (under runs/sources/<language>/) kept for evaluation only.
 PYTHON_STDLIB_HELD_OUT = (
