@@ -380,6 +380,7 @@ def build_code_dataset_command(
         raise BadInput(str(err)) from err
     counts = ", ".join(f"{split} {n}" for split, n in summary.functions.items())
     problems = "".join(f", {n} skipped: {why}" for why, n in summary.file_problems.items())
+    problems += "".join(f", {n} left out: {why}" for why, n in summary.files_left_out.items())
     typer.echo(f"{output}: {counts} query-function pairs from {summary.files_read} files{problems}")
 
 

@@ -493,3 +493,17 @@ def test_symlinked_root_is_read(tmp_path):
     os.symlink(tree, tmp_path / "link")
     summary = build_code_dataset(tmp_path / "link", tmp_path / "out", show_progress=False)
     assert summary.files_read == 3 and not summary.files_left_out
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("a", "b", "c"):
+        (tree / f"{name}.py").write_text(
+            f'def {name}():\n    """Return the letter {name} here."""\n    return 1\n'
+        )
+    with open(os.fsencode(tree) + b"/bad\xff.py", "w") as handle:
+        handle.write('def bad():\n    """Return a value from a badly named file."""\n    return 1\n')
+    summary = build_code_dataset(tree, tmp_path / "out", show_progress=False)
+    assert summary.files_left_out == {"file name not valid UTF-8": 1}
+    assert summary.files_read == 3
