@@ -1,10 +1,20 @@
-"""Build a CodeSearchNet-style retrieval set from any tree of Python source, offline.
+"""Build a CodeSearchNet-style retrieval set from a tree of Python, Java, JavaScript, TypeScript or Go
+source, offline.
 
-Every documented function (module-level functions and methods, not functions nested in functions)
-gives one query and one relevant document:
+Every documented function gives one query and one relevant document:
 
-    query     the first paragraph of the docstring, whitespace collapsed
-    document  the function's source with the docstring removed (decorators kept, dedented)
+    query     the first paragraph of the docstring or doc comment, as plain text, whitespace collapsed
+    document  the function's source without its docstring / doc comment (decorators kept, dedented)
+
+Python: module-level functions and methods (not functions nested in functions), read with `ast`. The
+other languages (Javadoc, JSDoc / TSDoc, Go doc comments) are read with tree-sitter: see
+evaluation/doc_comments.py. The language comes from the file suffix; every corpus and query record
+carries it in its "metadata".
+
+Left out: test folders and files, vendored folders, minified or generated files (not for Python),
+TypeScript declaration files (unless asked for), and symbolic links leading out of the tree (linked
+folders are never entered). A file that cannot be read or parsed (too deeply nested, say) is skipped and
+counted.
 
 Files are grouped into units (one per module, or one per top-level package) and whole units are
 assigned to train / dev / test, so no source file ever gives pairs to two splits. The corpus holds
@@ -16,10 +26,12 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import os
 import random
 import re
 import textwrap
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,13 +39,39 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from evaluation.data import DataFormatError, save_beir
+from evaluation.doc_comments import Documented, documented_definitions
 from mbert_retrieval.modeling.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 SplitBy = Literal["module", "package"]
 SPLITS = ("train", "dev", "test")
-DEFAULT_EXCLUDED_DIRS = ("test", "tests", "__pycache__", ".git", "site-packages")
+DEFAULT_EXCLUDED_DIRS = (
+    *("test", "tests", "__tests__", "__mocks__", "testdata"),
+    *("__pycache__", ".git", "site-packages", "node_modules", "bower_components", "vendor", "third_party"),
+)
+LANGUAGES = ("python", "java", "javascript", "typescript", "go")
+LANGUAGE_NAMES = {
+    "python": "Python",
+    "java": "Java",
+    "javascript": "JavaScript",
+    "typescript": "TypeScript",
+    "go": "Go",
+}
+SUFFIXES = {
+    ".py": "python",
+    ".java": "java",
+    **dict.fromkeys((".js", ".mjs", ".cjs", ".jsx"), "javascript"),
+    **dict.fromkeys((".ts", ".tsx", ".mts", ".cts"), "typescript"),
+    ".go": "go",
+}
+DECLARATION_SUFFIXES = (".d.ts", ".d.mts", ".d.cts")
+TEST_FILE = re.compile(r"(_test\.go|\.(test|spec)\.[cm]?[jt]sx?)$")
+MINIFIED_FILE = re.compile(r"([.-]min|\.bundle)\.[cm]?js$")
+BUNDLE_DIRS = frozenset({"dist", "build", "bundle", "bundles", "umd"})
+GENERATED_MARKER = re.compile(r"^// Code generated .* DO NOT EDIT\.$|@generated\b", re.MULTILINE)
+MAX_LINE_CHARS = 500  # a longer line means minified or generated code
+MAX_MEAN_LINE_CHARS = 200
 
 
 @dataclass
@@ -45,6 +83,7 @@ class CodeFunction:
     name: str  # qualified: Class.method
     query: str
     code: str
+    language: str = "python"
 
 
 @dataclass
@@ -53,8 +92,11 @@ class CodeDatasetSummary:
     functions: dict[str, int]  # split -> pairs
     units: dict[str, list[str]]  # split -> modules or packages
     files_read: int
-    files_skipped: int
+    files_skipped: int  # files that could not be read or parsed
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> functions skipped
+    file_problems: dict[str, int] = field(default_factory=dict)  # reason -> files skipped
+    files_left_out: dict[str, int] = field(default_factory=dict)  # reason -> files not read on purpose
+    languages: dict[str, int] = field(default_factory=dict)  # language -> pairs, all splits
 
 
 def build_code_dataset(
@@ -65,64 +107,90 @@ def build_code_dataset(
     test_fraction: float = 0.2,
     dev_fraction: float = 0.1,
     min_query_words: int = 3,
-    exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDED_DIRS,
+    exclude_dirs: Sequence[str] = DEFAULT_EXCLUDED_DIRS,
+    include_dirs: Sequence[str] | None = None,
+    languages: Sequence[str] = LANGUAGES,
+    typescript_declarations: bool = False,
     max_functions: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
 ) -> CodeDatasetSummary:
-    """Turn the Python files under `source_root` into a BEIR folder at `out_dir`.
+    """Turn the source files under `source_root` into a BEIR folder at `out_dir`.
 
     Writes corpus.jsonl, queries.jsonl, qrels/{train,dev,test}.tsv and build.json (what went where).
+    `exclude_dirs`: a name leaves out every folder of that name; a path with a slash ("net/http",
+    "strings/") leaves out that one folder under the root. `include_dirs`: read only these folders
+    (paths under the root). `typescript_declarations`: also read .d.ts files (doc comment -> signature).
+    `test_fraction=1` (with `dev_fraction=0`) puts every pair in test: an evaluation-only set.
     `max_functions` keeps at most that many pairs, taking whole units in the split order.
     """
     source_root = Path(source_root)
     if not source_root.is_dir():
         raise DataFormatError(f"{source_root}: no such folder")
-    if not 0 < test_fraction < 1 or not 0 <= dev_fraction < 1 or test_fraction + dev_fraction >= 1:
+    evaluation_only = test_fraction == 1 and dev_fraction == 0
+    fractions_ok = 0 < test_fraction < 1 and 0 <= dev_fraction < 1 and test_fraction + dev_fraction < 1
+    if not (fractions_ok or evaluation_only):
         raise ValueError("test_fraction and dev_fraction must be in [0, 1) and leave room for train")
     if split_by not in ("module", "package"):
         raise ValueError(f"split_by must be 'module' or 'package', got {split_by!r}")
+    if not languages or set(languages) - set(LANGUAGES):
+        raise ValueError(f"languages must be among {', '.join(LANGUAGES)}, got {', '.join(languages)}")
 
-    files = python_files(source_root, exclude_dirs)
+    left_out: Counter = Counter()
+    files = source_files(
+        source_root, languages, exclude_dirs, include_dirs, typescript_declarations, left_out
+    )
     skipped: Counter = Counter()
+    problems: Counter = Counter()
     by_unit: dict[str, list[CodeFunction]] = {}
-    files_skipped = 0
-    for path in tqdm(files, desc="reading sources", unit="file", disable=not show_progress):
+    files_read = 0
+    for path, language in tqdm(files, desc="reading sources", unit="file", disable=not show_progress):
         relative = path.relative_to(source_root).as_posix()
-        functions = extract_functions(path, relative, min_query_words, skipped)
+        functions = extract_functions(path, relative, language, min_query_words, skipped, problems, left_out)
         if functions is None:
-            files_skipped += 1
             continue
+        files_read += 1
         if functions:
             by_unit.setdefault(unit_of(relative, split_by), []).extend(functions)
 
-    by_unit = {unit: funcs for unit, funcs in by_unit.items() if funcs}
     if not by_unit:
-        raise DataFormatError(f"{source_root}: no documented Python functions found")
-    units = assign_units(by_unit, test_fraction, dev_fraction, seed)
+        raise DataFormatError(f"{source_root}: {nothing_found(languages)}")
+    if evaluation_only:
+        units = {"train": [], "dev": [], "test": sorted(by_unit)}
+    else:
+        units = assign_units(by_unit, test_fraction, dev_fraction, seed)
     pairs = {split: [f for unit in units[split] for f in by_unit[unit]] for split in SPLITS}
     if max_functions is not None:
         pairs, units = cap_pairs(pairs, units, by_unit, max_functions, test_fraction, dev_fraction)
     pairs = drop_repeated(pairs, skipped)
 
     out_dir = Path(out_dir)
-    corpus = {f.doc_id: {"title": "", "text": f.code} for split in SPLITS for f in pairs[split]}
-    queries = {query_id(f): f.query for split in SPLITS for f in pairs[split]}
-    qrels = {split: {query_id(f): {f.doc_id: 1} for f in pairs[split]} for split in SPLITS}
-    save_beir(out_dir, corpus, queries, qrels)
+    kept = [f for split in SPLITS for f in pairs[split]]
+    corpus = {f.doc_id: {"title": "", "text": f.code, "metadata": {"language": f.language}} for f in kept}
+    queries = {query_id(f): f.query for f in kept}
+    query_metadata = {query_id(f): {"language": f.language} for f in kept}
+    qrels = {split: {query_id(f): {f.doc_id: 1} for f in pairs[split]} for split in SPLITS if pairs[split]}
+    save_beir(out_dir, corpus, queries, qrels, query_metadata=query_metadata)
+    for split in set(SPLITS) - set(qrels):  # an empty split has no qrels file, not a stale one
+        (out_dir / "qrels" / f"{split}.tsv").unlink(missing_ok=True)
 
     summary = CodeDatasetSummary(
         folder=str(out_dir),
         functions={split: len(pairs[split]) for split in SPLITS},
         units={split: units[split] for split in SPLITS},
-        files_read=len(files) - files_skipped,
-        files_skipped=files_skipped,
+        files_read=files_read,
+        files_skipped=sum(problems.values()),
         skipped=dict(skipped),
+        file_problems=dict(problems),
+        files_left_out=dict(left_out),
+        languages=dict(Counter(f.language for f in kept)),
     )
     record = {
         "source_root": str(source_root.resolve()),
         "split_by": split_by,
         "seed": seed,
+        "include_dirs": list(include_dirs) if include_dirs is not None else None,
+        "exclude_dirs": list(exclude_dirs),
         **asdict(summary),
     }
     atomic_write_text(out_dir / "build.json", json.dumps(record, indent=2) + "\n")
@@ -133,15 +201,96 @@ def query_id(function: CodeFunction) -> str:
     return f"q:{function.doc_id}"
 
 
+def nothing_found(languages: Sequence[str]) -> str:
+    first, *others = [LANGUAGE_NAMES[language] for language in languages]
+    if not others:
+        return f"no documented {first} functions found"
+    listed = others[0] if len(others) == 1 else f"{', '.join(others[:-1])} or {others[-1]}"
+    return f"no documented {first} functions found, nor {listed} ones"
+
+
 # -------------------------------------------------------------------------------------- finding code
 
 
-def python_files(root: Path, exclude_dirs: tuple[str, ...]) -> list[Path]:
-    excluded = set(exclude_dirs)
-    return sorted(
-        path
-        for path in root.rglob("*.py")
-        if not excluded.intersection(path.relative_to(root).parts[:-1]) and path.is_file()
+def source_files(
+    root: Path,
+    languages: Sequence[str],
+    exclude_dirs: Sequence[str],
+    include_dirs: Sequence[str] | None,
+    typescript_declarations: bool,
+    left_out: Counter,
+) -> list[tuple[Path, str]]:
+    """(path, language) of every source file to read, sorted. Linked folders are not entered; a linked
+    file counts only when it points inside the tree."""
+    excluded_names = {d for d in exclude_dirs if "/" not in d}
+    excluded_paths = {d.strip("/") for d in exclude_dirs if "/" in d}
+    included = None if include_dirs is None else {d.strip("/") for d in include_dirs}
+    real_root = root.resolve()
+    found = []
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder).relative_to(root).as_posix()
+        prefix = "" if here == "." else f"{here}/"
+        dirs[:] = [
+            d
+            for d in dirs
+            if d not in excluded_names
+            and prefix + d not in excluded_paths
+            and (included is None or any(related(prefix + d, path) for path in included))
+        ]
+        if included is not None and not any(within(here, path) for path in included):
+            continue
+        for name in names:
+            path = Path(folder, name)
+            language = language_of(name, languages, typescript_declarations, left_out)
+            if language is None:
+                continue
+            if TEST_FILE.search(name):
+                left_out["test file"] += 1
+            elif path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                left_out["symbolic link out of the tree"] += 1
+            elif not is_utf8(prefix + name):
+                left_out["file name not valid UTF-8"] += 1
+            elif path.is_file():
+                found.append((path, language))
+    return sorted(found)
+
+
+def within(relative: str, folder: str) -> bool:
+    return relative == folder or relative.startswith(f"{folder}/")
+
+
+def related(relative: str, folder: str) -> bool:
+    """`relative` is inside `folder` or on the way to it."""
+    return within(relative, folder) or within(folder, relative)
+
+
+def language_of(name: str, languages: Sequence[str], declarations: bool, left_out: Counter) -> str | None:
+    language = SUFFIXES.get(os.path.splitext(name)[1])
+    if language not in languages:
+        return None
+    if name.endswith(DECLARATION_SUFFIXES) and not declarations:
+        left_out["TypeScript declaration file"] += 1
+        return None
+    return language
+
+
+def is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the file name, kept as surrogates
+        return False
+    return True
+
+
+def minified_or_generated(relative: str, text: str) -> bool:
+    """A minified file, a bundle with a source map, or a file that says it was generated."""
+    if MINIFIED_FILE.search(relative) or GENERATED_MARKER.search(text[:4096]):
+        return True
+    if BUNDLE_DIRS.intersection(relative.split("/")[:-1]) and "sourceMappingURL=" in text[-2048:]:
+        return True
+    lines = text.splitlines()
+    return bool(lines) and (
+        len(text) / len(lines) > MAX_MEAN_LINE_CHARS or max(map(len, lines)) > MAX_LINE_CHARS
     )
 
 
@@ -152,34 +301,94 @@ def unit_of(relative_path: str, split_by: SplitBy) -> str:
 
 
 def extract_functions(
-    path: Path, relative: str, min_query_words: int, skipped: Counter
+    path: Path,
+    relative: str,
+    language: str,
+    min_query_words: int,
+    skipped: Counter,
+    problems: Counter,
+    left_out: Counter,
 ) -> list[CodeFunction] | None:
-    """The documented functions of one file, or None when the file cannot be read or parsed."""
-    try:
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+    """The documented functions of one file; None when the file is skipped (counted in `problems`) or
+    left out as minified or generated (counted in `left_out`)."""
+    found = read_definitions(path, relative, language, problems, left_out)
+    if found is None:
         return None
-    lines = source.splitlines()
     functions, seen_ids = [], Counter()
-    for node, qualname in walk_definitions(tree):
-        docstring = ast.get_docstring(node, clean=True)
-        if not docstring:
-            continue
-        query = first_paragraph(docstring)
-        if len(query.split()) < min_query_words:
+    for definition in found:
+        if len(definition.query.split()) < min_query_words:
             skipped["query shorter than min_query_words"] += 1
             continue
-        code = source_without_docstring(node, lines)
-        if code is None:
-            skipped["no code besides the docstring"] += 1
+        if definition.code is None:
+            skipped[definition.problem] += 1
             continue
-        doc_id = f"{relative}:{qualname}"
+        doc_id = f"{relative}:{definition.name}"
         seen_ids[doc_id] += 1
-        if seen_ids[doc_id] > 1:  # the same name defined twice (e.g. under if/else)
-            doc_id = f"{doc_id}@{node.lineno}"
-        functions.append(CodeFunction(doc_id, relative, qualname, query, code))
+        if seen_ids[doc_id] > 1:  # the same name defined twice (e.g. under if/else, or overloads)
+            doc_id = f"{doc_id}@{definition.line}"
+        functions.append(
+            CodeFunction(doc_id, relative, definition.name, definition.query, definition.code, language)
+        )
     return functions
+
+
+def read_definitions(
+    path: Path, relative: str, language: str, problems: Counter, left_out: Counter
+) -> list[Documented] | None:
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        problems["not UTF-8 text"] += 1
+        return None
+    except OSError:
+        problems["unreadable"] += 1
+        return None
+    if language != "python" and minified_or_generated(relative, source):
+        left_out["minified or generated"] += 1
+        return None
+    try:
+        if language == "python":
+            return python_definitions(source)
+        return other_definitions(source, relative, language)
+    except (RecursionError, MemoryError):
+        problems["nested too deeply to parse"] += 1
+        logger.warning("%s: nested too deeply to parse; skipped", path)
+    except (SyntaxError, ValueError):
+        problems["does not parse"] += 1
+    except GrammarMissing as err:
+        left_out[str(err)] += 1
+    return None
+
+
+def python_definitions(source: str) -> list[Documented]:
+    """The documented Python functions (module level and methods)."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    found = []
+    for node, qualname in walk_definitions(tree):
+        docstring = ast.get_docstring(node, clean=True)
+        if docstring:
+            code = source_without_docstring(node, lines)
+            problem = "no code besides the docstring" if code is None else None
+            found.append(Documented(qualname, node.lineno, first_paragraph(docstring), code, problem))
+    return found
+
+
+class GrammarMissing(Exception):
+    """No tree-sitter grammar for a language; the message says why, for the count of files left out."""
+
+
+def other_definitions(source: str, relative: str, language: str) -> list[Documented]:
+    """The documented functions of a Java, JavaScript, TypeScript or Go file, read with tree-sitter."""
+    try:
+        return documented_definitions(
+            source,
+            language,
+            tsx=relative.endswith(".tsx"),
+            declarations=relative.endswith(DECLARATION_SUFFIXES),
+        )
+    except ImportError as err:  # tree-sitter-language-pack comes with the `server` extra
+        raise GrammarMissing("no tree-sitter grammars (pip install tree-sitter-language-pack)") from err
 
 
 def walk_definitions(tree: ast.Module):

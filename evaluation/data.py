@@ -226,24 +226,38 @@ def report_problems(source: Path | str, problems: Counter) -> None:
 
 
 def save_beir(
-    folder: str | Path, corpus: Corpus, queries: dict[str, str], qrels_by_split: dict[str, Qrels]
+    folder: str | Path,
+    corpus: Corpus,
+    queries: dict[str, str],
+    qrels_by_split: dict[str, Qrels],
+    *,
+    query_metadata: dict[str, dict] | None = None,
 ) -> Path:
-    """Write a BEIR folder (each file atomically)."""
+    """Write a BEIR folder (each file atomically). A document's "metadata" entry, and a query's entry
+    in `query_metadata`, are written as the record's "metadata" (the loaders ignore it)."""
     folder = Path(folder)
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
     atomic_write_text(
         folder / "corpus.jsonl",
         "".join(
-            json.dumps({"_id": i, "title": d.get("title", ""), "text": d["text"]}) + "\n"
+            json.dumps({"_id": i, "title": d.get("title", ""), "text": d["text"], **metadata_of(d)}) + "\n"
             for i, d in corpus.items()
         ),
     )
+    query_metadata = query_metadata or {}
     atomic_write_text(
         folder / "queries.jsonl",
-        "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in queries.items()),
+        "".join(
+            json.dumps({"_id": i, "text": t, **metadata_of({"metadata": query_metadata.get(i)})}) + "\n"
+            for i, t in queries.items()
+        ),
     )
     for split, qrels in qrels_by_split.items():
         rows = ["query-id\tcorpus-id\tscore\n"]
         rows += [f"{q}\t{d}\t{rel}\n" for q, docs in qrels.items() for d, rel in docs.items()]
         atomic_write_text(folder / "qrels" / f"{split}.tsv", "".join(rows))
     return folder
+
+
+def metadata_of(record: dict) -> dict:
+    return {"metadata": record["metadata"]} if record.get("metadata") else {}

@@ -124,6 +124,7 @@ def prepare(work: Path, size: dict) -> None:
             root,
             work / f"pairs{index}",
             exclude_dirs=exclude,
+            languages=("python",),
             dev_fraction=0.05,
             test_fraction=0.05,
             max_functions=size["max_pairs"],

@@ -341,7 +341,12 @@ def leaderboard(
 @app.command("build-code-dataset")
 @reports_errors
 def build_code_dataset_command(
-    source: Annotated[Path, typer.Argument(help="A folder of Python source (a package, a repository, ...).")],
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of Python, Java, JavaScript, TypeScript or Go source (a repository, ...)."
+        ),
+    ],
     output: Annotated[Path, typer.Argument(help="Where to write the BEIR folder.")],
     split_by: Annotated[
         str, typer.Option("--split-by", help="Unit that never straddles splits: module (file) or package.")
@@ -357,9 +362,16 @@ def build_code_dataset_command(
         int | None, typer.Option("--max-functions", help="Keep about this many pairs.")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the unit shuffle.")] = 0,
+    languages: Annotated[
+        str, typer.Option("--languages", help="Comma-separated: python, java, javascript, typescript, go.")
+    ] = "python,java,javascript,typescript,go",
+    typescript_declarations: Annotated[
+        bool,
+        typer.Option("--typescript-declarations", help="Also read .d.ts files (doc comment -> signature)."),
+    ] = False,
     progress: ProgressOption = True,
 ):
-    """Turn a Python source tree into a CodeSearchNet-style set: docstring summary -> function without it."""
+    """Turn a source tree into a CodeSearchNet-style set: doc comment summary -> function without it."""
     from evaluation.code_dataset import build_code_dataset
 
     if split_by not in ("module", "package"):
@@ -374,12 +386,16 @@ def build_code_dataset_command(
             min_query_words=min_query_words,
             max_functions=max_functions,
             seed=seed,
+            languages=[name.strip() for name in languages.split(",") if name.strip()],
+            typescript_declarations=typescript_declarations,
             show_progress=progress,
         )
     except ValueError as err:
         raise BadInput(str(err)) from err
     counts = ", ".join(f"{split} {n}" for split, n in summary.functions.items())
-    typer.echo(f"{output}: {counts} query-function pairs from {summary.files_read} files")
+    problems = "".join(f", {n} skipped: {why}" for why, n in summary.file_problems.items())
+    problems += "".join(f", {n} left out: {why}" for why, n in summary.files_left_out.items())
+    typer.echo(f"{output}: {counts} query-function pairs from {summary.files_read} files{problems}")
 
 
 # ------------------------------------------------------------------------------------------- helpers
