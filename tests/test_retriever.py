@@ -12,7 +12,8 @@ from evaluation.code_dataset import build_code_dataset
 from evaluation.data import load_beir
 from evaluation.harness import evaluate_retriever
 from mbert_retrieval.index.storage import IndexFormatError
-from mbert_retrieval.search import BM25Index, Retriever, SentenceTransformerEncoder, reciprocal_rank_fusion
+from mbert_retrieval.search import BM25Index, Retriever, SentenceTransformerEncoder
+from mbert_retrieval.search.fusion import convex_fusion
 from mbert_retrieval.search.models import build_retriever, detect_kind
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -131,12 +132,15 @@ def test_hybrid_is_the_fusion_of_both_rankings(dense, docs, queries):
     neural.add(ids, texts)
     lexical = BM25Index.build(ids, texts)
     for query in queries:
-        expected = reciprocal_rank_fusion(
-            [[h.id for h in neural.search(query, 10)], lexical.search(query, 10)[0][0]]
-        )
+        dense_ranking = [(h.id, h.score) for h in neural.search(query, 20)]
+        (bm25_ids,), (bm25_scores,) = lexical.search(query, 20)
+        lexical_ranking = [(i, float(s)) for i, s in zip(bm25_ids, bm25_scores)]
+        weight = hybrid.dense_weight
+        expected = convex_fusion([dense_ranking, lexical_ranking], [weight, 1 - weight])
         got = hybrid.search(query, k=10)
         assert [h.score for h in got] == pytest.approx([s for _, s in expected[:10]])
         assert {h.id for h in got} <= {d for d, _ in expected}
+        assert all(0 <= h.score <= 1 for h in got)
 
 
 def test_rerank_with_cross_encoder_and_colbert(cross, colbert, docs, queries):

@@ -5,8 +5,9 @@
     hits = index.search(model, "parse a json string", k=10, path="json/**", language="python")
 
 Search is hybrid by default: a dense ranking (the model's vectors in a FaissIndex) and a lexical one
-(BM25 over the code, with snake_case / camelCase split) fused by reciprocal rank. `FusionSettings`
-picks "dense", "bm25" or "hybrid" and the weights.
+(BM25 over the code, with snake_case / camelCase split), each min-max normalised and mixed with the
+dense weight (`search.fusion.convex_fusion`), so a hit's score is in [0, 1]. `FusionSettings` picks
+"dense", "bm25" or "hybrid" and the weight.
 
 On disk an index is a folder of immutable snapshots and a pointer to the live one:
 
@@ -57,7 +58,7 @@ from mbert_retrieval.index.storage import IndexFormatError
 from mbert_retrieval.modeling.io import atomic_write_text
 from mbert_retrieval.models.encoding import TRUNCATION_MESSAGE
 from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
-from mbert_retrieval.search.fusion import reciprocal_rank_fusion
+from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT, convex_fusion
 
 BUILDING_PREFIX = ".building-"
 LOCK_FILE = ".lock"
@@ -70,16 +71,16 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FusionSettings:
     mode: str = "hybrid"  # "hybrid" | "dense" | "bm25"
-    rrf_k: int = 60
-    dense_weight: float = 1.0
-    bm25_weight: float = 1.0
+    dense_weight: float = DEFAULT_DENSE_WEIGHT  # hybrid score: w * dense + (1 - w) * BM25, normalised
     depth: int = 100  # candidates taken from each ranking before fusing
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"fusion mode must be one of {MODES}, got {self.mode!r}")
-        if self.depth <= 0 or self.rrf_k < 0:
-            raise ValueError("fusion depth must be positive and rrf_k >= 0")
+        if self.depth <= 0:
+            raise ValueError("fusion depth must be positive")
+        if not 0 <= self.dense_weight <= 1:
+            raise ValueError(f"fusion dense_weight must be between 0 and 1, got {self.dense_weight}")
 
 
 @dataclass
@@ -226,8 +227,9 @@ class CodeIndex:
 
         `path` is a glob over repository-relative paths with .gitignore rules ("*.py", "src/**/io/*",
         "tests/"); `language` one of `LANGUAGES`. Scores: cosine similarity ("dense"), BM25 ("bm25"),
-        the fused reciprocal-rank score ("hybrid"), or the reranker's score when one is given (it
-        re-scores the first `rerank_depth` candidates, e.g. a CrossEncoder).
+        the fused normalised score in [0, 1] ("hybrid"; 1 is first in both rankings), or the
+        reranker's score when one is given (it re-scores the first `rerank_depth` candidates, e.g. a
+        CrossEncoder).
         """
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query must be a non-empty string")
@@ -238,21 +240,17 @@ class CodeIndex:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         allowed = self._filter(path, language)
         depth = max(self.fusion.depth, k, rerank_depth if reranker is not None else 0)
-        rankings, weights, scores = [], [], {}
+        rankings, weights = [], []
         if mode in ("hybrid", "dense"):
-            ranking = self._dense_ranking(model.encode_queries([query]), depth, allowed)
-            rankings.append([p for p, _ in ranking])
+            rankings.append(self._dense_ranking(model.encode_queries([query]), depth, allowed))
             weights.append(self.fusion.dense_weight)
-            scores.update(ranking)
         if mode in ("hybrid", "bm25"):
-            ranking = self._bm25_ranking(query, depth, allowed)
-            rankings.append([p for p, _ in ranking])
-            weights.append(self.fusion.bm25_weight)
-            scores.update(ranking)
+            rankings.append(self._bm25_ranking(query, depth, allowed))
+            weights.append(1 - self.fusion.dense_weight)
         if mode == "hybrid":  # no BM25 term in the query ("the", "?!"): the dense ranking alone
-            fused = reciprocal_rank_fusion(rankings, k=self.fusion.rrf_k, weights=weights)
+            fused = convex_fusion(rankings, weights)
         else:
-            fused = [(p, scores[p]) for p in rankings[0]]
+            fused = rankings[0]
         if reranker is not None and fused:
             fused = self._rerank(reranker, query, [p for p, _ in fused[:rerank_depth]])
         return [self._hit(position, score) for position, score in fused[:k]]

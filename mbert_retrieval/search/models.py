@@ -162,7 +162,7 @@ def build_retriever(
 ):
     """An empty Retriever for a system spec: "bm25", "default" (the shipped model), a model folder or
     hub id ("dense:", "colbert:", "st:" prefixes optional), or "hybrid:<model>" (BM25 and the model
-    fused by reciprocal rank)."""
+    fused by normalised scores)."""
     from mbert_retrieval.search.retriever import Retriever
 
     hybrid = system.startswith("hybrid:")

@@ -11,7 +11,8 @@ First stages, by `index`:
     flat | hnsw | ivfpq   a single-vector model (DenseRetriever or any sentence-transformers model) in a FaissIndex
     flat | plaid          a ColBERT model: exact MaxSim against every document, or a PlaidIndex
     bm25                  no model: BM25 (bm25s)
-`hybrid=True` adds BM25 to a model's first stage and fuses both rankings by reciprocal rank.
+`hybrid=True` adds BM25 to a model's first stage and fuses both rankings by their min-max normalised
+scores, `dense_weight` the model's share (`search.fusion.convex_fusion`; hybrid scores are in [0, 1]).
 A reranker (a CrossEncoder, or a ColBERT scoring by MaxSim) re-scores the first `first_stage_k` hits.
 """
 
@@ -30,7 +31,7 @@ import torch
 from mbert_retrieval.index.storage import IndexFormatError
 from mbert_retrieval.modeling.io import atomic_write_text, save_safetensors
 from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
-from mbert_retrieval.search.fusion import reciprocal_rank_fusion
+from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT, convex_fusion
 
 SINGLE_VECTOR_INDEXES = ("flat", "hnsw", "ivfpq")
 MULTI_VECTOR_INDEXES = ("flat", "plaid")
@@ -73,7 +74,7 @@ class Retriever:
         hybrid: bool = False,
         reranker=None,
         first_stage_k: int = 100,
-        rrf_k: int = 60,
+        dense_weight: float = DEFAULT_DENSE_WEIGHT,
         bm25_settings: dict | None = None,
         model_name: str | None = None,
         reranker_name: str | None = None,
@@ -89,7 +90,9 @@ class Retriever:
         self.hybrid = hybrid
         self.reranker = reranker
         self.first_stage_k = first_stage_k
-        self.rrf_k = rrf_k
+        if not 0 <= dense_weight <= 1:
+            raise ValueError(f"dense_weight must be between 0 and 1, got {dense_weight}")
+        self.dense_weight = dense_weight
         self.bm25_settings = dict(bm25_settings or {})
         self.model_name = model_name
         self.reranker_name = reranker_name
@@ -181,7 +184,8 @@ class Retriever:
             raise ValueError("the retriever holds no documents: add some first")
         if not all(isinstance(q, str) for q in queries):
             raise TypeError("queries must be strings")
-        depth = max(k, self.first_stage_k) if self.reranker is not None else k
+        # a rerank or a fusion looks at the first stage's top first_stage_k, not only the top k
+        depth = max(k, self.first_stage_k) if self.reranker is not None or self.hybrid else k
         candidates = self.first_stage(queries, depth)
         if self.reranker is not None:
             candidates = self.rerank(queries, candidates)
@@ -196,10 +200,8 @@ class Retriever:
         if not self.hybrid:
             return neural
         lexical = self._bm25_search(queries, depth)
-        return [
-            reciprocal_rank_fusion([[i for i, _ in a], [i for i, _ in b]], k=self.rrf_k)[:depth]
-            for a, b in zip(neural, lexical)
-        ]
+        weights = [self.dense_weight, 1 - self.dense_weight]
+        return [convex_fusion([a, b], weights)[:depth] for a, b in zip(neural, lexical)]
 
     def _bm25_search(self, queries, depth):
         ids, scores = self._bm25.search(queries, depth)
@@ -294,7 +296,7 @@ class Retriever:
             "model": self.model_name,
             "reranker": self.reranker_name,
             "first_stage_k": self.first_stage_k,
-            "rrf_k": self.rrf_k,
+            "dense_weight": self.dense_weight,
             "bm25_settings": self.bm25_settings,
             "n_documents": len(self),
             "encoding": {"documents": self.stats.documents, "seconds": self.stats.seconds},
@@ -330,7 +332,7 @@ class Retriever:
             hybrid=manifest["hybrid"],
             reranker=reranker,
             first_stage_k=manifest["first_stage_k"],
-            rrf_k=manifest["rrf_k"],
+            dense_weight=manifest.get("dense_weight", DEFAULT_DENSE_WEIGHT),  # older: reciprocal rank
             bm25_settings=manifest["bm25_settings"],
             model_name=manifest["model"],
             reranker_name=reranker_name,
@@ -400,9 +402,7 @@ def read_manifest(directory: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise IndexFormatError(f"{path} is not valid JSON (corrupt manifest): {err}") from err
-    missing = {"index", "hybrid", "model", "first_stage_k", "rrf_k", "bm25_settings", "n_documents"} - set(
-        manifest
-    )
+    missing = {"index", "hybrid", "model", "first_stage_k", "bm25_settings", "n_documents"} - set(manifest)
     if missing:
         raise IndexFormatError(f"{path} lacks {', '.join(sorted(missing))} (corrupt manifest)")
     return manifest
