@@ -30,29 +30,51 @@ QUERIES = [
     "read cookies from an HTTP response",
     "format an email address with a display name",
 ]
+# A second language: the `semver` JavaScript package that npm bundles, where npm is installed.
+JAVASCRIPT_PACKAGE = "semver"
+JAVASCRIPT_QUERIES = ["javascript check if a version satisfies a range", "compare two version strings"]
+
+
+def npm_modules() -> Path | None:
+    """node_modules of the npm installed on this machine, if any."""
+    npm = shutil.which("npm")
+    if npm is None:
+        return None
+    folder = Path(npm).resolve().parents[1] / "node_modules"  # .../npm/bin/npm-cli.js -> .../npm
+    return folder if (folder / JAVASCRIPT_PACKAGE).is_dir() else None
 
 
 def copy_packages(packages: list[str], target: Path) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     if target.exists():
         shutil.rmtree(target)
+    skip = shutil.ignore_patterns("__pycache__", "test", "tests")
     for package in packages:
-        skip = shutil.ignore_patterns("__pycache__", "test", "tests")
         shutil.copytree(stdlib / package, target / package, ignore=skip)
     return target
 
 
+def copy_javascript(target: Path) -> bool:
+    modules = npm_modules()
+    if modules is None:
+        print(f"npm's {JAVASCRIPT_PACKAGE} package was not found: the demo searches Python only")
+        return False
+    shutil.copytree(modules / JAVASCRIPT_PACKAGE, target / JAVASCRIPT_PACKAGE)
+    return True
+
+
 def search(out: Path, packages: list[str]) -> None:
     source = copy_packages(packages, out / "src")
+    queries = QUERIES + (JAVASCRIPT_QUERIES if copy_javascript(source) else [])
     model = load_encoder(None)  # the shipped model
     started = time.perf_counter()
     report = build_code_index(source, out / "index", model, model_name="default")
     print(
-        f"\nindexed {report.files} files of {', '.join(packages)} into {report.chunks} chunks "
+        f"\nindexed {report.files} files of {', '.join(sorted(p.name for p in source.iterdir()))} into {report.chunks} chunks "
         f"in {time.perf_counter() - started:.0f} s"
     )
     index = CodeIndex.load(out / "index")
-    for query in QUERIES:
+    for query in queries:
         print(f"\n{query!r}")
         for hit in index.search(model, query, k=3):
             print(f"  {hit.path}:{hit.start_line}  {hit.symbol}  {hit.score:.4f}")
@@ -67,7 +89,14 @@ def evaluate(out: Path) -> None:
     from mbert_retrieval.models.dense import default_model_dir
     from mbert_retrieval.search.models import build_retriever
 
-    build_code_dataset(out / "src", out / "set", test_fraction=0.9, dev_fraction=0.05, show_progress=False)
+    build_code_dataset(
+        out / "src",
+        out / "set",
+        test_fraction=0.9,
+        dev_fraction=0.05,
+        languages=("python",),
+        show_progress=False,
+    )
     dataset = load_beir(out / "set", split="test")
     systems = {
         "shipped ModernBERT": f"dense:{default_model_dir()}",

@@ -77,3 +77,54 @@ def test_index_code_and_search_use_it_when_no_model_is_named(tmp_path):
     assert "parsedate_to_datetime" in top["parse a date string into a datetime"], top
     assert any("decode" in symbol for symbol in top["decode a JSON document from a string"]), top
     assert "quote" in top["quote special characters in a URL"], top
+
+
+# Functions written for this test (never trained on), one per task, in the four other languages.
+OTHER_LANGUAGES = {
+    "java": """public static String reverseWords(String sentence) {
+    String[] words = sentence.trim().split("\\\\s+");
+    Collections.reverse(Arrays.asList(words));
+    return String.join(" ", words);
+}""",
+    "javascript": """function debounce(fn, waitMs) {
+  let timer = null;
+  return function (...args) {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn.apply(this, args), waitMs);
+  };
+}""",
+    "typescript": """export function chunkArray<T>(items: T[], size: number): T[][] {
+  const chunks: T[][] = [];
+  for (let i = 0; i < items.length; i += size) {
+    chunks.push(items.slice(i, i + size));
+  }
+  return chunks;
+}""",
+    "go": """func ReadLines(path string) ([]string, error) {
+	file, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer file.Close()
+	var lines []string
+	scanner := bufio.NewScanner(file)
+	for scanner.Scan() {
+		lines = append(lines, scanner.Text())
+	}
+	return lines, scanner.Err()
+}""",
+}
+WEB_QUERIES = {
+    "java": "java reverse the order of words in a string",
+    "javascript": "js delay calling a function until typing stops",
+    "typescript": "typescript split array into chunks of size n",
+    "go": "golang read file line by line",
+}
+
+
+def test_web_style_queries_find_functions_in_four_more_languages(model):
+    languages = list(OTHER_LANGUAGES)
+    documents = model.encode_documents([OTHER_LANGUAGES[lang] for lang in languages])
+    queries = model.encode_queries([WEB_QUERIES[lang] for lang in languages])
+    best = (queries @ documents.T).argmax(axis=1)
+    assert [languages[i] for i in best] == languages
