@@ -41,8 +41,12 @@ def test_the_shipped_model_is_a_small_modernbert_under_40_mb(model):
 
 def test_it_beats_bm25_on_held_out_packages(model, tmp_path):
     for package in ("json", "email"):
-        shutil.copytree(STDLIB / package, tmp_path / "src" / package, ignore=shutil.ignore_patterns("__pycache__"))
-    build_code_dataset(tmp_path / "src", tmp_path / "set", test_fraction=0.9, dev_fraction=0.05, show_progress=False)
+        shutil.copytree(
+            STDLIB / package, tmp_path / "src" / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    build_code_dataset(
+        tmp_path / "src", tmp_path / "set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
+    )
     dataset = load_beir(tmp_path / "set", split="test")
     assert len(dataset.queries) >= 50
 
@@ -122,9 +126,17 @@ WEB_QUERIES = {
 }
 
 
-def test_web_style_queries_find_functions_in_four_more_languages(model):
+def test_web_style_queries_find_functions_in_four_more_languages(model, tmp_path):
+    """Each query's function must rank first among the four and the ~230 held-out functions of json
+    and email (version 1 of the model, trained on Python docstrings only, ranked Go's second)."""
+    for package in ("json", "email"):
+        shutil.copytree(STDLIB / package, tmp_path / "src" / package)
+    build_code_dataset(
+        tmp_path / "src", tmp_path / "set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
+    )
+    distractors = load_beir(tmp_path / "set", split="test").document_texts()
     languages = list(OTHER_LANGUAGES)
-    documents = model.encode_documents([OTHER_LANGUAGES[lang] for lang in languages])
+    documents = model.encode_documents([OTHER_LANGUAGES[lang] for lang in languages] + distractors)
     queries = model.encode_queries([WEB_QUERIES[lang] for lang in languages])
     best = (queries @ documents.T).argmax(axis=1)
-    assert [languages[i] for i in best] == languages
+    assert [languages[i] if i < len(languages) else "a Python function" for i in best] == languages
