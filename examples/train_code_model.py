@@ -11,7 +11,8 @@ five languages and the queries developers type:
     dense2    contrastive training on those pairs, starting from version 1 (`--init`); `--teacher`
               adds distillation of a sentence-transformers model's embeddings (tried with
               all-MiniLM-L6-v2: no gain, so the shipped model was trained without)
-    export, evaluate, plot as below; evaluate covers cosqa-dev and every language's held-out set
+    export, evaluate, plot as below; evaluate covers cosqa-dev and every language's held-out set,
+              with the hybrid at every dense weight; `table` prints its results as markdown
 
 Version 1's stages, each short enough for one 10-minute GPU command (run them in order; `--small`
 shrinks every stage so the whole recipe runs on a CPU in a few minutes, for checking):
@@ -427,6 +428,44 @@ def evaluate(
     out.write_text(json.dumps({"model": str(model), "device": device, "sets": table}, indent=2) + "\n")
 
 
+def table(results: Path) -> None:
+    """The evaluate stage's results as markdown: nDCG@10 per set of BM25, all-MiniLM-L6-v2, ours
+    (dense, and the code index's default hybrid), the target (MiniLM + 0.03); then the fusion sweep."""
+    from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT
+
+    sets = json.loads(results.read_text())["sets"]
+    default = str(DEFAULT_DENSE_WEIGHT)
+    print(
+        "| set | queries | docs | BM25 | all-MiniLM-L6-v2 | ours, dense | ours, default hybrid | target | met |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in sets.items():
+        minilm, hybrid = row["all-MiniLM-L6-v2"]["NDCG@10"], row["fusion"][default]
+        cells = [row["BM25"]["NDCG@10"], minilm, row["ours"]["NDCG@10"], hybrid, minilm + 0.03]
+        met = "yes" if hybrid >= minilm + 0.03 else "**no**"
+        print(
+            f"| {name} | {row['queries']} | {row['documents']} | "
+            + " | ".join(f"{v:.3f}" for v in cells)
+            + f" | {met} |"
+        )
+    weights = list(next(iter(sets.values()))["fusion"])
+    print("\n| set | " + " | ".join(f"w={w}" for w in weights) + " |")
+    print("| --- |" + " --- |" * len(weights))
+    for name, row in sets.items():
+        best = max(row["ours"]["NDCG@10"], row["BM25"]["NDCG@10"])
+        cells = [
+            f"{row['fusion'][w]:.3f}" + ("" if row["fusion"][w] >= best - 0.01 else "*") for w in weights
+        ]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    speeds = {
+        k: [row[k]["documents_per_second"] for row in sets.values()] for k in ("ours", "all-MiniLM-L6-v2")
+    }
+    print(
+        "\ndocs/s (median over sets): "
+        + ", ".join(f"{k} {sorted(v)[len(v) // 2]:.0f}" for k, v in speeds.items())
+    )
+
+
 STAGE_TITLES = {
     "mlm": "MLM pretraining",
     "dense2": "v2: styled queries, five languages",
@@ -464,7 +503,18 @@ def main() -> None:
     )
     parser.add_argument(
         "stage",
-        choices=["prepare", "mlm", "dense", "colbert", "pairs", "dense2", "export", "evaluate", "plot"],
+        choices=[
+            "prepare",
+            "mlm",
+            "dense",
+            "colbert",
+            "pairs",
+            "dense2",
+            "export",
+            "evaluate",
+            "table",
+            "plot",
+        ],
     )
     parser.add_argument("--work", type=Path, default=Path("runs/code-model"))
     parser.add_argument("--small", action="store_true", help="tiny sizes, for a CPU check of the recipe")
@@ -500,6 +550,8 @@ def main() -> None:
         export(args.work, args.target)
     elif args.stage == "evaluate":
         evaluate(args.target, args.results, args.datasets, args.cosqa, args.device, args.runs)
+    elif args.stage == "table":
+        table(args.results)
     else:
         plot(args.work, args.figure)
 
