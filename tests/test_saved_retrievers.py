@@ -52,3 +52,24 @@ def test_damaged_saved_folder_is_refused(tmp_path):
     data.write_bytes(data.read_bytes()[:-4])
     with pytest.raises(IndexFormatError, match="truncated"):
         load(tmp_path / "r", "dense_hybrid")
+
+
+def test_saved_bm25_searches_but_asks_to_be_rebuilt_before_it_changes():
+    """Format 1 kept BM25 without its documents' terms: adding to it would need every text again."""
+    for name in ("bm25", "dense_hybrid"):
+        retriever = load(SAVED / name, name)
+        with pytest.raises(ValueError, match="saved by an older version.*build it again"):
+            retriever.add(["new"], ["merge two dicts"])
+        assert len(retriever) == len(retriever.index) == 12  # nothing half-added
+        assert "new" not in retriever.index.ids
+
+
+def test_saved_colbert_flat_becomes_a_maxsim_index(tmp_path):
+    retriever = load(SAVED / "colbert_flat", "colbert_flat")
+    retriever.add(["new"], ["merge two dicts into one"])
+    retriever.delete(["sort"])
+    retriever.save(tmp_path / "r")
+    assert (tmp_path / "r" / "maxsim" / "manifest.json").is_file()
+    again = load(tmp_path / "r", "colbert_flat")
+    assert set(again.ids) == set(retriever.ids) and "new" in again.ids and "sort" not in again.ids
+    assert again.search("merge dicts", k=1)[0].id == "new"
