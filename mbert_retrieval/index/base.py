@@ -24,9 +24,12 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from mbert_retrieval.index.storage import load_index_folder
 
 SearchResult = tuple[list[list[str]], np.ndarray]
 
@@ -51,7 +54,6 @@ class Index(ABC):
         """Save as a folder (manifest.json + data); a crash mid-save leaves the previous save loadable."""
 
     @classmethod
-    @abstractmethod
     def load(
         cls,
         directory: str | os.PathLike,
@@ -59,9 +61,22 @@ class Index(ABC):
         expected_model: str | None = None,
         device: str | None = None,
         verify_checksums: bool = True,
+        **options,
     ) -> Index:
-        """Load a saved index; `expected_model` refuses one built by another model, `device` is where
-        it searches (indexes that run on one device only ignore it). IndexFormatError if damaged."""
+        """Load a saved index: its manifest (type, format version, model) and the size and checksum of
+        every file are checked first, and a damaged folder is an IndexFormatError naming the problem.
+
+        `expected_model` refuses an index built by another model; `device` is where it searches
+        (indexes that run on one device ignore it); `options` are an index's own (FaissIndex: `mmap`,
+        `use_gpu`)."""
+        manifest, data_dir = load_index_folder(directory, cls.index_type, expected_model, verify_checksums)
+        return cls.from_folder(manifest, data_dir, device=device, **options)
+
+    @classmethod
+    @abstractmethod
+    def from_folder(cls, manifest: dict[str, Any], data_dir: Path, device: str | None = None) -> Index:
+        """The index saved in `data_dir`, whose checked manifest `load` read (the folder for error
+        messages is `data_dir.parent`)."""
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -32,7 +32,7 @@ from mbert_retrieval.index.base import (
     search_result,
     top_k_indices,
 )
-from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
+from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
 IDENTIFIER_BOUNDARY = re.compile(r"_+|(?<=[a-z0-9])(?=[A-Z])")
 SETTINGS = ("k1", "b", "method", "stopwords", "split_identifiers")
@@ -195,19 +195,11 @@ class BM25Index(Index):
         return buffer.getvalue()
 
     @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        expected_model: str | None = None,
-        device: str | None = None,
-        verify_checksums: bool = True,
-    ) -> BM25Index:
-        """Load a saved index. BM25 reads texts and runs on the CPU: it fits any model and device, so
-        `expected_model` and `device` are not checked."""
+    def from_folder(cls, manifest: dict, data_dir: Path, device: str | None = None) -> BM25Index:
+        """(BM25 runs on the CPU, whatever the `device`.)"""
         bm25s = import_bm25s()
 
-        manifest, data_dir = load_index_folder(directory, cls.index_type, None, verify_checksums)
+        directory = data_dir.parent
         index = cls(**{key: manifest[key] for key in SETTINGS})
         try:
             index._ids = json.loads((data_dir / "ids.json").read_text())

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mbert_retrieval.index.base import Index, SearchResult, as_id_list, check_k, check_known_ids
-from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
+from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
 try:
     import faiss
@@ -233,24 +233,13 @@ class FaissIndex(Index):
         save_index_folder(directory, files, manifest)
 
     @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        expected_model: str | None = None,
-        device: str | None = None,
-        verify_checksums: bool = True,
-        mmap: bool = False,
-        use_gpu: bool | None = None,
+    def from_folder(
+        cls, manifest: dict, data_dir: Path, device: str | None = None, mmap: bool = False, use_gpu=None
     ) -> FaissIndex:
-        """Load a saved index, checking its manifest and checksums.
-
-        `expected_model`: refuse an index built by another model. `device` "cpu" or "cuda" decides
-        `use_gpu` when that is not given. `mmap=True` maps the vectors from disk instead of reading
-        them into memory (faiss IO_FLAG_MMAP; the index is then read-only).
-        """
+        """`FaissIndex.load(directory, mmap=True)` maps the vectors from disk instead of reading them
+        into memory (faiss IO_FLAG_MMAP; the index is then read-only). `device` "cpu" or "cuda" decides
+        `use_gpu` when that is not given."""
         _require_faiss()
-        manifest, data_dir = load_index_folder(directory, cls.index_type, expected_model, verify_checksums)
         if use_gpu is None and device is not None:
             use_gpu = str(device).startswith("cuda")
         settings = manifest.get("settings", {})
@@ -277,7 +266,7 @@ class FaissIndex(Index):
         index._next_label = state["next_label"]
         if index._index is not None and index._index.ntotal != len(index) + len(index._hidden):
             raise IndexFormatError(
-                f"{directory}: the faiss index holds {index._index.ntotal} vectors but the id table "
+                f"{data_dir.parent}: the faiss index holds {index._index.ntotal} vectors but the id table "
                 f"{len(index) + len(index._hidden)}"
             )
         return index

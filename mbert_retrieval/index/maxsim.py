@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from mbert_retrieval.index.base import (
     search_result,
     top_k_indices,
 )
-from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
+from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
 MAXSIM_CHUNK_ELEMENTS = 1 << 26  # similarity entries computed at once when scoring
 QUERY_BATCH = 64  # queries scored together in a search
@@ -78,12 +79,6 @@ class MaxSimIndex(Index):
         self._position: dict[str, int] = {}
         self._vectors: list[torch.Tensor] = []  # one float16 [n_tokens, dim] per document
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._position
-
     @property
     def ids(self) -> list[str]:
         return list(self._ids)
@@ -91,6 +86,9 @@ class MaxSimIndex(Index):
     @property
     def dim(self) -> int | None:
         return self._vectors[0].shape[1] if self._vectors else None
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
     def add(self, ids: Sequence[str], embeddings: Sequence) -> None:
         """Add documents: one [n_tokens_i, dim] array (numpy or torch) each."""
@@ -144,21 +142,12 @@ class MaxSimIndex(Index):
         save_index_folder(directory, files, manifest)
 
     @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        expected_model: str | None = None,
-        device: str | None = None,
-        verify_checksums: bool = True,
-    ) -> MaxSimIndex:
-        """Load a saved index, checking its manifest and checksums. It searches on the CPU (`device`
-        is not used)."""
-        manifest, data_dir = load_index_folder(directory, cls.index_type, expected_model, verify_checksums)
+    def from_folder(cls, manifest: dict, data_dir: Path, device: str | None = None) -> MaxSimIndex:
+        """(It searches on the CPU, whatever the `device`.)"""
         try:
             ids = json.loads((data_dir / "ids.json").read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise IndexFormatError(f"{directory}: unreadable id list: {err}") from err
+            raise IndexFormatError(f"{data_dir.parent}: unreadable id list: {err}") from err
         return cls.from_vectors_file(data_dir / "vectors.safetensors", ids, manifest.get("model_name"))
 
     @classmethod

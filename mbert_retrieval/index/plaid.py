@@ -35,6 +35,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,9 +51,10 @@ from mbert_retrieval.index.base import (
 )
 from mbert_retrieval.index.codec import NBITS, ResidualCodec
 from mbert_retrieval.index.kmeans import train_kmeans
-from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
+from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
 SHARD_TOKENS = 1 << 20  # tokens encoded at once while building
+OLD_ADD_ORDER = "PlaidIndex.add(embeddings, ids) is deprecated: pass ids first, add(ids, embeddings)"
 
 
 class PlaidIndex(Index):
@@ -114,32 +116,20 @@ class PlaidIndex(Index):
         cls,
         doc_embeddings: Sequence | Iterable,
         ids: Sequence[str],
-        nbits: int = 2,
-        n_centroids: int | None = None,
-        kmeans_iters: int = 4,
-        kmeans_sample_docs: int | None = None,
-        device: str | torch.device | None = None,
-        model_name: str | None = None,
-        seed: int = 0,
+        *,
         show_progress: bool = True,
+        **settings,
     ) -> PlaidIndex:
-        """Build from one `[n_tokens_i, dim]` array (numpy or torch) per document, in the order of `ids`.
+        """Build from one `[n_tokens_i, dim]` array (numpy or torch) per document, in the order of `ids`:
+        `PlaidIndex(**settings)` (nbits, n_centroids, device, model_name, ...), then `add`.
 
         `doc_embeddings` may be a lazy sequence or a one-pass iterator: documents are read in shards, so
-        the corpus need not fit in memory. The other settings are the constructor's.
+        the corpus need not fit in memory.
         """
         ids = as_id_list(ids)
         if not ids:
             raise ValueError("cannot build an index from an empty corpus")
-        index = cls(
-            model_name=model_name,
-            nbits=nbits,
-            n_centroids=n_centroids,
-            kmeans_iters=kmeans_iters,
-            kmeans_sample_docs=kmeans_sample_docs,
-            device=device,
-            seed=seed,
-        )
+        index = cls(**settings)
         index.add(ids, doc_embeddings, show_progress=show_progress)
         return index
 
@@ -147,12 +137,7 @@ class PlaidIndex(Index):
         """Add documents: one [n_tokens_i, dim] array each, a sequence or a one-pass iterator. The first
         add fits the centroids; later ones compress with them (no retraining)."""
         if _looks_like_ids(embeddings) and not _looks_like_ids(ids):
-            warnings.warn(
-                "PlaidIndex.add(embeddings, ids) is deprecated: pass ids first, add(ids, embeddings), "
-                "as every index takes them",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            warnings.warn(OLD_ADD_ORDER, DeprecationWarning, stacklevel=2)
             ids, embeddings = embeddings, ids
         ids = check_new_ids(ids, existing=self._position)
         if not ids:
@@ -445,18 +430,12 @@ class PlaidIndex(Index):
         save_index_folder(directory, files, manifest)
 
     @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        expected_model: str | None = None,
-        device: str | torch.device | None = None,
-        verify_checksums: bool = True,
+    def from_folder(
+        cls, manifest: dict, data_dir: Path, device: str | torch.device | None = None
     ) -> PlaidIndex:
-        """Load a saved index onto `device`, checking its manifest and checksums."""
         from safetensors.torch import load_file
 
-        manifest, data_dir = load_index_folder(directory, cls.index_type, expected_model, verify_checksums)
+        directory = data_dir.parent
         settings = {"nbits": manifest.get("nbits", 2), **manifest.get("settings", {})}
         index = cls(model_name=manifest.get("model_name"), device=device, **settings)
         if "codec.safetensors" not in manifest["files"]:
