@@ -37,6 +37,7 @@ from mbert_retrieval.index.maxsim import MaxSimIndex
 from mbert_retrieval.index.plaid import PlaidIndex
 from mbert_retrieval.index.storage import IndexFormatError
 from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.models.loading import load_reranker, load_search_model
 from mbert_retrieval.search.first_stage import FusedIndex, TextIndex
 from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT
 
@@ -259,8 +260,6 @@ class Retriever:
     ) -> Retriever:
         """Load a saved retriever. The model is loaded from the recorded name unless given; the reranker
         is the one given (or the recorded one when `reranker` is None and one was saved)."""
-        from mbert_retrieval.search.models import load_reranker, load_search_model
-
         directory = Path(directory)
         manifest = read_manifest(directory)
         if model is None and manifest["model"] is not None:
