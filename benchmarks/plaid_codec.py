@@ -58,7 +58,7 @@ def shared_quantile_codec(centroids: torch.Tensor, sample: torch.Tensor, nbits: 
 def measure(codec, tokens, lengths, queries, truth) -> dict:
     docs = list(tokens.split(lengths.tolist()))
     index = PlaidIndex(codec)
-    index.add(docs, [str(i) for i in range(len(docs))])
+    index.add([str(i) for i in range(len(docs))], docs)
     decoded = []
 
     def decompressed(begin, end):

@@ -175,7 +175,7 @@ def test_maxsim_equals_brute_force(model):
 def test_maxsim_in_chunks(monkeypatch, model):
     q, d = model.encode_queries(QUERIES), model.encode_documents(DOCUMENTS)
     expected = maxsim(q, d)
-    monkeypatch.setattr("mbert_retrieval.models.colbert.MAXSIM_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr("mbert_retrieval.index.maxsim.MAXSIM_CHUNK_ELEMENTS", 1)
     np.testing.assert_allclose(maxsim(q, d), expected, rtol=1e-6)
 
 

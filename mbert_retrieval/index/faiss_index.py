@@ -6,6 +6,8 @@
     index.save("my-index")
     index = FaissIndex.load("my-index", expected_model="my-dense-model")
 
+It follows the `Index` protocol (index/base.py): items are vectors [n, dim], queries [n_q, dim].
+
 faiss works with int64 labels; this class keeps the mapping between them and the caller's string ids, plus
 one metadata dict per id. Scores are "higher is better": inner products, or negative squared distances for
 metric="l2". Indexes that faiss cannot delete from (HNSW) hide deleted vectors with a search-time filter.
@@ -22,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
+from mbert_retrieval.index.base import Index, SearchResult, as_id_list, check_k, check_known_ids
+from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
 try:
     import faiss
@@ -34,7 +37,9 @@ METRICS = ("ip", "l2")
 TRAINING_POINTS_PER_CENTROID = 256  # faiss's own cap; more points barely change the centroids
 
 
-class FaissIndex:
+class FaissIndex(Index):
+    index_type = "faiss"
+
     def __init__(
         self,
         dim: int,
@@ -122,10 +127,7 @@ class FaissIndex:
         self._gpu_index = None
 
     def delete(self, ids: Sequence[str]) -> None:
-        ids = _as_id_list(ids)
-        missing = [i for i in ids if i not in self._label_of]
-        if missing:
-            raise KeyError(f"ids not in the index: {missing[:5]}")
+        ids = check_known_ids(ids, self._label_of)
         labels = np.array([self._label_of[i] for i in ids], dtype=np.int64)
         if len(labels) and not self._try_remove(labels):
             self._hidden.update(labels.tolist())
@@ -143,15 +145,14 @@ class FaissIndex:
 
     # ------------------------------------------------------------------------------------------- search
 
-    def search(self, queries, k: int = 10) -> tuple[list[list[str]], np.ndarray]:
+    def search(self, queries, k: int = 10) -> SearchResult:
         """Top-k documents per query: (ids, scores), ids[i] a list of str, scores float32 [n_q, k].
 
         `k` is capped at the number of documents. If an approximate index finds fewer than k hits for
         a query, ids[i] is shorter and the missing scores are -inf.
         """
         queries = _as_matrix(queries, self.dim, "queries")
-        if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
+        check_k(k)
         k = min(k, len(self))
         if k == 0:
             return [[] for _ in range(len(queries))], np.zeros((len(queries), 0), dtype=np.float32)
@@ -214,7 +215,7 @@ class FaissIndex:
         if self._index is not None:
             files["index.faiss"] = lambda path: faiss.write_index(self._index, str(path))
         manifest = {
-            "index_type": "faiss",
+            "index_type": self.index_type,
             "model_name": self.model_name,
             "dim": self.dim,
             "metric": self.metric,
@@ -232,21 +233,15 @@ class FaissIndex:
         save_index_folder(directory, files, manifest)
 
     @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike,
-        expected_model: str | None = None,
-        mmap: bool = False,
-        use_gpu: bool | None = None,
-        verify_checksums: bool = True,
+    def from_folder(
+        cls, manifest: dict, data_dir: Path, device: str | None = None, mmap: bool = False, use_gpu=None
     ) -> FaissIndex:
-        """Load a saved index, checking its manifest and checksums.
-
-        `expected_model`: refuse an index built by another model. `mmap=True` maps the vectors from
-        disk instead of reading them into memory (faiss IO_FLAG_MMAP; the index is then read-only).
-        """
+        """`FaissIndex.load(directory, mmap=True)` maps the vectors from disk instead of reading them
+        into memory (faiss IO_FLAG_MMAP; the index is then read-only). `device` "cpu" or "cuda" decides
+        `use_gpu` when that is not given."""
         _require_faiss()
-        manifest, data_dir = load_index_folder(directory, "faiss", expected_model, verify_checksums)
+        if use_gpu is None and device is not None:
+            use_gpu = str(device).startswith("cuda")
         settings = manifest.get("settings", {})
         index = cls(
             dim=manifest["dim"],
@@ -271,7 +266,7 @@ class FaissIndex:
         index._next_label = state["next_label"]
         if index._index is not None and index._index.ntotal != len(index) + len(index._hidden):
             raise IndexFormatError(
-                f"{directory}: the faiss index holds {index._index.ntotal} vectors but the id table "
+                f"{data_dir.parent}: the faiss index holds {index._index.ntotal} vectors but the id table "
                 f"{len(index) + len(index._hidden)}"
             )
         return index
@@ -344,7 +339,7 @@ class FaissIndex:
         return inner if isinstance(inner, faiss.IndexHNSW) else None
 
     def _check_batch(self, ids, vectors, metadata):
-        ids = _as_id_list(ids)
+        ids = as_id_list(ids)
         vectors = _as_matrix(vectors, self.dim, "vectors")
         if len(ids) != len(vectors):
             raise ValueError(f"got {len(ids)} ids for {len(vectors)} vectors")
@@ -372,16 +367,6 @@ def _read_faiss(path: Path, mmap: bool):
         return faiss.read_index(str(path), flags)
     except RuntimeError as err:
         raise IndexFormatError(f"faiss cannot read {path}: {err}") from err
-
-
-def _as_id_list(ids) -> list[str]:
-    if isinstance(ids, str):
-        raise TypeError("ids must be a sequence of strings, not one string")
-    ids = list(ids)
-    bad = [i for i in ids if not isinstance(i, str)]
-    if bad:
-        raise TypeError(f"ids must be strings, got {type(bad[0]).__name__} ({bad[0]!r})")
-    return ids
 
 
 def _as_matrix(vectors, dim: int, name: str) -> np.ndarray:

@@ -1,8 +1,12 @@
 """PlaidIndex: multi-vector (ColBERT) search in plain torch, on CPU or CUDA.
 
-    index = PlaidIndex.build(doc_embeddings, ids, nbits=2, device="cuda")   # [n_tokens_i, dim] per doc
-    ids, scores = index.search(query_embeddings, k=10)                       # [n_q, q_len, dim]
+    index = PlaidIndex(nbits=2, device="cuda")          # trains its centroids on the first add
+    index.add(ids, doc_embeddings)                       # one [n_tokens_i, dim] matrix per document
+    ids, scores = index.search(query_embeddings, k=10)   # [n_q, q_len, dim]
     index.save("my-plaid"); index = PlaidIndex.load("my-plaid", device="cuda")
+
+It follows the `Index` protocol (index/base.py). `PlaidIndex.build(doc_embeddings, ids, ...)` does
+the first two lines in one call.
 
 Layout (all documents packed end to end, one row per token):
     codes       [n_tokens]              nearest centroid of each token
@@ -29,31 +33,77 @@ import itertools
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mbert_retrieval.index.base import (
+    Index,
+    SearchResult,
+    as_id_list,
+    check_k,
+    check_known_ids,
+    check_new_ids,
+)
 from mbert_retrieval.index.codec import NBITS, ResidualCodec
 from mbert_retrieval.index.kmeans import train_kmeans
-from mbert_retrieval.index.storage import IndexFormatError, load_index_folder, save_index_folder
+from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
 SHARD_TOKENS = 1 << 20  # tokens encoded at once while building
+OLD_ADD_ORDER = "PlaidIndex.add(embeddings, ids) is deprecated: pass ids first, add(ids, embeddings)"
 
 
-class PlaidIndex:
-    def __init__(self, codec: ResidualCodec, model_name: str | None = None):
-        """An empty index around a fitted codec; use `PlaidIndex.build` or `PlaidIndex.load`."""
-        self.codec = codec
+class PlaidIndex(Index):
+    index_type = "plaid"
+
+    def __init__(
+        self,
+        codec: ResidualCodec | None = None,
+        model_name: str | None = None,
+        *,
+        nbits: int = 2,
+        n_centroids: int | None = None,
+        kmeans_iters: int = 4,
+        kmeans_sample_docs: int | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+    ):
+        """An index around a fitted `codec`, or one that fits its codec on its first `add`.
+
+        The first add runs k-means on a sample of its documents (`kmeans_sample_docs`, from anywhere
+        in a sequence; the first ones of an iterator) and fits `nbits` residual buckets; later adds
+        use those centroids. `n_centroids` defaults to PLAID's 2**floor(log2(16 * sqrt(n_tokens))).
+        """
+        if nbits not in NBITS:
+            raise ValueError(f"nbits must be one of {NBITS}, got {nbits}")
         self.model_name = model_name
+        self.settings = dict(
+            nbits=nbits,
+            n_centroids=n_centroids,
+            kmeans_iters=kmeans_iters,
+            kmeans_sample_docs=kmeans_sample_docs,
+            seed=seed,
+        )
+        self.codec = None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dim = self.n_centroids = None
+        self._ids: list[str] = []
+        self._position: dict[str, int] = {}
+        if codec is not None:
+            self._use_codec(codec)
+
+    def _use_codec(self, codec: ResidualCodec) -> None:
+        """Take a fitted codec, with empty storage on its device."""
+        self.codec = codec
         self.device = codec.centroids.device
         self.dim = codec.dim
         self.n_centroids = len(codec.centroids)
         # Centroid ids fit in 16 bits for up to 65536 centroids; stored as int16 bit patterns.
         self._code_dtype = torch.int16 if self.n_centroids <= 1 << 16 else torch.int32
-        self._ids: list[str] = []
-        self._position: dict[str, int] = {}
         self.codes = torch.zeros(0, dtype=self._code_dtype, device=self.device)
         self.residuals = torch.zeros(0, codec.bytes_per_token, dtype=torch.uint8, device=self.device)
         self.doc_lengths = torch.zeros(0, dtype=torch.int64, device=self.device)
@@ -66,55 +116,56 @@ class PlaidIndex:
         cls,
         doc_embeddings: Sequence | Iterable,
         ids: Sequence[str],
-        nbits: int = 2,
-        n_centroids: int | None = None,
-        kmeans_iters: int = 4,
-        kmeans_sample_docs: int | None = None,
-        device: str | torch.device | None = None,
-        model_name: str | None = None,
-        seed: int = 0,
+        *,
         show_progress: bool = True,
+        **settings,
     ) -> PlaidIndex:
-        """Build from one `[n_tokens_i, dim]` array (numpy or torch) per document, in the order of `ids`.
+        """Build from one `[n_tokens_i, dim]` array (numpy or torch) per document, in the order of `ids`:
+        `PlaidIndex(**settings)` (nbits, n_centroids, device, model_name, ...), then `add`.
 
         `doc_embeddings` may be a lazy sequence or a one-pass iterator: documents are read in shards, so
-        the corpus need not fit in memory. k-means runs on a sample of documents (from anywhere in a
-        sequence; the first ones of an iterator). `n_centroids` defaults to PLAID's
-        2**floor(log2(16 * sqrt(n_tokens))).
+        the corpus need not fit in memory.
         """
-        ids = _check_new_ids(ids, existing={})
-        if nbits not in NBITS:
-            raise ValueError(f"nbits must be one of {NBITS}, got {nbits}")
+        ids = as_id_list(ids)
         if not ids:
             raise ValueError("cannot build an index from an empty corpus")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        n_sample = kmeans_sample_docs or min(len(ids), 1 + int(16 * math.sqrt(120 * len(ids))))
-        sample_docs, stream = _sample_and_stream(doc_embeddings, len(ids), n_sample, seed)
-        sample = torch.cat([_as_doc_tensor(doc, None, "document") for doc in sample_docs]).to(device)
-        if n_centroids is None:
-            estimated_tokens = len(sample) / len(sample_docs) * len(ids)
-            n_centroids = 2 ** math.floor(math.log2(16 * math.sqrt(estimated_tokens)))
-        n_centroids = min(n_centroids, len(sample))
-
-        centroids = train_kmeans(sample.float(), n_centroids, kmeans_iters, seed)
-        centroids = torch.nn.functional.normalize(centroids, dim=-1)
-        codec = ResidualCodec.fit(centroids, _residual_sample(sample, seed), nbits)
-        index = cls(codec, model_name=model_name)
-        del sample, sample_docs
-        index._append(stream, ids, show_progress)
+        index = cls(**settings)
+        index.add(ids, doc_embeddings, show_progress=show_progress)
         return index
 
-    def add(self, doc_embeddings: Sequence | Iterable, ids: Sequence[str], show_progress: bool = False):
-        """Add documents, compressed with the existing centroids (no retraining)."""
-        ids = _check_new_ids(ids, existing=self._position)
-        self._append(iter(doc_embeddings), ids, show_progress)
+    def add(self, ids: Sequence[str], embeddings: Sequence | Iterable, show_progress: bool = False) -> None:
+        """Add documents: one [n_tokens_i, dim] array each, a sequence or a one-pass iterator. The first
+        add fits the centroids; later ones compress with them (no retraining)."""
+        if _looks_like_ids(embeddings) and not _looks_like_ids(ids):
+            warnings.warn(OLD_ADD_ORDER, DeprecationWarning, stacklevel=2)
+            ids, embeddings = embeddings, ids
+        ids = check_new_ids(ids, existing=self._position)
+        if not ids:
+            return
+        documents = self._fit_codec(embeddings, len(ids)) if self.codec is None else iter(embeddings)
+        self._append(documents, ids, show_progress)
+
+    def _fit_codec(self, embeddings, n_docs: int) -> Iterator:
+        """Fit centroids and residual buckets on a sample of the documents; returns an iterator over
+        all of them (each read at most twice)."""
+        nbits, n_centroids, seed = self.settings["nbits"], self.settings["n_centroids"], self.settings["seed"]
+        n_sample = self.settings["kmeans_sample_docs"] or min(n_docs, 1 + int(16 * math.sqrt(120 * n_docs)))
+        sample_docs, stream = _sample_and_stream(embeddings, n_docs, n_sample, seed)
+        sample = torch.cat([_as_doc_tensor(doc, None, "document") for doc in sample_docs]).to(self.device)
+        if n_centroids is None:
+            estimated_tokens = len(sample) / len(sample_docs) * n_docs
+            n_centroids = 2 ** math.floor(math.log2(16 * math.sqrt(estimated_tokens)))
+        n_centroids = min(n_centroids, len(sample))
+        centroids = train_kmeans(sample.float(), n_centroids, self.settings["kmeans_iters"], seed)
+        centroids = torch.nn.functional.normalize(centroids, dim=-1)
+        self._use_codec(ResidualCodec.fit(centroids, _residual_sample(sample, seed), nbits))
+        return stream
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents: their tokens are dropped and the inverted lists rebuilt."""
-        ids = _as_id_list(ids)
-        missing = [i for i in ids if i not in self._position]
-        if missing:
-            raise KeyError(f"ids not in the index: {missing[:5]}")
+        ids = check_known_ids(ids, self._position)
+        if not ids:
+            return
         keep_docs = torch.ones(len(self._ids), dtype=torch.bool)
         keep_docs[[self._position[i] for i in ids]] = False
         keep_tokens = torch.repeat_interleave(keep_docs.to(self.device), self.doc_lengths)
@@ -183,10 +234,12 @@ class PlaidIndex:
 
     @property
     def n_tokens(self) -> int:
-        return len(self.codes)
+        return 0 if self.codec is None else len(self.codes)
 
     def memory_bytes(self) -> int:
         """Bytes of the tensors searching needs (codes, residuals, layout, inverted lists, codec)."""
+        if self.codec is None:
+            return 0
         tensors = [self.codes, self.residuals, self.doc_lengths, self.doc_offsets, self.ivf_docs]
         tensors += [self.ivf_offsets, *self.codec.state().values()]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -211,7 +264,7 @@ class PlaidIndex:
         centroid_score_threshold: float = 0.4,
         n_candidates: int = 512,
         batch_size: int = 32,
-    ) -> tuple[list[list[str]], np.ndarray]:
+    ) -> SearchResult:
         """Top-k documents by MaxSim for each query: (ids, scores float32 [n_q, k]).
 
         `query_embeddings`: [n_q, q_len, dim] (numpy or torch), or a list of [q_len_i, dim] arrays.
@@ -222,8 +275,9 @@ class PlaidIndex:
         with fewer than k candidates gets a shorter id list and -inf scores in the missing places.
         """
         queries = self._as_queries(query_embeddings)
-        if k <= 0 or n_probe <= 0 or n_candidates <= 0 or batch_size <= 0 or n_query_probe < 0:
-            raise ValueError("k, n_probe, n_candidates and batch_size must be positive, n_query_probe >= 0")
+        check_k(k)
+        if n_probe <= 0 or n_candidates <= 0 or batch_size <= 0 or n_query_probe < 0:
+            raise ValueError("n_probe, n_candidates and batch_size must be positive, n_query_probe >= 0")
         k = min(k, len(self))
         all_ids, all_scores = [], []
         for batch in queries.split(batch_size):
@@ -338,7 +392,7 @@ class PlaidIndex:
                 queries = torch.from_numpy(np.asarray(queries))
             if queries.ndim == 2:
                 queries = queries[None]
-            if queries.ndim != 3 or queries.shape[-1] != self.dim:
+            if queries.ndim != 3 or queries.shape[-1] != (self.dim or queries.shape[-1]):
                 raise ValueError(
                     f"query_embeddings must have shape [n_q, q_len, {self.dim}], got {tuple(queries.shape)}"
                 )
@@ -356,43 +410,41 @@ class PlaidIndex:
         def tensors(**named):
             return {name: t.detach().contiguous().cpu() for name, t in named.items()}
 
-        codec = tensors(**self.codec.state())
-        documents = tensors(codes=self.codes, residuals=self.residuals, doc_lengths=self.doc_lengths)
-        files = {
-            "codec.safetensors": lambda path: save_file(codec, str(path)),
-            "documents.safetensors": lambda path: save_file(documents, str(path)),
-            "ids.json": lambda path: path.write_text(json.dumps(self._ids)),
-        }
+        files = {"ids.json": lambda path: path.write_text(json.dumps(self._ids))}
+        if self.codec is not None:  # an index that has not seen a document has no centroids yet
+            codec = tensors(**self.codec.state())
+            documents = tensors(codes=self.codes, residuals=self.residuals, doc_lengths=self.doc_lengths)
+            files["codec.safetensors"] = lambda path: save_file(codec, str(path))
+            files["documents.safetensors"] = lambda path: save_file(documents, str(path))
         manifest = {
-            "index_type": "plaid",
+            "index_type": self.index_type,
             "model_name": self.model_name,
             "dim": self.dim,
             "metric": "maxsim",
-            "nbits": self.codec.nbits,
+            "nbits": self.settings["nbits"] if self.codec is None else self.codec.nbits,
             "n_centroids": self.n_centroids,
             "n_documents": len(self),
             "n_tokens": self.n_tokens,
+            "settings": self.settings,
         }
         save_index_folder(directory, files, manifest)
 
     @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike,
-        device: str | torch.device | None = None,
-        expected_model: str | None = None,
-        verify_checksums: bool = True,
+    def from_folder(
+        cls, manifest: dict, data_dir: Path, device: str | torch.device | None = None
     ) -> PlaidIndex:
-        """Load a saved index onto `device`, checking its manifest and checksums."""
         from safetensors.torch import load_file
 
-        manifest, data_dir = load_index_folder(directory, "plaid", expected_model, verify_checksums)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        directory = data_dir.parent
+        settings = {"nbits": manifest.get("nbits", 2), **manifest.get("settings", {})}
+        index = cls(model_name=manifest.get("model_name"), device=device, **settings)
+        if "codec.safetensors" not in manifest["files"]:
+            return index
         try:
-            codec = load_file(str(data_dir / "codec.safetensors"), device=str(device))
-            documents = load_file(str(data_dir / "documents.safetensors"), device=str(device))
+            codec = load_file(str(data_dir / "codec.safetensors"), device=str(index.device))
+            documents = load_file(str(data_dir / "documents.safetensors"), device=str(index.device))
             ids = json.loads((data_dir / "ids.json").read_text())
-            index = cls(ResidualCodec(**codec), model_name=manifest.get("model_name"))
+            index._use_codec(ResidualCodec(**codec))
         except Exception as err:  # safetensors and json raise their own error types
             raise IndexFormatError(f"{directory}: unreadable index data: {err}") from err
         index.codes = documents["codes"].to(index._code_dtype)
@@ -462,21 +514,5 @@ def _as_doc_tensor(array, dim: int | None, what: str) -> torch.Tensor:
     return tensor
 
 
-def _as_id_list(ids) -> list[str]:
-    if isinstance(ids, str):
-        raise TypeError("ids must be a sequence of strings, not one string")
-    ids = list(ids)
-    bad = [i for i in ids if not isinstance(i, str)]
-    if bad:
-        raise TypeError(f"ids must be strings, got {type(bad[0]).__name__} ({bad[0]!r})")
-    return ids
-
-
-def _check_new_ids(ids, existing) -> list[str]:
-    ids = _as_id_list(ids)
-    if len(set(ids)) != len(ids):
-        raise ValueError("ids must be unique")
-    clash = [i for i in ids if i in existing]
-    if clash:
-        raise ValueError(f"ids already in the index: {clash[:5]}")
-    return ids
+def _looks_like_ids(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(i, str) for i in value)

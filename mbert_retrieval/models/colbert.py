@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mbert_retrieval.index.maxsim import maxsim
 from mbert_retrieval.modeling import ModernBert
 from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.models import folders
@@ -41,7 +42,6 @@ PYLATE_SETTINGS = (
     "attend_to_expansion_tokens",
     "skiplist_words",
 )
-MAXSIM_CHUNK_ELEMENTS = 1 << 26  # similarity entries computed at once when scoring
 
 
 @dataclass
@@ -431,34 +431,3 @@ def encode_with_key_mask(
     """Padded ids [B, L] -> hidden states [B, L, H] where every position computes a state but
     attends only to the positions in `key_mask` [B, L] (and, in local layers, within the window)."""
     return encoder(input_ids, torch.ones_like(input_ids), key_mask=key_mask)
-
-
-def maxsim(queries, documents) -> np.ndarray | torch.Tensor:
-    """MaxSim of queries [n, Lq, d] against documents (list of [n_i, d] or PackedEmbeddings) -> [n, m]."""
-    as_numpy = isinstance(queries, np.ndarray)
-    q = torch.as_tensor(queries).float()
-    single = q.dim() == 2
-    if single:
-        q = q[None]
-    if q.dim() != 3:
-        raise ValueError(f"queries must be [n, query_length, dim], got shape {tuple(q.shape)}")
-    docs = documents.to_list() if isinstance(documents, PackedEmbeddings) else list(documents)
-    docs = [torch.as_tensor(d).float() for d in docs]
-    for i, d in enumerate(docs):
-        if d.dim() != 2 or d.shape[-1] != q.shape[-1]:
-            raise ValueError(f"documents[{i}] has shape {tuple(d.shape)}; expected [n_tokens, {q.shape[-1]}]")
-    scores = torch.zeros(q.shape[0], len(docs))
-    if docs:
-        longest = max(max(len(d) for d in docs), 1)
-        step = max(1, MAXSIM_CHUNK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * longest))
-        for start in range(0, len(docs), step):
-            chunk = docs[start : start + step]
-            padded = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)  # [m, Ld, d]
-            lengths = torch.tensor([len(d) for d in chunk])
-            valid = torch.arange(padded.shape[1])[None, :] < lengths[:, None]  # [m, Ld]
-            sims = torch.einsum("qid,mjd->qmij", q, padded)
-            sims = sims.masked_fill(~valid[None, :, None, :], float("-inf"))
-            best = sims.max(dim=-1).values
-            scores[:, start : start + len(chunk)] = torch.where(best.isinf(), 0.0, best).sum(dim=-1)
-    scores = scores[0] if single else scores
-    return scores.numpy() if as_numpy else scores

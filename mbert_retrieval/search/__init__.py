@@ -1,4 +1,4 @@
-"""Search: BM25, reciprocal rank fusion, and the retrieve -> rerank pipeline."""
+"""Search: the retrieve -> rerank pipeline (Retriever and its first stages), fusion, and search systems by name."""
 
 from mbert_retrieval.search.bm25 import BM25Index
 from mbert_retrieval.search.fusion import reciprocal_rank_fusion

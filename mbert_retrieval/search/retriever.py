@@ -1,4 +1,4 @@
-"""Retriever: a first stage (FAISS, PLAID, exhaustive MaxSim, BM25, or a hybrid) -> an optional rerank.
+"""Retriever: a model, one first stage (an index, or two fused) -> an optional rerank.
 
     retriever = Retriever(DenseRetriever.from_pretrained("dense"), index="hnsw",
                           reranker=CrossEncoder.from_pretrained("cross"), first_stage_k=100)
@@ -7,13 +7,16 @@
     batch = retriever.search(["query one", "query two"], k=10)  # one list of hits per query
     retriever.save("my-index"); retriever = Retriever.load("my-index")
 
-First stages, by `index`:
+First stages, by `index` (`new_first_stage` makes them; search/first_stage.py holds the pieces):
     flat | hnsw | ivfpq   a single-vector model (DenseRetriever or any sentence-transformers model) in a FaissIndex
-    flat | plaid          a ColBERT model: exact MaxSim against every document, or a PlaidIndex
-    bm25                  no model: BM25 (bm25s)
+    flat | plaid          a ColBERT model: a MaxSimIndex (exact, against every document), or a PlaidIndex
+    bm25                  no model: a BM25Index (bm25s)
 `hybrid=True` adds BM25 to a model's first stage and fuses both rankings by their min-max normalised
 scores, `dense_weight` the model's share (`search.fusion.convex_fusion`; hybrid scores are in [0, 1]).
 A reranker (a CrossEncoder, or a ColBERT scoring by MaxSim) re-scores the first `first_stage_k` hits.
+
+A saved retriever is a folder: retriever.json (settings, model names), documents.jsonl, and each index
+of the first stage in a subfolder named after its type. The models are not saved, only their names.
 """
 
 from __future__ import annotations
@@ -26,17 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from mbert_retrieval.index.base import Index, rankings
+from mbert_retrieval.index.bm25 import BM25Index
+from mbert_retrieval.index.faiss_index import FaissIndex
+from mbert_retrieval.index.maxsim import MaxSimIndex
+from mbert_retrieval.index.plaid import PlaidIndex
 from mbert_retrieval.index.storage import IndexFormatError
-from mbert_retrieval.modeling.io import atomic_write_text, save_safetensors
-from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
-from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT, convex_fusion
+from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.models.loading import load_reranker, load_search_model
+from mbert_retrieval.search.first_stage import FusedIndex, TextIndex
+from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT
 
 SINGLE_VECTOR_INDEXES = ("flat", "hnsw", "ivfpq")
 MULTI_VECTOR_INDEXES = ("flat", "plaid")
 MANIFEST = "retriever.json"
-QUERY_BATCH = 64  # queries scored together in exhaustive MaxSim
+FORMAT_VERSION = 2
+LEGACY_MAXSIM_VECTORS = "colbert_vectors.safetensors"  # format 1: exhaustive-MaxSim vectors, document order
 
 
 @dataclass
@@ -99,10 +108,9 @@ class Retriever:
         self.show_progress = show_progress
         self.stats = EncodingStats()
         self.documents: dict[str, str] = {}
-        self._faiss = None
-        self._plaid = None
-        self._multi_vectors: list[torch.Tensor] = []  # flat ColBERT: one [n_tokens, dim] per document
-        self._bm25: BM25Index | None = None
+        self.index = new_first_stage(
+            model, index, hybrid, dense_weight, self.bm25_settings, model_name, show_progress
+        )
 
     @property
     def uses_bm25(self) -> bool:
@@ -132,45 +140,26 @@ class Retriever:
     # -------------------------------------------------------------------------------------- indexing
 
     def add(self, ids: Sequence[str], texts: Sequence[str]) -> None:
-        """Encode and index documents. BM25 is rebuilt over the whole corpus (its statistics are global)."""
+        """Encode and index documents."""
         ids, texts = [str(i) for i in ids], list(texts)
         check_documents(ids, texts, self.documents)
         if not ids:
             return
         start = time.perf_counter()
-        if self.model is not None:
-            self._add_to_model_index(ids, texts)
+        self.index.add(ids, texts)
         self.documents.update(zip(ids, texts))
-        if self.uses_bm25:
-            self._bm25 = BM25Index.build(
-                self.ids,
-                list(self.documents.values()),
-                show_progress=self.show_progress,
-                **self.bm25_settings,
-            )
         self.stats.documents += len(ids)
         self.stats.seconds += time.perf_counter() - start
 
-    def _add_to_model_index(self, ids: list[str], texts: list[str]) -> None:
-        if not is_multi_vector(self.model):
-            vectors = self.model.encode_documents(texts, show_progress_bar=self.show_progress)
-            if self._faiss is None:
-                from mbert_retrieval.index.faiss_index import FaissIndex
-
-                self._faiss = FaissIndex(vectors.shape[1], kind=self.index_kind, model_name=self.model_name)
-            self._faiss.add(ids, vectors)
-            return
-        embeddings = self.model.encode_documents(texts, show_progress_bar=self.show_progress)
-        if self.index_kind == "flat":
-            self._multi_vectors.extend(torch.as_tensor(e).to(torch.float16) for e in embeddings)
-        elif self._plaid is None:
-            from mbert_retrieval.index.plaid import PlaidIndex
-
-            self._plaid = PlaidIndex.build(
-                embeddings, ids, nbits=2, model_name=self.model_name, show_progress=self.show_progress
-            )
-        else:
-            self._plaid.add(embeddings, ids)
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents from the index and the stored texts."""
+        ids = [str(i) for i in ids]
+        missing = [i for i in ids if i not in self.documents]
+        if missing:
+            raise KeyError(f"ids not in the retriever: {missing[:5]}")
+        self.index.delete(ids)
+        for doc_id in ids:
+            del self.documents[doc_id]
 
     # ---------------------------------------------------------------------------------------- search
 
@@ -193,42 +182,8 @@ class Retriever:
         return hits[0] if single else hits
 
     def first_stage(self, queries: list[str], depth: int) -> list[list[tuple[str, float]]]:
-        """(id, score) lists, best first, from the index (and BM25, fused, when hybrid)."""
-        if self.model is None:
-            return self._bm25_search(queries, depth)
-        neural = self._model_search(queries, depth)
-        if not self.hybrid:
-            return neural
-        lexical = self._bm25_search(queries, depth)
-        weights = [self.dense_weight, 1 - self.dense_weight]
-        return [convex_fusion([a, b], weights)[:depth] for a, b in zip(neural, lexical)]
-
-    def _bm25_search(self, queries, depth):
-        ids, scores = self._bm25.search(queries, depth)
-        return [list(zip(row, map(float, row_scores))) for row, row_scores in zip(ids, scores)]
-
-    def _model_search(self, queries, depth):
-        encoded = self.model.encode_queries(queries, show_progress_bar=self.show_progress)
-        if self._faiss is not None:
-            ids, scores = self._faiss.search(encoded, depth)
-        elif self._plaid is not None:
-            ids, scores = self._plaid.search(encoded, depth)
-        else:
-            ids, scores = self._exhaustive_maxsim(encoded, depth)
-        return [list(zip(row, map(float, row_scores))) for row, row_scores in zip(ids, scores)]
-
-    def _exhaustive_maxsim(self, encoded, depth):
-        from mbert_retrieval.models.colbert import maxsim
-
-        doc_ids = self.ids
-        all_ids, all_scores = [], []
-        for start in range(0, len(encoded), QUERY_BATCH):
-            scores = np.asarray(maxsim(np.asarray(encoded[start : start + QUERY_BATCH]), self._multi_vectors))
-            for row in scores:
-                top = top_k_indices(row, depth)
-                all_ids.append([doc_ids[i] for i in top])
-                all_scores.append(row[top])
-        return all_ids, all_scores
+        """(id, score) lists, best first, from the first stage."""
+        return rankings(self.index.search(queries, depth))
 
     def rerank(
         self, queries: list[str], candidates: list[list[tuple[str, float]]]
@@ -275,22 +230,11 @@ class Retriever:
         """Save the documents and indexes (not the models: their names are recorded and reloaded)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self._faiss is not None:
-            self._faiss.save(directory / "faiss")
-        if self._plaid is not None:
-            self._plaid.save(directory / "plaid")
-        if self._bm25 is not None:
-            self._bm25.save(directory / "bm25")
-        if self._multi_vectors:
-            lengths = torch.tensor([len(e) for e in self._multi_vectors])
-            save_safetensors(
-                directory / "colbert_vectors.safetensors",
-                {"vectors": torch.cat(self._multi_vectors), "lengths": lengths},
-            )
+        self.index.save(directory)
         rows = "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in self.documents.items())
         atomic_write_text(directory / "documents.jsonl", rows)
         manifest = {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "index": self.index_kind,
             "hybrid": self.hybrid,
             "model": self.model_name,
@@ -316,8 +260,6 @@ class Retriever:
     ) -> Retriever:
         """Load a saved retriever. The model is loaded from the recorded name unless given; the reranker
         is the one given (or the recorded one when `reranker` is None and one was saved)."""
-        from mbert_retrieval.search.models import load_reranker, load_search_model
-
         directory = Path(directory)
         manifest = read_manifest(directory)
         if model is None and manifest["model"] is not None:
@@ -348,22 +290,36 @@ class Retriever:
             raise IndexFormatError(
                 f"{directory}: documents.jsonl does not hold the {manifest['n_documents']} documents"
             )
-        if self.uses_bm25:
-            self._bm25 = BM25Index.load(directory / "bm25")
-        if self.model is None:
-            return
-        if not is_multi_vector(self.model):
-            from mbert_retrieval.index.faiss_index import FaissIndex
+        for part in self.index.parts:
+            if isinstance(part.index, MaxSimIndex) and manifest.get("format_version", 1) == 1:
+                legacy = directory / LEGACY_MAXSIM_VECTORS
+                part.index = MaxSimIndex.from_vectors_file(legacy, self.ids, self.model_name)
+            else:
+                part.restore(directory, self.model_name, device)
+        if set(self.index.ids) != set(self.documents):
+            raise IndexFormatError(f"{directory}: the index and documents.jsonl hold different documents")
 
-            self._faiss = FaissIndex.load(directory / "faiss", expected_model=self.model_name)
-        elif self.index_kind == "plaid":
-            from mbert_retrieval.index.plaid import PlaidIndex
 
-            self._plaid = PlaidIndex.load(directory / "plaid", device=device, expected_model=self.model_name)
-        else:
-            self._multi_vectors = read_multi_vectors(
-                directory / "colbert_vectors.safetensors", len(self.documents)
-            )
+def new_first_stage(
+    model, kind: str, hybrid: bool, dense_weight: float, bm25_settings: dict, model_name, show_progress
+) -> TextIndex | FusedIndex:
+    """An empty first stage: the model's index (or BM25 when there is no model), fused with BM25
+    when `hybrid`."""
+    lexical = TextIndex(BM25Index(**bm25_settings)) if model is None or hybrid else None
+    if model is None:
+        return lexical
+    neural = TextIndex(new_model_index(model, kind, model_name), model, show_progress)
+    return FusedIndex(neural, lexical, dense_weight) if hybrid else neural
+
+
+def new_model_index(model, kind: str, model_name: str | None) -> Index:
+    """An empty index for the model's embeddings: FAISS for single vectors, PLAID or exhaustive MaxSim
+    for a ColBERT's token vectors."""
+    if not is_multi_vector(model):
+        return FaissIndex(model.dim, kind=kind, model_name=model_name)
+    if kind == "plaid":
+        return PlaidIndex(model_name=model_name)
+    return MaxSimIndex(model_name=model_name)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -405,6 +361,11 @@ def read_manifest(directory: Path) -> dict:
     missing = {"index", "hybrid", "model", "first_stage_k", "bm25_settings", "n_documents"} - set(manifest)
     if missing:
         raise IndexFormatError(f"{path} lacks {', '.join(sorted(missing))} (corrupt manifest)")
+    if manifest.get("format_version", 1) > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path}: retriever format version {manifest['format_version']} is newer than this library "
+            f"reads ({FORMAT_VERSION}); upgrade mbert-retrieval"
+        )
     return manifest
 
 
@@ -419,16 +380,3 @@ def read_documents(path: Path) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise IndexFormatError(f"{path}: line {number} is corrupt ({err})") from err
     return documents
-
-
-def read_multi_vectors(path: Path, n_documents: int) -> list[torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types
-        raise IndexFormatError(f"{path}: unreadable ColBERT vectors: {err}") from err
-    lengths = tensors["lengths"].tolist()
-    if len(lengths) != n_documents or sum(lengths) != len(tensors["vectors"]):
-        raise IndexFormatError(f"{path}: the vectors do not match the {n_documents} documents")
-    return list(torch.split(tensors["vectors"], lengths))
