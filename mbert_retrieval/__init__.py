@@ -7,6 +7,10 @@ stays fast and optional dependencies (faiss, fastapi) are only needed by what us
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mbert_retrieval.modeling import (
@@ -57,3 +61,24 @@ def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mbert_retrieval' has no attribute {name!r}")
+
+
+class _CheckoutHarnesses(importlib.abc.MetaPathFinder):
+    """Imports the repository's top-level `evaluation/` folder as `mbert_retrieval.evaluation`, the name
+    the wheel installs it under (setup.py), when running from a source checkout."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "mbert_retrieval.evaluation":
+            return None
+        init = self.folder / "__init__.py"
+        return importlib.util.spec_from_file_location(
+            fullname, init, submodule_search_locations=[str(self.folder)]
+        )
+
+
+_HERE = Path(__file__).resolve().parent
+if not (_HERE / "evaluation").is_dir() and (_HERE.parent / "evaluation" / "__init__.py").is_file():
+    sys.meta_path.append(_CheckoutHarnesses(_HERE.parent / "evaluation"))

@@ -7,12 +7,10 @@ does not fit the model); 1 any other failure. Errors are one line on stderr, wit
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import logging
 import sys
-import traceback
 from collections import Counter
 from enum import Enum
 from pathlib import Path
@@ -20,16 +18,12 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(
-    name="mbert-retrieval",
-    help="Index, search and evaluate with ModernBERT retrieval models, BM25 and hybrids.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from mbert_retrieval import cli_errors
+from mbert_retrieval.cli_errors import EXIT_FAILURE, BadInput, command_app, reports_errors
 
-EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
-SHOW_TRACEBACKS = False
+app = command_app(
+    "Index, search and evaluate with ModernBERT retrieval models, BM25 and hybrids.", name="mbert-retrieval"
+)
 
 
 class IndexKind(str, Enum):
@@ -45,43 +39,6 @@ class OutputFormat(str, Enum):
     trec = "trec"
 
 
-class BadInput(ValueError):
-    """A user error found by the command itself."""
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    from evaluation.data import DataFormatError
-    from evaluation.leaderboard import LeaderboardConfigError
-    from mbert_retrieval.index.storage import IndexFormatError
-    from mbert_retrieval.modeling import CheckpointError, ConfigError
-
-    return (BadInput, DataFormatError, LeaderboardConfigError, IndexFormatError, CheckpointError, ConfigError)
-
-
-def reports_errors(command):
-    """Turn exceptions into a one-line message and an exit code scripts can trust."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
-        except user_errors() as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
-        except Exception as err:  # anything else is a failure, not the user's input
-            if SHOW_TRACEBACKS:
-                traceback.print_exc()
-            typer.echo(f"error: {type(err).__name__}: {err}", err=True)
-            raise typer.Exit(EXIT_FAILURE) from None
-
-    return wrapper
-
-
 @app.callback()
 def main(
     verbose: Annotated[
@@ -92,8 +49,7 @@ def main(
     ] = False,
 ):
     """Index, search and evaluate with ModernBERT retrieval models, BM25 and hybrids."""
-    global SHOW_TRACEBACKS
-    SHOW_TRACEBACKS = verbose
+    cli_errors.show_tracebacks = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
@@ -376,22 +332,19 @@ def build_code_dataset_command(
 
     if split_by not in ("module", "package"):
         raise BadInput(f"--split-by must be module or package, got {split_by!r}")
-    try:
-        summary = build_code_dataset(
-            source,
-            output,
-            split_by=split_by,
-            test_fraction=test_fraction,
-            dev_fraction=dev_fraction,
-            min_query_words=min_query_words,
-            max_functions=max_functions,
-            seed=seed,
-            languages=[name.strip() for name in languages.split(",") if name.strip()],
-            typescript_declarations=typescript_declarations,
-            show_progress=progress,
-        )
-    except ValueError as err:
-        raise BadInput(str(err)) from err
+    summary = build_code_dataset(
+        source,
+        output,
+        split_by=split_by,
+        test_fraction=test_fraction,
+        dev_fraction=dev_fraction,
+        min_query_words=min_query_words,
+        max_functions=max_functions,
+        seed=seed,
+        languages=[name.strip() for name in languages.split(",") if name.strip()],
+        typescript_declarations=typescript_declarations,
+        show_progress=progress,
+    )
     counts = ", ".join(f"{split} {n}" for split, n in summary.functions.items())
     problems = "".join(f", {n} skipped: {why}" for why, n in summary.file_problems.items())
     problems += "".join(f", {n} left out: {why}" for why, n in summary.files_left_out.items())
@@ -415,9 +368,7 @@ def make_retriever(system, index_kind, rerank, first_stage_k, device, progress, 
             show_progress=progress,
             bm25_settings={"split_identifiers": split_identifiers},
         )
-    except (ValueError, OSError) as err:
-        if isinstance(err, user_errors()):
-            raise
+    except OSError as err:  # a model that is not there (transformers raises OSError)
         raise BadInput(str(err)) from err
 
 
@@ -429,9 +380,7 @@ def search_code_index(index_dir, named: dict[str, str], k, rerank, first_stage_k
         hits = run_code_search(
             index_dir, list(named.values()), k, reranker=rerank, rerank_depth=max(first_stage_k, k)
         )
-    except (ValueError, OSError) as err:
-        if isinstance(err, user_errors()):
-            raise
+    except OSError as err:  # a model that is not there (transformers raises OSError)
         raise BadInput(str(err)) from err
     lines = []
     for (query_id, text), ranking in zip(named.items(), hits):

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import typer
 
+from mbert_retrieval.cli_errors import command_app, reports_errors
 from mbert_retrieval.code.encoders import load_encoder, load_reranker, model_name
-from mbert_retrieval.index.storage import IndexFormatError
-
-USER_ERRORS = (ValueError, FileNotFoundError, IndexFormatError, RuntimeError)
 
 
+@reports_errors
 def index_code(
     repo: Path = typer.Argument(..., help="Repository folder to index"),
     index: Path = typer.Option(..., "--index", help="Index folder (created, or updated in place)"),
@@ -39,23 +38,20 @@ def index_code(
     """Index a repository's functions, classes and methods for code search (incremental)."""
     from mbert_retrieval.code.index import build_code_index
 
-    try:
-        encoder = load_encoder(model)
-        report = build_code_index(
-            repo,
-            index,
-            encoder,
-            model_name=model_name(model),
-            full=full,
-            max_file_bytes=max_file_kb * 1000,
-            include_secrets=include_secrets,
-        )
-    except USER_ERRORS as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from None
+    encoder = load_encoder(model)
+    report = build_code_index(
+        repo,
+        index,
+        encoder,
+        model_name=model_name(model),
+        full=full,
+        max_file_bytes=max_file_kb * 1000,
+        include_secrets=include_secrets,
+    )
     typer.echo(report.summary())
 
 
+@reports_errors
 def search_code(
     index: Path = typer.Argument(..., help="Index folder built by index-code"),
     query: list[str] = typer.Argument(..., help="What to look for (several words make one query)"),
@@ -71,13 +67,9 @@ def search_code(
     ),
 ) -> None:
     """Search a code index from the command line, without starting the server."""
-    try:
-        [hits] = run_code_search(
-            index, [" ".join(query)], k, mode=mode, path=path, language=language, model=model
-        )
-    except USER_ERRORS as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from None
+    [hits] = run_code_search(
+        index, [" ".join(query)], k, mode=mode, path=path, language=language, model=model
+    )
     if as_json:
         typer.echo(json.dumps([hit_record(hit) for hit in hits], indent=1))
         return
@@ -172,6 +164,7 @@ def hit_record(hit) -> dict:
     }
 
 
+@reports_errors
 def serve(
     index: Path = typer.Option(..., "--index", help="Index folder built by index-code"),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on"),
@@ -203,18 +196,14 @@ def serve(
         torch.set_num_threads(threads)
     if token is None:  # typer reads an empty variable as unset; an empty token must be refused
         token = os.environ.get("MBERT_RETRIEVAL_TOKEN")
-    try:
-        check_token(token, host, allow_no_token)
-        name = model_name(model) if model is not None else read_index_settings(index)["model_name"]
-        service = CodeSearchService(
-            index,
-            load_encoder(name),
-            model_name=name,
-            reranker=load_reranker(reranker) if reranker else None,
-        )
-    except USER_ERRORS as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from None
+    check_token(token, host, allow_no_token)
+    name = model_name(model) if model is not None else read_index_settings(index)["model_name"]
+    service = CodeSearchService(
+        index,
+        load_encoder(name),
+        model_name=name,
+        reranker=load_reranker(reranker) if reranker else None,
+    )
     run_server(
         create_app(service, token=token, limits=Limits(max_k=max_k)),
         host=host,
@@ -231,7 +220,7 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
 
-app = typer.Typer(help="Code search: index a repository and serve it to IDE plugins.", no_args_is_help=True)
+app = command_app("Code search: index a repository and serve it to IDE plugins.")
 register(app)
 
 if __name__ == "__main__":

@@ -4,27 +4,30 @@ Data is a BEIR folder (its train qrels), a JSONL file of examples, or `hf:<datas
 `mbert_retrieval.training.data`. Every run writes `metrics.jsonl`, checkpoints (with
 `--save-steps`) and the final model to `<output-dir>/final`. Under `torchrun` each process takes
 its share of every batch.
+
+The options every command shares are declared once, as the fields of `RunOptions` (and
+`ExampleOptions` for the heads that train on examples); `with_options` adds them to a command after
+its own and hands them to it as one object, which builds the `TrainingArguments`.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import typing
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-train_app = typer.Typer(
-    name="train",
-    help="Train dense, ColBERT and cross-encoder models, pretrain with MLM, mine hard negatives.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from mbert_retrieval.cli_errors import command_app, reports_errors
 
-EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
+train_app = command_app(
+    "Train dense, ColBERT and cross-encoder models, pretrain with MLM, mine hard negatives.", name="train"
+)
 
 
 class Decay(str, Enum):
@@ -49,78 +52,137 @@ class RerankerLoss(str, Enum):
     listwise = "listwise"
 
 
-def reports_errors(command):
-    """Bad input (missing data, bad checkpoint, impossible settings) -> one line and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        from mbert_retrieval.modeling import CheckpointError, ConfigError
-        from mbert_retrieval.training.data import TrainingDataError
-
-        try:
-            return command(*args, **kwargs)
-        except (TrainingDataError, CheckpointError, ConfigError, ValueError) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
-
-    return wrapper
-
-
-# -- options shared by the training commands ---------------------------------------------------------
+# -- options the training commands share, declared once ----------------------------------------------
 
 Model = Annotated[str, typer.Argument(help="Checkpoint folder or hub id to start from.")]
 Data = Annotated[str, typer.Argument(help="BEIR folder, JSONL of examples, or hf:<dataset>.")]
-OutputDir = Annotated[
-    Path, typer.Option("--output-dir", "-o", help="Where metrics, checkpoints and the model go.")
-]
-MaxSteps = Annotated[int | None, typer.Option(help="Optimizer steps (default: --epochs over the data).")]
-Epochs = Annotated[float, typer.Option(help="Passes over the data when --max-steps is not given.")]
-BatchSize = Annotated[int | None, typer.Option(help="Examples per batch (all processes together).")]
-MaxTokens = Annotated[int | None, typer.Option(help="Token budget per batch (all processes together).")]
-ChunkTokens = Annotated[
-    int | None, typer.Option(help="GradCache: tokens per forward chunk of a large batch.")
-]
-Accumulation = Annotated[int, typer.Option("--grad-accum", help="Batches per optimizer step.")]
-LearningRate = Annotated[float, typer.Option("--lr", help="Peak learning rate.")]
-Warmup = Annotated[float, typer.Option(help="Warmup steps (a fraction of all steps when below 1).")]
-DecayOption = Annotated[Decay, typer.Option(help="Learning-rate decay after the stable stage.")]
-DecaySteps = Annotated[
-    float | None, typer.Option(help="Decay steps or fraction (default: all after warmup).")
-]
-OptimizerOption = Annotated[Optimizer, typer.Option(help="adamw or stable_adamw.")]
-WeightDecay = Annotated[float, typer.Option(help="Decoupled weight decay on weight matrices.")]
-Seed = Annotated[int, typer.Option(help="Seeds shuffling, masking and initialisation.")]
-Dev = Annotated[Path | None, typer.Option(help="BEIR folder to compute nDCG@10 / MRR@10 on during training.")]
-DevSplit = Annotated[str, typer.Option(help="qrels split of --dev.")]
-EvalSteps = Annotated[int | None, typer.Option(help="Evaluate on --dev every this many steps.")]
-SaveSteps = Annotated[int | None, typer.Option(help="Write a checkpoint every this many steps.")]
-Resume = Annotated[str | None, typer.Option(help="Checkpoint folder to resume from, or 'latest'.")]
-Bf16 = Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: on CUDA).")]
-Checkpointing = Annotated[bool, typer.Option(help="Recompute activations in backward to save memory.")]
-Compile = Annotated[bool, typer.Option(help="torch.compile the encoder layers (CUDA).")]
-TensorBoard = Annotated[bool, typer.Option(help="Also log to TensorBoard.")]
 Device = Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: CUDA when available).")]
-NumNegatives = Annotated[int | None, typer.Option(help="Hard negatives kept per example (default: all).")]
-LoggingSteps = Annotated[int, typer.Option(help="Write metrics every this many steps.")]
 
 
-def training_arguments(**values):
-    from mbert_retrieval.training.trainer import TrainingArguments
+@dataclass
+class RunOptions:
+    """The options of every training command: where the run goes, the optimizer and its schedule,
+    checkpoints, precision and the device."""
 
-    for key in ("decay", "optimizer"):
-        if isinstance(values.get(key), Enum):
-            values[key] = values[key].value
-    values["output_dir"] = str(values["output_dir"])
-    return TrainingArguments(**values)
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Where metrics, checkpoints and the model go.")
+    ] = Path("runs")
+    max_time: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (then save as usual).")
+    ] = None
+    chunk_tokens: Annotated[
+        int | None, typer.Option(help="GradCache: tokens per forward chunk of a large batch.")
+    ] = None
+    gradient_accumulation_steps: Annotated[
+        int, typer.Option("--grad-accum", help="Batches per optimizer step.")
+    ] = 1
+    learning_rate: Annotated[float, typer.Option("--lr", help="Peak learning rate.")] = 2e-5
+    warmup_steps: Annotated[
+        float, typer.Option(help="Warmup steps (a fraction of all steps when below 1).")
+    ] = 0.1
+    decay: Annotated[Decay, typer.Option(help="Learning-rate decay after the stable stage.")] = Decay.linear
+    decay_steps: Annotated[
+        float | None, typer.Option(help="Decay steps or fraction (default: all after warmup).")
+    ] = None
+    optimizer: Annotated[Optimizer, typer.Option(help="adamw or stable_adamw.")] = Optimizer.adamw
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay on weight matrices.")] = 0.01
+    seed: Annotated[int, typer.Option(help="Seeds shuffling, masking and initialisation.")] = 42
+    save_steps: Annotated[int | None, typer.Option(help="Write a checkpoint every this many steps.")] = None
+    resume_from: Annotated[
+        str | None, typer.Option(help="Checkpoint folder to resume from, or 'latest'.")
+    ] = None
+    bf16: Annotated[
+        bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: on CUDA).")
+    ] = None
+    gradient_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute activations in backward to save memory.")
+    ] = False
+    compile: Annotated[bool, typer.Option(help="torch.compile the encoder layers (CUDA).")] = False
+    tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard.")] = False
+    device: Device = None
+    logging_steps: Annotated[int, typer.Option(help="Write metrics every this many steps.")] = 10
+
+    def training_arguments(self, **more):
+        """The trainer's arguments: the options that are `TrainingArguments` fields, and `more`."""
+        from mbert_retrieval.training.trainer import TrainingArguments
+
+        accepted = {f.name for f in fields(TrainingArguments)}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in accepted} | more
+        values = {name: v.value if isinstance(v, Enum) else v for name, v in values.items()}
+        return TrainingArguments(**values | {"output_dir": str(self.output_dir)})
 
 
-def run(task, data, args, dev: Path | None, dev_split: str) -> None:
+@dataclass
+class ExampleOptions(RunOptions):
+    """The options of the commands that train on examples: how many, in what batches, and the dev set."""
+
+    num_negatives: Annotated[
+        int | None, typer.Option(help="Hard negatives kept per example (default: all).")
+    ] = None
+    max_steps: Annotated[
+        int | None, typer.Option(help="Optimizer steps (default: --epochs over the data).")
+    ] = None
+    epochs: Annotated[float, typer.Option(help="Passes over the data when --max-steps is not given.")] = 1.0
+    batch_size: Annotated[int | None, typer.Option(help="Examples per batch (all processes together).")] = 32
+    max_tokens_per_batch: Annotated[
+        int | None, typer.Option(help="Token budget per batch (all processes together).")
+    ] = None
+    dev: Annotated[
+        Path | None, typer.Option(help="BEIR folder to compute nDCG@10 / MRR@10 on during training.")
+    ] = None
+    dev_split: Annotated[str, typer.Option(help="qrels split of --dev.")] = "dev"
+    eval_steps: Annotated[int | None, typer.Option(help="Evaluate on --dev every this many steps.")] = None
+
+    def examples(self, data: str):
+        from mbert_retrieval.training.data import load_examples
+
+        return load_examples(data, num_negatives=self.num_negatives)
+
+    def dev_set(self):
+        from mbert_retrieval.training.evaluate import DevSet
+
+        return None if self.dev is None else DevSet.from_beir(self.dev, split=self.dev_split)
+
+
+def with_options(options_type: type[RunOptions], **defaults):
+    """Add the fields of `options_type` to a command's options, after its own, with `defaults` in
+    place of theirs; the command receives their values as one object, in its `options` parameter."""
+    hints = typing.get_type_hints(options_type, include_extras=True)
+    shared = [
+        inspect.Parameter(
+            option.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=defaults.pop(option.name, option.default),
+            annotation=hints[option.name],
+        )
+        for option in fields(options_type)
+    ]
+    if defaults:
+        raise TypeError(f"{options_type.__name__} has no options {sorted(defaults)}")
+
+    def decorate(command):
+        own = inspect.signature(command, eval_str=True).parameters.values()
+        parameters = [p for p in own if p.name != "options"] + shared
+
+        @functools.wraps(command)
+        def wrapper(**values):
+            options = options_type(**{p.name: values.pop(p.name) for p in shared})
+            return command(**values, options=options)
+
+        # typer reads the command's options from the signature
+        wrapper.__signature__ = inspect.Signature(parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate
+
+
+def train_and_report(task, data, args, dev=None) -> None:
+    """Train, then (on the main process) print the data report and a JSON summary."""
     from mbert_retrieval.training.distributed import current_world
-    from mbert_retrieval.training.evaluate import DevSet
     from mbert_retrieval.training.trainer import Trainer
 
-    dev_set = DevSet.from_beir(dev, split=dev_split) if dev is not None else None
-    result = Trainer(task, data, args, dev=dev_set).train()
+    result = Trainer(task, data, args, dev=dev).train()
     if not current_world().is_main:
         return
     typer.echo(data.report())
@@ -137,10 +199,10 @@ def run(task, data, args, dev: Path | None, dev_split: str) -> None:
 
 @train_app.command()
 @reports_errors
+@with_options(ExampleOptions, output_dir=Path("runs/dense"))
 def dense(
     model: Model,
     data: Data,
-    output_dir: OutputDir = Path("runs/dense"),
     pooling: Annotated[
         str | None, typer.Option(help="mean or cls (default: the folder's, else mean).")
     ] = None,
@@ -160,44 +222,17 @@ def dense(
     distillation: Annotated[
         float, typer.Option(help="Weight of the distance to the --teacher's embeddings.")
     ] = 1.0,
-    num_negatives: NumNegatives = None,
-    max_steps: MaxSteps = None,
-    max_time: Annotated[
-        float | None, typer.Option(help="Stop after this many seconds (then save as usual).")
-    ] = None,
-    epochs: Epochs = 1.0,
-    batch_size: BatchSize = 32,
-    max_tokens_per_batch: MaxTokens = None,
-    chunk_tokens: ChunkTokens = None,
-    gradient_accumulation_steps: Accumulation = 1,
-    learning_rate: LearningRate = 2e-5,
-    warmup_steps: Warmup = 0.1,
-    decay: DecayOption = Decay.linear,
-    decay_steps: DecaySteps = None,
-    optimizer: OptimizerOption = Optimizer.adamw,
-    weight_decay: WeightDecay = 0.01,
-    seed: Seed = 42,
-    dev: Dev = None,
-    dev_split: DevSplit = "dev",
-    eval_steps: EvalSteps = None,
-    save_steps: SaveSteps = None,
-    resume_from: Resume = None,
-    bf16: Bf16 = None,
-    gradient_checkpointing: Checkpointing = False,
-    compile: Compile = False,
-    tensorboard: TensorBoard = False,
-    device: Device = None,
-    logging_steps: LoggingSteps = 10,
+    *,
+    options: ExampleOptions,
 ):
     """Train a dense retriever with InfoNCE (in-batch + hard negatives)."""
     import torch
 
     from mbert_retrieval.models.dense import DenseRetriever
-    from mbert_retrieval.training.data import load_examples
     from mbert_retrieval.training.tasks import DenseTask
 
-    args = training_arguments(**_training_values(locals()))
-    torch.manual_seed(seed)  # a new projection or head starts the same on every process
+    args = options.training_arguments()
+    torch.manual_seed(options.seed)  # a new projection or head starts the same on every process
     retriever = DenseRetriever.from_pretrained(
         model,
         pooling=pooling,
@@ -214,10 +249,10 @@ def dense(
         symmetric=symmetric,
         matryoshka_dims=dims,
         query_max_length=query_max_length,
-        teacher=None if teacher is None else sentence_transformer_teacher(teacher, device),
+        teacher=None if teacher is None else sentence_transformer_teacher(teacher, options.device),
         distillation=distillation,
     )
-    run(task, load_examples(data, num_negatives=num_negatives), args, dev, dev_split)
+    train_and_report(task, options.examples(data), args, options.dev_set())
 
 
 def sentence_transformer_teacher(name: str, device: str | None):
@@ -240,10 +275,10 @@ def sentence_transformer_teacher(name: str, device: str | None):
 
 @train_app.command()
 @reports_errors
+@with_options(ExampleOptions, output_dir=Path("runs/colbert"), learning_rate=3e-5)
 def colbert(
     model: Model,
     data: Data,
-    output_dir: OutputDir = Path("runs/colbert"),
     loss: Annotated[ColBERTLoss, typer.Option(help="contrastive, or distillation from teacher scores.")] = (
         ColBERTLoss.contrastive
     ),
@@ -251,110 +286,72 @@ def colbert(
     query_length: Annotated[int | None, typer.Option(help="Query tokens (with [MASK] expansion).")] = None,
     document_length: Annotated[int | None, typer.Option(help="Document tokens kept.")] = None,
     embedding_size: Annotated[int, typer.Option(help="Vector size for a new projection.")] = 128,
-    num_negatives: NumNegatives = None,
-    max_steps: MaxSteps = None,
-    epochs: Epochs = 1.0,
-    batch_size: BatchSize = 32,
-    max_tokens_per_batch: MaxTokens = None,
-    chunk_tokens: ChunkTokens = None,
-    gradient_accumulation_steps: Accumulation = 1,
-    learning_rate: LearningRate = 3e-5,
-    warmup_steps: Warmup = 0.1,
-    decay: DecayOption = Decay.linear,
-    decay_steps: DecaySteps = None,
-    optimizer: OptimizerOption = Optimizer.adamw,
-    weight_decay: WeightDecay = 0.01,
-    seed: Seed = 42,
-    dev: Dev = None,
-    dev_split: DevSplit = "dev",
-    eval_steps: EvalSteps = None,
-    save_steps: SaveSteps = None,
-    resume_from: Resume = None,
-    bf16: Bf16 = None,
-    gradient_checkpointing: Checkpointing = False,
-    compile: Compile = False,
-    tensorboard: TensorBoard = False,
-    device: Device = None,
-    logging_steps: LoggingSteps = 10,
+    *,
+    options: ExampleOptions,
 ):
     """Train a ColBERT model: contrastive, or KL distillation from teacher scores."""
     import torch
 
     from mbert_retrieval.models.colbert import ColBERT
-    from mbert_retrieval.training.data import load_examples
     from mbert_retrieval.training.tasks import ColBERTTask
 
-    args = training_arguments(**_training_values(locals()))
+    args = options.training_arguments()
     settings = {k: v for k, v in (("query_length", query_length), ("document_length", document_length)) if v}
-    torch.manual_seed(seed)
+    torch.manual_seed(options.seed)
     colbert_model = ColBERT.from_pretrained(
         model, embedding_size=embedding_size, device="cpu", dtype=torch.float32, **settings
     )
     task = ColBERTTask(colbert_model, loss=loss.value, temperature=temperature)
-    run(task, load_examples(data, num_negatives=num_negatives), args, dev, dev_split)
+    train_and_report(task, options.examples(data), args, options.dev_set())
 
 
 @train_app.command("cross-encoder")
 @reports_errors
+@with_options(ExampleOptions, output_dir=Path("runs/cross-encoder"), batch_size=16)
 def cross_encoder(
     model: Model,
     data: Data,
-    output_dir: OutputDir = Path("runs/cross-encoder"),
     loss: Annotated[RerankerLoss, typer.Option(help="bce (pointwise) or listwise.")] = RerankerLoss.bce,
     max_length: Annotated[int | None, typer.Option(help="Pair tokens kept.")] = None,
-    num_negatives: NumNegatives = None,
-    max_steps: MaxSteps = None,
-    epochs: Epochs = 1.0,
-    batch_size: BatchSize = 16,
-    max_tokens_per_batch: MaxTokens = None,
-    chunk_tokens: ChunkTokens = None,
-    gradient_accumulation_steps: Accumulation = 1,
-    learning_rate: LearningRate = 2e-5,
-    warmup_steps: Warmup = 0.1,
-    decay: DecayOption = Decay.linear,
-    decay_steps: DecaySteps = None,
-    optimizer: OptimizerOption = Optimizer.adamw,
-    weight_decay: WeightDecay = 0.01,
-    seed: Seed = 42,
-    dev: Dev = None,
-    dev_split: DevSplit = "dev",
-    eval_steps: EvalSteps = None,
-    save_steps: SaveSteps = None,
-    resume_from: Resume = None,
-    bf16: Bf16 = None,
-    gradient_checkpointing: Checkpointing = False,
-    compile: Compile = False,
-    tensorboard: TensorBoard = False,
-    device: Device = None,
-    logging_steps: LoggingSteps = 10,
+    *,
+    options: ExampleOptions,
 ):
     """Train a cross-encoder reranker on (query, positive, negatives)."""
     import torch
 
     from mbert_retrieval.models.cross_encoder import CrossEncoder
-    from mbert_retrieval.training.data import load_examples
     from mbert_retrieval.training.tasks import CrossEncoderTask
 
-    args = training_arguments(**_training_values(locals()))
-    torch.manual_seed(seed)
+    args = options.training_arguments()
+    torch.manual_seed(options.seed)
     reranker = CrossEncoder.from_pretrained(model, max_length=max_length, device="cpu", dtype=torch.float32)
     task = CrossEncoderTask(reranker, loss=loss.value)
-    run(task, load_examples(data, num_negatives=num_negatives), args, dev, dev_split)
+    train_and_report(task, options.examples(data), args, options.dev_set())
 
 
 @train_app.command()
 @reports_errors
+@with_options(
+    RunOptions,
+    output_dir=Path("runs/mlm"),
+    learning_rate=8e-4,
+    warmup_steps=0.05,
+    decay=Decay.one_minus_sqrt,
+    decay_steps=0.1,
+    optimizer=Optimizer.stable_adamw,
+    weight_decay=1e-5,
+)
 def mlm(
     model: Annotated[str, typer.Argument(help="ModernBertForMaskedLM folder (with its tokenizer).")],
     corpus: Annotated[
         Path, typer.Argument(help=".jsonl ('text' per line), .txt (a document per line) or a folder.")
     ],
-    output_dir: OutputDir = Path("runs/mlm"),
     from_scratch: Annotated[
         bool, typer.Option(help="Only read config.json and start from random weights.")
     ] = False,
     max_length: Annotated[int, typer.Option(help="Tokens per sequence.")] = 1024,
     mask_probability: Annotated[float, typer.Option(help="Share of tokens selected for prediction.")] = 0.3,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
     max_tokens_per_batch: Annotated[
         int, typer.Option(help="Tokens per batch (all processes together).")
     ] = 65536,
@@ -362,24 +359,8 @@ def mlm(
         int | None, typer.Option(help="Batch-size warmup: starting tokens.")
     ] = None,
     batch_warmup_steps: Annotated[int, typer.Option(help="Steps over which the batch grows.")] = 0,
-    chunk_tokens: ChunkTokens = None,
-    max_steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
-    gradient_accumulation_steps: Accumulation = 1,
-    learning_rate: LearningRate = 8e-4,
-    warmup_steps: Warmup = 0.05,
-    decay: DecayOption = Decay.one_minus_sqrt,
-    decay_steps: DecaySteps = 0.1,
-    optimizer: OptimizerOption = Optimizer.stable_adamw,
-    weight_decay: WeightDecay = 1e-5,
-    seed: Seed = 42,
-    save_steps: SaveSteps = None,
-    resume_from: Resume = None,
-    bf16: Bf16 = None,
-    gradient_checkpointing: Checkpointing = False,
-    compile: Compile = False,
-    tensorboard: TensorBoard = False,
-    device: Device = None,
-    logging_steps: LoggingSteps = 10,
+    *,
+    options: RunOptions,
 ):
     """Masked-language-model pretraining (30% masking, packed sequences, StableAdamW, WSD schedule)."""
     import torch
@@ -391,10 +372,14 @@ def mlm(
     from mbert_retrieval.training.data import TextCorpus
     from mbert_retrieval.training.mlm import MLMTask, initialize_weights
 
-    values = _training_values(locals())
-    values["batch_size"] = None
-    args = training_arguments(**values)
-    torch.manual_seed(seed)
+    args = options.training_arguments(
+        max_steps=max_steps,
+        batch_size=None,
+        max_tokens_per_batch=max_tokens_per_batch,
+        warmup_tokens_per_batch=warmup_tokens_per_batch,
+        batch_warmup_steps=batch_warmup_steps,
+    )
+    torch.manual_seed(options.seed)
     model_dir = resolve_model_dir(model)
     if from_scratch:
         config = load_config(model_dir)
@@ -406,7 +391,7 @@ def mlm(
     task = MLMTask(
         masked_lm, load_tokenizer(model_dir), max_length=max_length, mask_probability=mask_probability
     )
-    run(task, TextCorpus(corpus), args, None, "")
+    train_and_report(task, TextCorpus(corpus), args)
 
 
 @train_app.command()
@@ -454,38 +439,3 @@ def mine(
             indent=2,
         )
     )
-
-
-TRAINING_OPTIONS = {
-    "output_dir",
-    "max_steps",
-    "max_time",
-    "epochs",
-    "batch_size",
-    "max_tokens_per_batch",
-    "chunk_tokens",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "warmup_steps",
-    "decay",
-    "decay_steps",
-    "optimizer",
-    "weight_decay",
-    "seed",
-    "eval_steps",
-    "save_steps",
-    "resume_from",
-    "bf16",
-    "gradient_checkpointing",
-    "compile",
-    "tensorboard",
-    "device",
-    "logging_steps",
-    "warmup_tokens_per_batch",
-    "batch_warmup_steps",
-}
-
-
-def _training_values(local_values: dict) -> dict:
-    """The command's options that are TrainingArguments fields."""
-    return {k: v for k, v in local_values.items() if k in TRAINING_OPTIONS}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from mbert_retrieval.models.encoding import TextTokenizer
 from mbert_retrieval.training import losses
 from mbert_retrieval.training.batching import TOKENIZE_CHUNK, DataPosition, Sequences, shuffled_order
 from mbert_retrieval.training.data import TextCorpus
+from mbert_retrieval.training.distributed import current_world
+from mbert_retrieval.training.optim import BatchSizeWarmup
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mbert_retrieval.training.trainer import TrainingArguments
 
 IGNORE = -100  # label of a token that is not predicted
 
@@ -155,6 +161,37 @@ class MLMTask:
         self.max_length = max_length
         self.mask_probability = mask_probability
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+
+    ranks_documents = False  # no dev set: MLM pretraining ranks nothing
+
+    @property
+    def encoder(self):
+        return self.model.model
+
+    def batches_per_epoch(self, corpus: TextCorpus, args: TrainingArguments) -> None:
+        return None  # documents are packed into token budgets: the count is known only at the end
+
+    def training_batches(self, corpus: TextCorpus, args: TrainingArguments, start: DataPosition):
+        """Batches of exactly `args.max_tokens_per_batch` tokens, growing from
+        `args.warmup_tokens_per_batch` over `args.batch_warmup_steps` steps when those are set."""
+        final = args.max_tokens_per_batch
+        if final is None:
+            raise ValueError("MLM needs max_tokens_per_batch (tokens per batch)")
+        world_size = current_world().size
+        if final < world_size * self.max_length:
+            raise ValueError(
+                f"max_tokens_per_batch {final} must hold at least one {self.max_length}-token "
+                f"sequence per process ({world_size})"
+            )
+        batch_tokens = lambda batch: final  # noqa: E731
+        if args.warmup_tokens_per_batch is not None and args.batch_warmup_steps:
+            batch_tokens = BatchSizeWarmup(
+                max(args.warmup_tokens_per_batch, world_size * self.max_length),
+                final,
+                args.batch_warmup_steps * args.gradient_accumulation_steps,
+                self.max_length,
+            )
+        return self.batches(corpus, batch_tokens=batch_tokens, seed=args.seed, start=start)
 
     def batches(
         self, corpus: TextCorpus, *, batch_tokens: Callable[[int], int], seed: int, start: DataPosition

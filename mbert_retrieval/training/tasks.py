@@ -9,7 +9,7 @@ backward, whole or with GradCache (`chunk_tokens`), and returns the loss share o
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -30,11 +30,19 @@ from mbert_retrieval.training.data import Example, ExampleSource
 from mbert_retrieval.training.distributed import all_gather_with_grad, all_reduce_max, current_world
 from mbert_retrieval.training.gradcache import forward_backward
 
+if TYPE_CHECKING:  # pragma: no cover
+    from mbert_retrieval.training.trainer import TrainingArguments
+
 
 class RetrievalTask:
     """What the three retrieval heads share: batching examples and the step driver."""
 
     model: DenseRetriever | ColBERT | CrossEncoder
+    ranks_documents = True  # a dev set scores its rankings (`training.evaluate`)
+
+    @property
+    def encoder(self):
+        return self.model.encoder
 
     def tokenize(self, examples: list[Example]) -> list[Tokenized]:
         raise NotImplementedError
@@ -73,6 +81,21 @@ class RetrievalTask:
             seed=seed,
             start=start,
             min_examples=current_world().size,
+        )
+
+    def batches_per_epoch(self, source: ExampleSource, args: TrainingArguments) -> float | None:
+        """Known when batches hold a fixed number of examples."""
+        return None if args.batch_size is None else len(source) / args.batch_size
+
+    def training_batches(
+        self, source: ExampleSource, args: TrainingArguments, start: DataPosition
+    ) -> Iterator[ContrastiveBatch]:
+        return self.batches(
+            source,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens_per_batch,
+            seed=args.seed,
+            start=start,
         )
 
     def step(self, batch: ContrastiveBatch, chunk_tokens: int | None = None) -> torch.Tensor:

@@ -19,8 +19,10 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -39,9 +41,7 @@ from mbert_retrieval.training.distributed import (
     init_distributed,
 )
 from mbert_retrieval.training.evaluate import DevSet, evaluate_task
-from mbert_retrieval.training.mlm import MLMTask
-from mbert_retrieval.training.optim import BatchSizeWarmup, Decay, WarmupStableDecay, make_optimizer
-from mbert_retrieval.training.tasks import RetrievalTask
+from mbert_retrieval.training.optim import Decay, WarmupStableDecay, make_optimizer
 
 logger = logging.getLogger("mbert_retrieval")
 
@@ -153,14 +153,51 @@ class MetricsLog:
             self.writer.close()
 
 
+class TrainingTask(Protocol):
+    """What the trainer asks of a task (`RetrievalTask` heads, `MLMTask`): the model, its batches,
+    one forward and backward, and saving. The task decides everything that differs between them."""
+
+    model: torch.nn.Module
+    ranks_documents: bool  # whether a dev set can score it
+
+    @property
+    def encoder(self) -> torch.nn.Module: ...
+
+    def batches_per_epoch(self, data, args: TrainingArguments) -> float | None: ...
+
+    def training_batches(self, data, args: TrainingArguments, start: DataPosition) -> Iterator: ...
+
+    def step(self, batch, chunk_tokens: int | None = None) -> torch.Tensor: ...
+
+    def save(self, directory) -> None: ...
+
+
+@dataclass
+class _Run:
+    """A run in progress: what it trains and where it stands."""
+
+    model: torch.nn.Module
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupStableDecay
+    total: int  # optimizer steps
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    tokens_seen: int = 0
+    window_tokens: int = 0  # tokens since the previous metrics record
+    window_start: float = 0.0  # when the window began (time.perf_counter)
+
+    def due(self, every: int | None) -> bool:
+        """Whether a periodic action (logging, evaluation, checkpoint) falls on this step."""
+        return bool(every) and (self.step % every == 0 or self.step == self.total)
+
+
 class Trainer:
     """Trains `task.model` on `data` (an ExampleSource for retrieval, a TextCorpus for MLM)."""
 
-    def __init__(
-        self, task: RetrievalTask | MLMTask, data, args: TrainingArguments, dev: DevSet | None = None
-    ):
-        if dev is not None and isinstance(task, MLMTask):
-            raise ValueError("a dev set ranks documents; MLM pretraining has none")
+    def __init__(self, task: TrainingTask, data, args: TrainingArguments, dev: DevSet | None = None):
+        if dev is not None and not task.ranks_documents:
+            raise ValueError(f"a dev set ranks documents; {type(task).__name__} does not rank")
         self.task, self.data, self.args, self.dev = task, data, args, dev
         self.output_dir = Path(args.output_dir)
         self.world = World()
@@ -172,10 +209,10 @@ class Trainer:
         args = self.args
         if args.max_steps is not None:
             return args.max_steps
-        if isinstance(self.task, MLMTask) or args.batch_size is None:
+        per_epoch = self.task.batches_per_epoch(self.data, args)
+        if per_epoch is None:
             raise ValueError("give max_steps: the number of batches per epoch is not known in advance")
-        per_step = args.batch_size * args.gradient_accumulation_steps
-        return max(1, math.ceil(args.epochs * len(self.data) / per_step))
+        return max(1, math.ceil(args.epochs * per_epoch / args.gradient_accumulation_steps))
 
     def schedule(self, total: int) -> WarmupStableDecay:
         args = self.args
@@ -183,45 +220,49 @@ class Trainer:
         decay = total - warmup if args.decay_steps is None else _steps(args.decay_steps, total)
         return WarmupStableDecay(args.learning_rate, total, warmup, decay, args.decay, args.min_lr)
 
-    def batches(self, start: DataPosition):
-        args = self.args
-        if isinstance(self.task, MLMTask):
-            final = args.max_tokens_per_batch
-            if final is None:
-                raise ValueError("MLM needs max_tokens_per_batch (tokens per batch)")
-            if final < self.world.size * self.task.max_length:
-                raise ValueError(
-                    f"max_tokens_per_batch {final} must hold at least one {self.task.max_length}-token "
-                    f"sequence per process ({self.world.size})"
-                )
-            batch_tokens = lambda batch: final  # noqa: E731
-            if args.warmup_tokens_per_batch is not None and args.batch_warmup_steps:
-                batch_tokens = BatchSizeWarmup(
-                    max(args.warmup_tokens_per_batch, self.world.size * self.task.max_length),
-                    final,
-                    args.batch_warmup_steps * args.gradient_accumulation_steps,
-                    self.task.max_length,
-                )
-            return self.task.batches(self.data, batch_tokens=batch_tokens, seed=args.seed, start=start)
-        return self.task.batches(
-            self.data,
-            batch_size=args.batch_size,
-            max_tokens=args.max_tokens_per_batch,
-            seed=args.seed,
-            start=start,
-        )
-
     def _prepare_model(self) -> torch.nn.Module:
         model = self.task.model.to(self.device)
         model.train()
-        encoder = model.model if isinstance(self.task, MLMTask) else model.encoder
-        encoder.gradient_checkpointing = self.args.gradient_checkpointing
+        self.task.encoder.gradient_checkpointing = self.args.gradient_checkpointing
         if self.args.compile:
-            encoder.compile_layers()
+            self.task.encoder.compile_layers()
         if self.world.distributed:  # start every rank from rank 0's weights (new heads are random)
             for tensor in model.state_dict().values():
                 dist.broadcast(tensor, src=0)
         return model
+
+    def _start(self) -> _Run:
+        """Processes, seeds, the model on its device, the optimizer and its schedule; resumes."""
+        args = self.args
+        self.world, self.device = init_distributed(args.device)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        model = self._prepare_model()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay)
+        total = self.total_steps()
+        run = _Run(model, parameters, optimizer, self.schedule(total), total)
+        if args.resume_from:
+            path = checkpoint.resolve_checkpoint(args.resume_from, self.output_dir / "checkpoints")
+            state = checkpoint.load_checkpoint(path, model, optimizer, self.world)
+            run.step, run.tokens_seen = state["step"], state["tokens_seen"]
+            run.position = DataPosition.from_dict(state["position"])
+            logger.info("resumed from %s at step %d", path, run.step)
+        return run
+
+    def _open_log(self, step: int) -> MetricsLog | None:
+        """The metrics log (with the run's arguments beside it) on the main process; None elsewhere."""
+        if not self.world.is_main:
+            return None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            self.output_dir / "training_args.json", json.dumps(asdict(self.args), indent=2) + "\n"
+        )
+        log = MetricsLog(self.output_dir, self.args.tensorboard, step)
+        if hasattr(self.data, "log_report"):
+            self.data.log_report()
+        return log
 
     def _autocast(self):
         bf16 = self.args.bf16 if self.args.bf16 is not None else self.device.type == "cuda"
@@ -233,115 +274,110 @@ class Trainer:
 
     def train(self) -> TrainingResult:
         args = self.args
-        self.world, self.device = init_distributed(args.device)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        torch.manual_seed(args.seed)
-        model = self._prepare_model()
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay)
-        total = self.total_steps()
-        schedule = self.schedule(total)
-        checkpoints = self.output_dir / "checkpoints"
-
-        step, position, tokens_seen = 0, DataPosition(), 0
-        if args.resume_from:
-            path = checkpoint.resolve_checkpoint(args.resume_from, checkpoints)
-            state = checkpoint.load_checkpoint(path, model, optimizer, self.world)
-            step, tokens_seen = state["step"], state["tokens_seen"]
-            position = DataPosition.from_dict(state["position"])
-            logger.info("resumed from %s at step %d", path, step)
-
-        log = None
-        if self.world.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(
-                self.output_dir / "training_args.json", json.dumps(asdict(args), indent=2) + "\n"
-            )
-            log = MetricsLog(self.output_dir, args.tensorboard, step)
-            if hasattr(self.data, "log_report"):
-                self.data.log_report()
-        result = TrainingResult(steps=step, losses=[])
-        batches = prefetch(iter(self.batches(position)))
+        run = self._start()
+        result = TrainingResult(steps=run.step, losses=[])
+        log = self._open_log(run.step)
+        batches = prefetch(iter(self.task.training_batches(self.data, args, run.position)))
         progress = tqdm(
-            total=total,
-            initial=step,
+            total=run.total,
+            initial=run.step,
             desc="training",
             unit="step",
             disable=not (args.show_progress and self.world.is_main),
         )
-        window_start, window_tokens = time.perf_counter(), 0
-        started = time.perf_counter()
+        started = run.window_start = time.perf_counter()
         try:
-            while step < total and not self._out_of_time(started):
-                lr = schedule(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = torch.zeros((), device=self.device)
-                for _ in range(args.gradient_accumulation_steps):
-                    batch = next(batches)
-                    local = batch.shard(self.world.rank, self.world.size).to(self.device)
-                    with self._autocast():
-                        loss += self.task.step(local, args.chunk_tokens)
-                    window_tokens += batch.num_tokens
-                    position = batch.position
-                grad_norm = self._finish_gradients(parameters)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_value = float(all_reduce_sum(loss)) / args.gradient_accumulation_steps
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"the loss is {loss_value} at step {step}; lower the learning rate or check the data"
-                    )
-                result.losses.append(loss_value)
+            while run.step < run.total and not self._out_of_time(started):
+                lr = run.schedule(run.step)
+                loss, grad_norm = self._optimizer_step(run, batches, lr)
+                result.losses.append(loss)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-                if log is not None and (step % args.logging_steps == 0 or step == total):
-                    elapsed = time.perf_counter() - window_start
-                    tokens_seen += window_tokens
-                    record = {
-                        "step": step,
-                        "loss": loss_value,
-                        "lr": lr,
-                        "epoch": position.epoch,
-                        "seconds": elapsed,  # since the previous record
-                        "tokens_per_second": window_tokens / max(elapsed, 1e-9),
-                        "tokens_seen": tokens_seen,
-                    }
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
-                    log.write(record)
-                    window_start, window_tokens = time.perf_counter(), 0
-                if (
-                    self.dev is not None
-                    and args.eval_steps
-                    and (step % args.eval_steps == 0 or step == total)
-                ):
-                    metrics = self.evaluate(model)
-                    if metrics is not None:
-                        result.dev_metrics.append({"step": step, **metrics})
-                        log.write({"step": step, **{f"dev_{k}": v for k, v in metrics.items()}})
-                if args.save_steps and (step % args.save_steps == 0 or step == total):
-                    trainer_state = {
-                        "step": step,
-                        "position": position.to_dict(),
-                        "tokens_seen": tokens_seen,
-                        "seed": args.seed,
-                        "world_size": self.world.size,
-                    }
-                    checkpoint.save_checkpoint(
-                        checkpoints, step, model, optimizer, trainer_state, self.world, args.keep_checkpoints
-                    )
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if log is not None and run.due(args.logging_steps):
+                    self._log_step(log, run, loss, lr, grad_norm)
+                if self.dev is not None and run.due(args.eval_steps):
+                    self._evaluate_step(run, result, log)
+                if run.due(args.save_steps):
+                    self._save_checkpoint(run)
         finally:
             progress.close()
             batches.close()
             if log is not None:
                 log.close()
-        result.steps = step
-        if self.world.is_main and args.save_final_model:
+        return self._finish(run, result)
+
+    def _optimizer_step(self, run: _Run, batches: Iterator, lr: float) -> tuple[float, float | None]:
+        """Forward and backward over `gradient_accumulation_steps` global batches, then one optimizer
+        step at `lr`; returns the loss (averaged over the batches) and the gradient norm."""
+        args = self.args
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        loss = torch.zeros((), device=self.device)
+        for _ in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            local = batch.shard(self.world.rank, self.world.size).to(self.device)
+            with self._autocast():
+                loss += self.task.step(local, args.chunk_tokens)
+            run.window_tokens += batch.num_tokens
+            run.position = batch.position
+        grad_norm = self._finish_gradients(run.parameters)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        loss_value = float(all_reduce_sum(loss)) / args.gradient_accumulation_steps
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(
+                f"the loss is {loss_value} at step {run.step}; lower the learning rate or check the data"
+            )
+        return loss_value, grad_norm
+
+    def _log_step(self, log: MetricsLog, run: _Run, loss: float, lr: float, grad_norm: float | None) -> None:
+        elapsed = time.perf_counter() - run.window_start
+        run.tokens_seen += run.window_tokens
+        record = {
+            "step": run.step,
+            "loss": loss,
+            "lr": lr,
+            "epoch": run.position.epoch,
+            "seconds": elapsed,  # since the previous record
+            "tokens_per_second": run.window_tokens / max(elapsed, 1e-9),
+            "tokens_seen": run.tokens_seen,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        log.write(record)
+        run.window_start, run.window_tokens = time.perf_counter(), 0
+
+    def _evaluate_step(self, run: _Run, result: TrainingResult, log: MetricsLog | None) -> None:
+        metrics = self.evaluate(run.model)
+        if metrics is not None:  # the main process
+            result.dev_metrics.append({"step": run.step, **metrics})
+            log.write({"step": run.step, **{f"dev_{k}": v for k, v in metrics.items()}})
+
+    def _save_checkpoint(self, run: _Run) -> None:
+        trainer_state = {
+            "step": run.step,
+            "position": run.position.to_dict(),
+            "tokens_seen": run.tokens_seen,
+            "seed": self.args.seed,
+            "world_size": self.world.size,
+        }
+        checkpoint.save_checkpoint(
+            self.output_dir / "checkpoints",
+            run.step,
+            run.model,
+            run.optimizer,
+            trainer_state,
+            self.world,
+            self.args.keep_checkpoints,
+        )
+
+    def _finish(self, run: _Run, result: TrainingResult) -> TrainingResult:
+        """Save the final model (main process) once every process is done."""
+        result.steps = run.step
+        if self.world.is_main and self.args.save_final_model:
             result.final_model = self.output_dir / "final"
-            model.eval()
+            run.model.eval()
             self.task.save(result.final_model)
         barrier()
         return result
