@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 # The dense ranking's share in hybrid search, chosen on cosqa-dev and held-out sets of five languages
 # (benchmarks/results/default_model_eval.json): the hybrid never scores below the better of the two.
-DEFAULT_DENSE_WEIGHT = 0.8
+DEFAULT_DENSE_WEIGHT = 0.7
 
 
 def reciprocal_rank_fusion(
