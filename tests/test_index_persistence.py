@@ -32,7 +32,7 @@ def small_corpus(n_docs=200, dim=64, seed=0):
         for n in lengths
     ]
     queries = F.normalize(
-        topics[torch.randint(20, (6, 16), generator=g)] + 0.3 * torch.randn(6, 16, dim), dim=-1
+        topics[torch.randint(20, (6, 16), generator=g)] + 0.3 * torch.randn(6, 16, dim, generator=g), dim=-1
     )
     return docs, [f"d{i}" for i in range(n_docs)], queries
 
@@ -170,6 +170,7 @@ def save_and_kill(directory: Path, module: str, cls: str, change: str) -> None:
         process.wait()
 
 
+@pytest.mark.slow
 def test_plaid_save_killed_midway_leaves_the_old_index_loadable(plaid, tmp_path):
     index, queries = plaid
     index.save(tmp_path / "idx")
@@ -182,6 +183,7 @@ def test_plaid_save_killed_midway_leaves_the_old_index_loadable(plaid, tmp_path)
     assert not any(p.name.startswith(".staging-") for p in (tmp_path / "idx").iterdir())
 
 
+@pytest.mark.slow
 def test_faiss_save_killed_midway_leaves_the_old_index_loadable(tmp_path):
     pytest.importorskip("faiss")
     from mbert_retrieval.index.faiss_index import FaissIndex
@@ -233,6 +235,7 @@ def left_by_saves(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith((".staging-", ".manifest.json.")))
 
 
+@pytest.mark.slow
 def test_what_killed_saves_leave_is_removed_by_the_next_load_or_save(plaid, tmp_path):
     index, queries = plaid
     folder = tmp_path / "idx"

@@ -207,6 +207,7 @@ def assert_same_colbert_outputs(ours: ColBERT, saved: Path, texts: list[str]) ->
 COLBERT_TEXTS = [*TEXTS, "Punctuation: commas, dots... and (brackets)!"]
 
 
+@pytest.mark.slow
 def test_colbert_folders_move_both_ways_with_pylate(pylate_env, hf_mlm_dir, tmp_path):
     torch.manual_seed(0)
     ours = ColBERT.from_pretrained(hf_mlm_dir, query_length=24, document_length=40, device="cpu")

@@ -230,7 +230,7 @@ def test_more_bits_less_error():
     g = torch.Generator().manual_seed(0)
     centroids = F.normalize(torch.randn(32, 64, generator=g), dim=-1)
     points = F.normalize(
-        centroids[torch.randint(32, (2000,), generator=g)] + 0.1 * torch.randn(2000, 64), dim=-1
+        centroids[torch.randint(32, (2000,), generator=g)] + 0.1 * torch.randn(2000, 64, generator=g), dim=-1
     )
     errors = []
     for nbits in (1, 2, 4):
