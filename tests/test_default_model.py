@@ -42,8 +42,12 @@ def test_the_shipped_model_is_a_small_modernbert_under_40_mb(model):
 @pytest.mark.slow
 def test_it_beats_bm25_on_held_out_packages(model, tmp_path):
     for package in ("json", "email"):
-        shutil.copytree(STDLIB / package, tmp_path / "src" / package, ignore=shutil.ignore_patterns("__pycache__"))
-    build_code_dataset(tmp_path / "src", tmp_path / "set", test_fraction=0.9, dev_fraction=0.05, show_progress=False)
+        shutil.copytree(
+            STDLIB / package, tmp_path / "src" / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    build_code_dataset(
+        tmp_path / "src", tmp_path / "set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
+    )
     dataset = load_beir(tmp_path / "set", split="test")
     assert len(dataset.queries) >= 50
 
