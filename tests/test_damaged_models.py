@@ -537,3 +537,12 @@ def test_the_undamaged_folder_loads_and_encodes(saved_model):
     model = DenseRetriever.from_pretrained(saved_model, device="cpu")
     vectors = model.encode_documents(["def f(x):\n    return x + 1", "a"])
     assert vectors.shape == (2, 16) and torch.isfinite(torch.from_numpy(vectors)).all()
+
+
+def test_a_null_local_theta_means_the_global_one(saved_model, tmp_path):
+    """Not damage: transformers reads `local_rope_theta: null` as "the global theta"."""
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    original_rope_spelling(local_rope_theta=None, global_rope_theta=80_000.0)(folder)
+    config = ModernBert.from_pretrained(folder).config
+    assert config.local_rope_theta == config.global_rope_theta == 80_000.0

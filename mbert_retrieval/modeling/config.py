@@ -235,6 +235,9 @@ def _read_rope_spellings(raw: dict[str, Any], values: dict[str, Any]) -> dict[st
     for name in ("global_rope_theta", "local_rope_theta"):
         if name in values:
             thetas.setdefault(name, values[name])
+    if "local_rope_theta" in thetas and thetas["local_rope_theta"] is None:
+        # transformers' reading of null: the local layers use the global theta
+        thetas["local_rope_theta"] = thetas.get("global_rope_theta", ModernBertConfig.global_rope_theta)
     scaling = raw.get("rope_scaling")
     if scaling and not isinstance(scaling, dict):
         raise ConfigError(f"rope_scaling must be an object, not {scaling!r}")
