@@ -100,6 +100,19 @@ def replace_with_folder(name: str):
     return damage
 
 
+def pytorch_bin(data: bytes | None):
+    """The weights as pytorch_model.bin instead: `data`, or (None) a pickled list."""
+
+    def damage(folder: Path) -> None:
+        (folder / "model.safetensors").unlink()
+        if data is None:
+            torch.save([torch.zeros(2)], folder / "pytorch_model.bin")
+        else:
+            (folder / "pytorch_model.bin").write_bytes(data)
+
+    return damage
+
+
 def edit_tensors(name: str, edit: Callable[[dict], None]):
     def damage(folder: Path) -> None:
         tensors = load_file(folder / name)
@@ -389,6 +402,15 @@ DAMAGES = [
         "model.safetensors",
         "not a readable safetensors file",
         replace_with_folder("model.safetensors"),
+    ),
+    Damage(
+        "bin-weights-garbage",
+        "pytorch_model.bin",
+        "not a readable PyTorch weights file",
+        pytorch_bin(GARBAGE),
+    ),
+    Damage(
+        "bin-weights-a-list", "pytorch_model.bin", "holds a list, not a dict of tensors", pytorch_bin(None)
     ),
     Damage(
         "tensor-missing",

@@ -87,7 +87,8 @@ def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike
-        raise CheckpointError(f"{file} is not a readable PyTorch weights file: {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file} is not a readable PyTorch weights file: {reason}") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
     return state
