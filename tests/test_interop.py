@@ -116,7 +116,7 @@ def test_cross_encoder_folder_loads_in_sentence_transformers(hf_reranker_dir, tm
     st = STCrossEncoder(str(tmp_path), device="cpu")
     assert st.max_seq_length == 40
     scores = ours.predict(PAIRS)
-    assert np.ptp(scores) > 0.05
+    assert np.ptp(scores) > 0.05  # 5 seeds x 3 attention paths: 0.127-0.278
     np.testing.assert_allclose(st.predict(PAIRS), scores, atol=SCORE_ATOL)
     logits = st.predict(PAIRS, activation_fn=torch.nn.Identity())
     np.testing.assert_allclose(logits, ours.predict(PAIRS, apply_activation=False), atol=SCORE_ATOL)
