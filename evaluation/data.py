@@ -112,21 +112,38 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataFormatError(f"{path} is missing; a BEIR folder holds {BEIR_LAYOUT}")
     errors = []
     rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                errors.append(f"line {number}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(row, dict):
-                errors.append(f"line {number}: expected a JSON object, got {type(row).__name__}")
-                continue
-            rows.append((number, row))
+    for number, line in enumerate(text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            errors.append(f"line {number}: not valid JSON ({err.msg} at column {err.colno})")
+            continue
+        if not isinstance(row, dict):
+            errors.append(f"line {number}: expected a JSON object, got {type(row).__name__}")
+            continue
+        rows.append((number, row))
     raise_errors(path, errors)
     return iter(rows)
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file. A folder, an unreadable file or bytes that are not UTF-8 raise
+    DataFormatError naming the file (and the line)."""
+    if path.is_dir():
+        raise DataFormatError(f"{path} is a folder, not a file")
+    try:
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    yield raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataFormatError(
+                        f"{path}: line {number} is not UTF-8 text (a binary file?)"
+                    ) from None
+    except OSError as err:
+        raise DataFormatError(f"{path}: cannot be read ({err.strerror or err})") from err
 
 
 def read_corpus(path: Path, problems: Counter) -> Corpus:
@@ -169,27 +186,34 @@ def read_queries(path: Path, problems: Counter) -> dict[str, str]:
 def read_qrels(path: Path, problems: Counter) -> Qrels:
     qrels: Qrels = {}
     errors = []
-    with path.open(encoding="utf-8", newline="") as handle:
-        for number, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if number == 1 and not row[-1].strip().lstrip("-").isdigit():
-                continue  # the header row
-            if len(row) != 3:
-                errors.append(f"line {number}: expected 3 tab-separated columns, got {len(row)}")
-                continue
-            query_id, doc_id, score = (cell.strip() for cell in row)
-            try:
-                relevance = int(score)
-            except ValueError:
-                errors.append(f"line {number}: score {score!r} is not an integer")
-                continue
-            if doc_id in qrels.setdefault(query_id, {}):
-                problems["duplicate qrels rows (later copies ignored)"] += 1
-                continue
-            qrels[query_id][doc_id] = relevance
+    for number, row in enumerate(tsv_rows(path), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if number == 1 and not row[-1].strip().lstrip("-").isdigit():
+            continue  # the header row
+        if len(row) != 3:
+            errors.append(f"line {number}: expected 3 tab-separated columns, got {len(row)}")
+            continue
+        query_id, doc_id, score = (cell.strip() for cell in row)
+        try:
+            relevance = int(score)
+        except ValueError:
+            errors.append(f"line {number}: score {score!r} is not an integer")
+            continue
+        if doc_id in qrels.setdefault(query_id, {}):
+            problems["duplicate qrels rows (later copies ignored)"] += 1
+            continue
+        qrels[query_id][doc_id] = relevance
     raise_errors(path, errors)
     return qrels
+
+
+def tsv_rows(path: Path) -> Iterator[list[str]]:
+    rows = csv.reader(text_lines(path), delimiter="\t")
+    try:
+        yield from rows
+    except csv.Error as err:
+        raise DataFormatError(f"{path}: line {rows.line_num}: not tab-separated text ({err})") from None
 
 
 def drop_unknown(qrels: Qrels, queries: dict[str, str], corpus: Corpus, problems: Counter) -> Qrels:

@@ -10,6 +10,7 @@ info.json (what ran, on what, and how fast).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from mbert_retrieval.modeling.io import atomic_write_text
 from mbert_retrieval.search.retriever import Retriever
 
 DEPTH = 100  # documents retrieved per query: enough for Recall@100
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,10 +55,15 @@ def run_queries(
     batch_size: int = 256,
     show_progress: bool = True,
 ) -> Run:
-    """{query id: {doc id: score}} with the top k documents of every query."""
-    query_ids = list(queries)
-    run: Run = {}
-    with tqdm(total=len(query_ids), desc="searching", unit="query", disable=not show_progress) as progress:
+    """{query id: {doc id: score}} with the top k documents of every query.
+
+    A query whose text is empty (or only white space) gets an empty ranking, which scores 0, as it
+    does in BEIR: there is nothing to search for, and no system is asked to rank for it.
+    """
+    query_ids = [q for q in queries if queries[q].strip()]
+    run: Run = {q: {} for q in queries if not queries[q].strip()}
+    with tqdm(total=len(queries), desc="searching", unit="query", disable=not show_progress) as progress:
+        progress.update(len(run))
         for start in range(0, len(query_ids), batch_size):
             batch = query_ids[start : start + batch_size]
             for query_id, hits in zip(batch, retriever.search([queries[q] for q in batch], k=k)):
@@ -76,6 +84,11 @@ def evaluate_retriever(
     """Index the corpus (unless the retriever already holds documents), search every judged query, score."""
     if len(retriever) == 0:
         retriever.add(dataset.doc_ids, dataset.document_texts())
+    empty = sum(not text.strip() for text in dataset.queries.values())
+    if empty:
+        logger.warning(
+            "%s: %d queries have empty text; they get no results (and score 0)", dataset.name, empty
+        )
     start = time.perf_counter()
     run = run_queries(retriever, dataset.queries, k, batch_size, show_progress)
     search_seconds = time.perf_counter() - start
@@ -91,6 +104,7 @@ def evaluate_retriever(
         "search_seconds": search_seconds,
         "queries_per_second": len(dataset.queries) / search_seconds if search_seconds > 0 else None,
         "data_problems": dict(dataset.problems),
+        "empty_queries": empty,
     }
     result = EvaluationResult(
         evaluate_run(dataset.qrels, run), evaluate_per_query(dataset.qrels, run), run, info

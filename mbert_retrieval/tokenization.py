@@ -6,7 +6,7 @@ import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from mbert_retrieval.modeling.io import CheckpointError, resolve_model_dir
+from mbert_retrieval.modeling.io import CheckpointError, read_json, resolve_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -14,9 +14,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def load_tokenizer(path_or_hub_id: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The fast tokenizer of a local folder or hub id (ModernBERT ships a BPE `tokenizer.json`)."""
     model_dir = resolve_model_dir(path_or_hub_id)
-    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+    present = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).exists()]
+    if not present:
         raise CheckpointError(f"{model_dir} has no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    for path in present:
+        read_json(path)  # a clear error for a damaged file before transformers reads it
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as err:  # tokenizers and transformers raise many types for a bad file
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise CheckpointError(f"{present[0]} cannot be loaded as a tokenizer ({reason})") from err
     if not tokenizer.is_fast:
         raise CheckpointError(f"{model_dir}: only fast (tokenizers) tokenizers are supported")
     return tokenizer

@@ -3,9 +3,11 @@ trained on Python source files found on this machine."""
 
 from __future__ import annotations
 
+import random
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,14 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 def stdlib_texts(limit: int = 200) -> list[str]:
     files = sorted(p for p in STDLIB.glob("*.py"))[:limit]
     return [f.read_text(errors="ignore") for f in files]
+
+
+@pytest.fixture(autouse=True)
+def fixed_seeds():
+    """Every test starts from the same random state, whatever ran before it (or if it runs alone)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -99,6 +99,7 @@ def test_index_search_evaluate_bm25(code_data, tmp_path):
     assert read_metrics(tmp_path / "eval2") == metrics
 
 
+@pytest.mark.slow
 def test_evaluate_models(code_data, models, tmp_path):
     common = f"--data {code_data} --top-k 20 --no-progress"
     cli(f"evaluate {common} --system {models}/dense --index hnsw --rerank {models}/cross --first-stage-k 10 "
@@ -117,6 +118,7 @@ def test_evaluate_models(code_data, models, tmp_path):
     assert out.count("  1. ") == 1 and out.count("  2. ") == 1
 
 
+@pytest.mark.slow
 def test_leaderboard_table_plot_and_cache(code_data, models, tmp_path):
     config = tmp_path / "board.yaml"
     config.write_text(
@@ -184,6 +186,7 @@ def test_help_documents_every_option():
                 assert param.opts[0] in output, f"{name} --help does not show {param.opts[0]}"
 
 
+@pytest.mark.slow
 def test_console_script_exit_code():
     script = Path(sys.executable).parent / "mbert-retrieval"
     bad = subprocess.run(

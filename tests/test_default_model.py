@@ -39,6 +39,7 @@ def test_the_shipped_model_is_a_small_modernbert_under_40_mb(model):
     assert (folder / "README.md").read_text().count("nDCG@10") >= 1
 
 
+@pytest.mark.slow
 def test_it_beats_bm25_on_held_out_packages(model, tmp_path):
     for package in ("json", "email"):
         shutil.copytree(
@@ -55,9 +56,11 @@ def test_it_beats_bm25_on_held_out_packages(model, tmp_path):
 
     ours = ndcg(build_retriever(f"dense:{default_model_dir()}", device="cpu"))
     bm25 = ndcg(build_retriever("bm25"))
+    # reference, packed_sdpa and auto attention alike: 0.643 against BM25's 0.425
     assert ours > 0.45 and ours > bm25 + 0.1, (ours, bm25)
 
 
+@pytest.mark.slow
 def test_index_code_and_search_use_it_when_no_model_is_named(tmp_path):
     from mbert_retrieval.cli import app
 

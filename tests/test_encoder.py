@@ -155,6 +155,7 @@ def test_training_after_inference_mode(hf_encoder_dir):
     assert model.layers[0].attn.Wqkv.weight.grad is not None
 
 
+@pytest.mark.slow
 def test_compiled_layers_match_eager(hf_encoder_dir):
     eager = ModernBert.from_pretrained(hf_encoder_dir)
     compiled = ModernBert.from_pretrained(hf_encoder_dir).compile_layers()

@@ -30,7 +30,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_folder_without_config(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
         ModernBert.from_pretrained(tmp_path)
 
 

@@ -32,7 +32,7 @@ def small_corpus(n_docs=200, dim=64, seed=0):
         for n in lengths
     ]
     queries = F.normalize(
-        topics[torch.randint(20, (6, 16), generator=g)] + 0.3 * torch.randn(6, 16, dim), dim=-1
+        topics[torch.randint(20, (6, 16), generator=g)] + 0.3 * torch.randn(6, 16, dim, generator=g), dim=-1
     )
     return docs, [f"d{i}" for i in range(n_docs)], queries
 
@@ -170,6 +170,7 @@ def save_and_kill(directory: Path, module: str, cls: str, change: str) -> None:
         process.wait()
 
 
+@pytest.mark.slow
 def test_plaid_save_killed_midway_leaves_the_old_index_loadable(plaid, tmp_path):
     index, queries = plaid
     index.save(tmp_path / "idx")
@@ -182,6 +183,7 @@ def test_plaid_save_killed_midway_leaves_the_old_index_loadable(plaid, tmp_path)
     assert not any(p.name.startswith(".staging-") for p in (tmp_path / "idx").iterdir())
 
 
+@pytest.mark.slow
 def test_faiss_save_killed_midway_leaves_the_old_index_loadable(tmp_path):
     pytest.importorskip("faiss")
     from mbert_retrieval.index.faiss_index import FaissIndex
@@ -208,3 +210,64 @@ def test_faiss_damaged_files_and_model_mismatch(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(IndexFormatError, match="truncated"):
         FaissIndex.load(tmp_path / "idx")
+
+
+STALLED_SAVE = textwrap.dedent(
+    """
+    import sys, tempfile, time
+    import mbert_retrieval.index.storage as storage
+    from mbert_retrieval.index.plaid import PlaidIndex
+
+    def stalled_manifest_write(path, text):  # the temp file exists, the rename never comes
+        tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        print("stalled", flush=True)
+        time.sleep(60)
+
+    storage.atomic_write_text = stalled_manifest_write
+    index = PlaidIndex.load(sys.argv[1])
+    index.delete(index.ids[:50])
+    index.save(sys.argv[1])
+    """
+)
+
+
+def left_by_saves(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith((".staging-", ".manifest.json.")))
+
+
+@pytest.mark.slow
+def test_what_killed_saves_leave_is_removed_by_the_next_load_or_save(plaid, tmp_path):
+    index, queries = plaid
+    folder = tmp_path / "idx"
+    index.save(folder)
+    save_and_kill(folder, "plaid", "PlaidIndex", "index.delete(index.ids[:50])")
+    assert [n[:9] for n in left_by_saves(folder)] == [".staging-"]
+    loaded = PlaidIndex.load(folder, device="cpu")  # no save runs now: the staging folder goes
+    assert left_by_saves(folder) == []
+    assert loaded.ids == index.ids and loaded.search(queries, k=5)[0] == index.search(queries, k=5)[0]
+
+    stalled = subprocess.Popen(
+        [sys.executable, "-c", STALLED_SAVE, str(folder)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert stalled.stdout.readline().decode().startswith("stalled")
+        in_use = left_by_saves(folder)
+        assert len(in_use) == 1 and in_use[0].endswith(".tmp"), in_use
+        # That save is running (it holds the lock): a load leaves its files alone.
+        assert PlaidIndex.load(folder, device="cpu").ids == index.ids
+        assert left_by_saves(folder) == in_use
+    finally:
+        stalled.kill()
+        stalled.wait()
+    assert PlaidIndex.load(folder, device="cpu").ids == index.ids  # killed: the old manifest holds
+    assert left_by_saves(folder) == []
+
+    save_and_kill(folder, "plaid", "PlaidIndex", "index.delete(index.ids[:50])")
+    (folder / ".manifest.json.x1y2.tmp").write_text("{")
+    assert len(left_by_saves(folder)) == 2
+    loaded.save(folder)  # the next save clears them too, and old data folders
+    assert left_by_saves(folder) == []
+    live = json.loads((folder / "manifest.json").read_text())["data"]
+    assert [p.name for p in folder.iterdir() if p.is_dir()] == [live]

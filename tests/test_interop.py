@@ -116,7 +116,7 @@ def test_cross_encoder_folder_loads_in_sentence_transformers(hf_reranker_dir, tm
     st = STCrossEncoder(str(tmp_path), device="cpu")
     assert st.max_seq_length == 40
     scores = ours.predict(PAIRS)
-    assert np.ptp(scores) > 0.05
+    assert np.ptp(scores) > 0.05  # 5 seeds x 3 attention paths: 0.127-0.278
     np.testing.assert_allclose(st.predict(PAIRS), scores, atol=SCORE_ATOL)
     logits = st.predict(PAIRS, activation_fn=torch.nn.Identity())
     np.testing.assert_allclose(logits, ours.predict(PAIRS, apply_activation=False), atol=SCORE_ATOL)
@@ -207,6 +207,7 @@ def assert_same_colbert_outputs(ours: ColBERT, saved: Path, texts: list[str]) ->
 COLBERT_TEXTS = [*TEXTS, "Punctuation: commas, dots... and (brackets)!"]
 
 
+@pytest.mark.slow
 def test_colbert_folders_move_both_ways_with_pylate(pylate_env, hf_mlm_dir, tmp_path):
     torch.manual_seed(0)
     ours = ColBERT.from_pretrained(hf_mlm_dir, query_length=24, document_length=40, device="cpu")

@@ -122,6 +122,7 @@ def test_trec_run_rejects_ids_with_spaces(tmp_path):
         read_trec_run(tmp_path / "bad.trec")
 
 
+@pytest.mark.slow
 def test_without_pytrec_eval_data_sets_still_build_and_metrics_say_what_to_install(tmp_path):
     """Only the metrics need the `eval` extra: building a code data set works without pytrec_eval."""
     import subprocess

@@ -92,12 +92,13 @@ def test_recall_at_default_settings_against_exhaustive_maxsim(corpus, index):
     _, queries, ids = corpus
     found, scores = index.search(queries, k=10)
     truth = exhaustive_maxsim(decompressed(index), queries)
-    assert recall_at_10(found, truth, ids) >= 0.95
+    assert recall_at_10(found, truth, ids) >= 0.95  # 5 corpus seeds: 1.0
     assert scores.dtype == np.float32 and scores.shape == (len(queries), 10)
     assert np.all(np.diff(scores, axis=1) <= 1e-6), "scores must come sorted, best first"
 
 
-@pytest.mark.parametrize("nbits, floor", [(2, 0.9), (4, 0.95)])
+# 5 corpus seeds: 2 bits 0.915-0.945, 4 bits 0.9725-0.985
+@pytest.mark.parametrize("nbits, floor", [(2, 0.88), (4, 0.94)])
 def test_recall_against_exhaustive_maxsim_on_original_embeddings(corpus, index, nbits, floor):
     """End to end, compression included: 2 bits per dimension cost some recall, 4 bits little
     (0.93 and 0.985 here with Lloyd-Max buckets; 0.89 and 0.95 with ColBERTv2's shared quantiles)."""
@@ -209,7 +210,7 @@ def test_lloyd_max_buckets_beat_shared_quantile_buckets():
     def squared_error(c):
         return (c.decode(*c.encode(points)) - points).pow(2).sum(1).mean().item()
 
-    assert squared_error(codec) < 0.8 * squared_error(shared)
+    assert squared_error(codec) < 0.8 * squared_error(shared)  # 5 seeds: 0.451-0.457 times
     # One shared table (the layout of indexes saved before per-dimension tables) still decodes.
     shared_codes, shared_packed = shared.encode(points)
     expected = (
@@ -230,14 +231,14 @@ def test_more_bits_less_error():
     g = torch.Generator().manual_seed(0)
     centroids = F.normalize(torch.randn(32, 64, generator=g), dim=-1)
     points = F.normalize(
-        centroids[torch.randint(32, (2000,), generator=g)] + 0.1 * torch.randn(2000, 64), dim=-1
+        centroids[torch.randint(32, (2000,), generator=g)] + 0.1 * torch.randn(2000, 64, generator=g), dim=-1
     )
     errors = []
     for nbits in (1, 2, 4):
         codec = ResidualCodec.fit(centroids, points, nbits)
         errors.append((codec.decode(*codec.encode(points)) - points).norm(dim=1).mean().item())
     assert errors[0] > errors[1] > errors[2]
-    assert errors[2] < 0.3 * errors[0]
+    assert errors[2] < 0.3 * errors[0]  # 5 seeds: 0.168-0.171 times
 
 
 def test_add_and_delete_without_rebuild(corpus):

@@ -93,6 +93,7 @@ def ddp_worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: s
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(hf_mlm_dir, tmp_path):
     mp.spawn(
         ddp_worker, args=(2, str(tmp_path / "init"), str(hf_mlm_dir), str(tmp_path)), nprocs=2, join=True
@@ -189,6 +190,7 @@ def trainer_worker(rank: int, world: int, port: int, model_dir: str, data: str, 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_trainer_under_two_processes_follows_the_single_process_run(hf_mlm_dir, tmp_path):
     import json
     import socket

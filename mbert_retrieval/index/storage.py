@@ -11,10 +11,15 @@ A save writes a complete new `data-*` folder first and only then replaces `manif
 temp file, fsync, rename). A crash at any moment therefore leaves either the old manifest pointing at the
 old, untouched data, or the new manifest pointing at the complete new data. Old data folders are removed
 after the switch.
+
+A save holds an exclusive lock on the folder's `.lock` file (saves to one folder take turns). What a
+save killed midway leaves (a `.staging-*` folder, a `.manifest.json.*.tmp` file) is removed by the next
+save, or by the next load when no save holds the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_PREFIX = "data-"
 STAGING_PREFIX = ".staging-"
+LOCK_FILE = ".lock"
 
 FileWriter = Callable[[Path], None]
 
@@ -43,20 +49,23 @@ def save_index_folder(directory: str | os.PathLike, files: dict[str, FileWriter]
     """Write `files` (name -> function writing that file) and `manifest` as the new state of `directory`."""
     directory = Path(directory)
     _check_writable_target(directory)
-    staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
-    staging.mkdir(parents=True)
-    entries = {}
-    for name, write in files.items():
-        path = staging / name
-        atomic_write(path, write)
-        entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-    data_name = f"{DATA_PREFIX}{time.time_ns()}-{secrets.token_hex(3)}"
-    os.replace(staging, directory / data_name)
-    fsync_dir(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _save_lock(directory, wait=True):
+        _remove_interrupted_saves(directory)
+        staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
+        staging.mkdir()
+        entries = {}
+        for name, write in files.items():
+            path = staging / name
+            atomic_write(path, write)
+            entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        data_name = f"{DATA_PREFIX}{time.time_ns()}-{secrets.token_hex(3)}"
+        os.replace(staging, directory / data_name)
+        fsync_dir(directory)
 
-    full_manifest = {"format_version": FORMAT_VERSION, **manifest, "data": data_name, "files": entries}
-    atomic_write_text(directory / MANIFEST, json.dumps(full_manifest, indent=2) + "\n")
-    _remove_stale_data(directory, keep=data_name)
+        full_manifest = {"format_version": FORMAT_VERSION, **manifest, "data": data_name, "files": entries}
+        atomic_write_text(directory / MANIFEST, json.dumps(full_manifest, indent=2) + "\n")
+        _remove_stale_data(directory, keep=data_name)
 
 
 def load_index_folder(
@@ -88,7 +97,19 @@ def load_index_folder(
         raise IndexFormatError(f"{directory}: manifest.json names no data folder, or it is missing")
     for name, entry in files.items():
         check_file(data_dir / name, entry, verify_checksums)
+    clean_interrupted_saves(directory)
     return manifest, data_dir
+
+
+def clean_interrupted_saves(directory: Path) -> None:
+    """Remove what killed saves left behind, unless a save is running now (or the folder is read-only)."""
+    if not any(_left_by_a_save(path) for path in directory.iterdir()):
+        return
+    try:
+        with _save_lock(directory, wait=False):
+            _remove_interrupted_saves(directory)
+    except (SaveInProgress, OSError):
+        return
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -127,12 +148,54 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+class SaveInProgress(RuntimeError):
+    """Another save holds the folder's lock."""
+
+
+@contextlib.contextmanager
+def _save_lock(directory: Path, wait: bool):
+    """The folder's save lock, held until the block ends (and released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no cross-process lock, so nothing counts as stale
+        if not wait:
+            raise SaveInProgress(str(directory)) from None
+        yield
+        return
+    with open(directory / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SaveInProgress(f"a save to {directory} is running") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _left_by_a_save(path: Path) -> bool:
+    """A staging folder or a manifest temp file: only a running save uses them; the lock tells which."""
+    is_manifest_tmp = path.name.startswith(f".{MANIFEST}.") and path.name.endswith(".tmp")
+    return path.name.startswith(STAGING_PREFIX) or is_manifest_tmp
+
+
+def _remove_interrupted_saves(directory: Path) -> None:
+    """Call with the save lock held."""
+    for path in directory.iterdir():
+        if not _left_by_a_save(path):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _check_writable_target(directory: Path) -> None:
     """Refuse to turn a folder with unrelated content into an index (and so to delete that content later)."""
     if directory.exists() and not directory.is_dir():
         raise IndexFormatError(f"cannot save an index to {directory}: it is a file")
     if directory.is_dir() and not (directory / MANIFEST).exists():
-        ours = (DATA_PREFIX, STAGING_PREFIX, f".{MANIFEST}.")
+        ours = (DATA_PREFIX, STAGING_PREFIX, LOCK_FILE, f".{MANIFEST}.")
         foreign = [p.name for p in directory.iterdir() if not p.name.startswith(ours)]
         if foreign:
             raise IndexFormatError(
@@ -143,5 +206,5 @@ def _check_writable_target(directory: Path) -> None:
 
 def _remove_stale_data(directory: Path, keep: str) -> None:
     for path in directory.iterdir():
-        if path.name != keep and path.is_dir() and path.name.startswith((DATA_PREFIX, STAGING_PREFIX)):
+        if path.name != keep and path.is_dir() and path.name.startswith(DATA_PREFIX):
             shutil.rmtree(path, ignore_errors=True)

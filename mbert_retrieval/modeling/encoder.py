@@ -18,6 +18,7 @@ from mbert_retrieval.modeling.attention import check_backend_name, packed_attent
 from mbert_retrieval.modeling.config import ModernBertConfig
 from mbert_retrieval.modeling.io import (
     CheckpointError,
+    find_weights,
     load_weights,
     read_state_dict,
     resolve_model_dir,
@@ -282,7 +283,7 @@ class ModernBert(nn.Module):
         config = load_config(model_dir)
         model = cls(config, attn_backend=attn_backend)
         state = cls.adapt_state_dict(read_state_dict(model_dir), config)
-        load_weights(model, state, model_dir)
+        load_weights(model, state, find_weights(model_dir))
         model.eval()
         return model.to(device=device, dtype=dtype)
 
@@ -353,7 +354,7 @@ class ModernBertForMaskedLM(nn.Module):
         # The decoder is tied to the embeddings; checkpoints may leave it out.
         state.setdefault("decoder.weight", state.get("model.embeddings.tok_embeddings.weight"))
         state = {k: v for k, v in state.items() if v is not None}
-        load_weights(model, state, model_dir)
+        load_weights(model, state, find_weights(model_dir))
         model.eval()
         return model.to(device=device, dtype=dtype)
 
@@ -368,7 +369,7 @@ class ModernBertForMaskedLM(nn.Module):
 def load_config(model_dir: Path) -> ModernBertConfig:
     path = model_dir / "config.json"
     if not path.exists():
-        raise CheckpointError(f"{model_dir} has no config.json; is it a ModernBERT checkpoint folder?")
+        raise CheckpointError(f"{path} is missing: is {model_dir} a ModernBERT checkpoint folder?")
     return ModernBertConfig.from_json_file(path)
 
 

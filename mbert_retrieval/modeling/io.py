@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,19 +49,49 @@ def _download(hub_id: str) -> Path:
         ) from err
 
 
-def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
-        file = model_dir / name
-        if file.exists():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+def read_json(path: Path, expect: type = dict) -> Any:
+    """The JSON value in `path`, which must be of type `expect`; CheckpointError naming the file if not."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read: {err.strerror or err}") from None
+    if not isinstance(value, expect):
+        wanted = "an object" if expect is dict else "a list"
+        raise CheckpointError(f"{path} must hold {wanted}, not {json.dumps(value)[:60]}")
+    return value
 
-                try:
-                    return load_file(str(file))
-                except Exception as err:  # safetensors raises its own error types
-                    raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from err
-            return torch.load(file, map_location="cpu", weights_only=True)
+
+def find_weights(model_dir: Path) -> Path:
+    """The weights file of a checkpoint folder (safetensors preferred)."""
+    for name in WEIGHT_FILES:
+        if (model_dir / name).exists():
+            return model_dir / name
     raise CheckpointError(f"{model_dir} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    file = find_weights(model_dir)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from err
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file} is not a readable PyTorch weights file: {reason}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} holds a {type(state).__name__}, not a dict of tensors")
+    return state
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -69,11 +101,15 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:5])}")
     for name, tensor in expected.items():
+        if not isinstance(state[name], torch.Tensor):
+            raise CheckpointError(f"{source}: {name} is a {type(state[name]).__name__}, not a tensor")
         if state[name].shape != tensor.shape:
             raise CheckpointError(
                 f"{source}: tensor {name} has shape {tuple(state[name].shape)}, "
                 f"expected {tuple(tensor.shape)} from config.json"
             )
+        if state[name].is_floating_point() and not torch.isfinite(state[name]).all():
+            raise CheckpointError(f"{source}: tensor {name} holds NaN or infinite values")
     module.load_state_dict({k: state[k] for k in expected}, strict=True)
 
 

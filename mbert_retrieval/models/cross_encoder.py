@@ -19,7 +19,13 @@ from torch import nn
 
 from mbert_retrieval.modeling import ModernBert
 from mbert_retrieval.modeling.encoder import MLMHead
-from mbert_retrieval.modeling.io import CheckpointError, load_weights, read_state_dict, save_safetensors
+from mbert_retrieval.modeling.io import (
+    CheckpointError,
+    find_weights,
+    load_weights,
+    read_state_dict,
+    save_safetensors,
+)
 from mbert_retrieval.models import folders
 from mbert_retrieval.models.base import Devices, EncoderModel
 from mbert_retrieval.models.encoding import (
@@ -222,7 +228,7 @@ class CrossEncoder(EncoderModel):
             for k, v in state.items()
             if k.startswith("head.") or (trained and k.startswith("classifier."))
         }
-        load_weights(parts, {**parts.state_dict(), **wanted}, model_dir)
+        load_weights(parts, {**parts.state_dict(), **wanted}, find_weights(model_dir))
         model = cls(
             encoder,
             cls.load_tokenizer_for(model_dir, tokenizer),

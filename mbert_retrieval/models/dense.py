@@ -327,6 +327,10 @@ class DenseRetriever(EncoderModel):
             if module.kind == "Dense":
                 saved["projection"] = folders.read_dense(module.path)
         prompts = folders.read_settings(model_dir).get("prompts") or {}
+        if not isinstance(prompts, dict) or not all(isinstance(p, str) for p in prompts.values()):
+            raise CheckpointError(
+                f"{model_dir / folders.SETTINGS_FILE}: 'prompts' must map names to strings, not {prompts!r}"
+            )
         saved["query_prefix"] = prompts.get("query", "")
         saved["document_prefix"] = next((prompts[n] for n in DOCUMENT_PROMPT_NAMES if n in prompts), "")
         return saved

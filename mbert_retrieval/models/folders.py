@@ -23,6 +23,9 @@ from mbert_retrieval.modeling.io import (
     CheckpointError,
     atomic_write_bytes,
     atomic_write_text,
+    find_weights,
+    load_weights,
+    read_json,
     read_state_dict,
     save_safetensors,
 )
@@ -48,15 +51,6 @@ class Module:
     path: Path
 
 
-def read_json(path: Path) -> dict[str, Any] | list:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path} is missing") from err
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-
-
 def write_json(path: Path, value: Any) -> None:
     atomic_write_text(Path(path), json.dumps(value, indent=2) + "\n")
 
@@ -66,9 +60,21 @@ def has_modules(model_dir: Path) -> bool:
 
 
 def read_modules(model_dir: Path) -> list[Module]:
-    entries = read_json(model_dir / MODULES_FILE)
-    if not isinstance(entries, list) or not entries:
-        raise CheckpointError(f"{model_dir / MODULES_FILE} lists no modules")
+    path = model_dir / MODULES_FILE
+    entries = read_json(path, expect=list)
+    if not entries:
+        raise CheckpointError(f"{path} lists no modules")
+    for entry in entries:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("type"), str)
+            and isinstance(entry.get("path", ""), str)
+            and is_int(entry.get("idx", 0))
+        ):
+            raise CheckpointError(
+                f"{path}: each module must be an object with a 'type' and a 'path' string and an "
+                f"integer 'idx', not {json.dumps(entry)[:80]}"
+            )
     modules = []
     for entry in sorted(entries, key=lambda e: e.get("idx", 0)):
         kind = entry["type"].rsplit(".", 1)[-1]
@@ -99,7 +105,9 @@ def read_max_seq_length(transformer_dir: Path) -> int | None:
     if path.exists():
         value = read_json(path).get("max_seq_length")
         if value is not None:
-            return int(value)
+            if not is_int(value) or value <= 0:
+                raise CheckpointError(f"{path}: max_seq_length must be a positive integer, not {value!r}")
+            return value
     return None
 
 
@@ -137,16 +145,23 @@ def read_dense(module_dir: Path) -> nn.Linear:
         )
     if config.get("use_residual"):
         raise CheckpointError(f"{module_dir}: Dense with use_residual=true is not supported")
-    linear = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+    sizes = [config.get(key) for key in ("in_features", "out_features")]
+    if not all(is_int(size) and size > 0 for size in sizes) or not isinstance(config.get("bias", True), bool):
+        raise CheckpointError(
+            f"{module_dir / 'config.json'}: a Dense module needs positive integers in_features and "
+            f"out_features and a true/false bias, found {sizes} and {config.get('bias')!r}"
+        )
+    linear = nn.Linear(*sizes, bias=config.get("bias", True))
     state = read_state_dict(module_dir)
     expected = {"linear.weight", "linear.bias"} if linear.bias is not None else {"linear.weight"}
     if set(state) != expected:
         raise CheckpointError(f"{module_dir}: expected tensors {sorted(expected)}, found {sorted(state)}")
-    with torch.no_grad():
-        linear.weight.copy_(state["linear.weight"])
-        if linear.bias is not None:
-            linear.bias.copy_(state["linear.bias"])
+    load_weights(linear, {k.removeprefix("linear."): v for k, v in state.items()}, find_weights(module_dir))
     return linear
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def write_modules(model_dir: Path, modules: list[tuple[str, str]]) -> None:
