@@ -6,6 +6,9 @@ is in pyproject.toml."""
 from setuptools import find_namespace_packages, setup
 
 setup(
-    packages=[*find_namespace_packages(include=["mbert_retrieval", "mbert_retrieval.*"]), "mbert_retrieval.evaluation"],
+    packages=[
+        *find_namespace_packages(include=["mbert_retrieval", "mbert_retrieval.*"]),
+        "mbert_retrieval.evaluation",
+    ],
     package_dir={"mbert_retrieval.evaluation": "evaluation"},
 )
