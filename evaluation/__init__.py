@@ -3,12 +3,18 @@
 The MTEB adapter lives in `evaluation.mteb_adapter` (it imports mteb).
 """
 
-from evaluation.code_dataset import build_code_dataset
-from evaluation.data import DataFormatError, RetrievalDataset, load_beir, save_beir
-from evaluation.harness import EvaluationResult, evaluate_retriever, run_queries
-from evaluation.leaderboard import load_config, run_leaderboard
-from evaluation.metrics import METRICS, evaluate_per_query, evaluate_run, read_trec_run, write_trec_run
-from evaluation.public import (
+from mbert_retrieval.evaluation.code_dataset import build_code_dataset
+from mbert_retrieval.evaluation.data import DataFormatError, RetrievalDataset, load_beir, save_beir
+from mbert_retrieval.evaluation.harness import EvaluationResult, evaluate_retriever, run_queries
+from mbert_retrieval.evaluation.leaderboard import load_config, run_leaderboard
+from mbert_retrieval.evaluation.metrics import (
+    METRICS,
+    evaluate_per_query,
+    evaluate_run,
+    read_trec_run,
+    write_trec_run,
+)
+from mbert_retrieval.evaluation.public import (
     DatasetUnavailable,
     load_code_retrieval,
     load_mldr,

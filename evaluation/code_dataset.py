@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mbert_retrieval.evaluation.data import DataFormatError, save_beir
+from mbert_retrieval.evaluation.doc_comments import Documented, documented_definitions
 from tqdm.auto import tqdm
 
-from evaluation.data import DataFormatError, save_beir
-from evaluation.doc_comments import Documented, documented_definitions
 from mbert_retrieval.modeling.io import atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ weights, scored, so the default can be set on development data and checked on he
 
 from __future__ import annotations
 
-from evaluation.metrics import Run, evaluate_run
+from mbert_retrieval.evaluation.metrics import Run, evaluate_run
+
 from mbert_retrieval.search.fusion import convex_fusion
 
 DENSE_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0 (BM25 alone) ... 1.0 (dense alone)

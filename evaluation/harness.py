@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mbert_retrieval.evaluation.data import RetrievalDataset
+from mbert_retrieval.evaluation.metrics import Run, evaluate_per_query, evaluate_run, write_trec_run
 from tqdm.auto import tqdm
 
-from evaluation.data import RetrievalDataset
-from evaluation.metrics import Run, evaluate_per_query, evaluate_run, write_trec_run
 from mbert_retrieval.modeling.io import atomic_write_text
 from mbert_retrieval.search.retriever import Retriever
 

@@ -30,9 +30,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evaluation.data import DataFormatError
-from evaluation.harness import evaluate_retriever, write_json
-from evaluation.metrics import METRICS
+from mbert_retrieval.evaluation.data import DataFormatError
+from mbert_retrieval.evaluation.harness import evaluate_retriever, write_json
+from mbert_retrieval.evaluation.metrics import METRICS
+
 from mbert_retrieval.modeling.io import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,8 @@ def run_leaderboard(
     show_progress: bool = True,
 ) -> list[Entry]:
     """Run (or reuse) every system on every data set, then write leaderboard.md / .json / .png."""
-    from evaluation.public import resolve_dataset
+    from mbert_retrieval.evaluation.public import resolve_dataset
+
     from mbert_retrieval.search.models import build_retriever
 
     output_dir = Path(output_dir)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.data import DataFormatError, Qrels
+from mbert_retrieval.evaluation.data import DataFormatError, Qrels
+
 from mbert_retrieval.modeling.io import atomic_write_text
 
 Run = dict[str, dict[str, float]]

@@ -19,7 +19,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from evaluation.data import BEIR_LAYOUT, DataFormatError, RetrievalDataset, load_beir, read_jsonl, save_beir
+from mbert_retrieval.evaluation.data import (
+    BEIR_LAYOUT,
+    DataFormatError,
+    RetrievalDataset,
+    load_beir,
+    read_jsonl,
+    save_beir,
+)
+
 from mbert_retrieval.modeling.io import atomic_write_text
 
 logger = logging.getLogger(__name__)

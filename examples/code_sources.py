@@ -283,7 +283,7 @@ def build(sources: Path, out: Path, languages: list[str], options: BuildSettings
 
 
 def build_one(sources: Path, out: Path, language: str, part: str, options: BuildSettings) -> dict:
-    from evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
+    from mbert_retrieval.evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
 
     started = time.perf_counter()
     common = dict(

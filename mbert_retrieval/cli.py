@@ -229,8 +229,8 @@ def evaluate(
     progress: ProgressOption = True,
 ):
     """Retrieve for every judged query of a data set and score the run (NDCG@10, MRR@10, Recall@100, MAP)."""
-    from evaluation.harness import evaluate_retriever
-    from evaluation.public import resolve_dataset
+    from mbert_retrieval.evaluation.harness import evaluate_retriever
+    from mbert_retrieval.evaluation.public import resolve_dataset
 
     dataset = resolve_dataset(data, split)
     report_dataset(dataset)
@@ -281,7 +281,7 @@ def leaderboard(
 
     Finished runs are cached under <output>/runs/ and reused while the config entry, the data and the
     model files are unchanged."""
-    from evaluation.leaderboard import load_config, require_datasets_exist, run_leaderboard
+    from mbert_retrieval.evaluation.leaderboard import load_config, require_datasets_exist, run_leaderboard
 
     parsed = load_config(config)
     require_datasets_exist(parsed)
@@ -328,7 +328,7 @@ def build_code_dataset_command(
     progress: ProgressOption = True,
 ):
     """Turn a source tree into a CodeSearchNet-style set: doc comment summary -> function without it."""
-    from evaluation.code_dataset import build_code_dataset
+    from mbert_retrieval.evaluation.code_dataset import build_code_dataset
 
     if split_by not in ("module", "package"):
         raise BadInput(f"--split-by must be module or package, got {split_by!r}")
@@ -409,8 +409,8 @@ def check_output_folder(folder: Path, overwrite: bool, marker: str) -> None:
 
 
 def read_documents(data: str) -> dict[str, str]:
-    from evaluation.data import DataFormatError, document_text, read_corpus, report_problems
-    from evaluation.public import resolve_dataset
+    from mbert_retrieval.evaluation.data import DataFormatError, document_text, read_corpus, report_problems
+    from mbert_retrieval.evaluation.public import resolve_dataset
 
     path = Path(data)
     if path.is_file():
@@ -434,7 +434,7 @@ def read_queries(query: list[str] | None, queries_file: Path | None) -> dict[str
         if not queries_file.is_file():
             raise BadInput(f"--queries {queries_file}: no such file")
         if queries_file.suffix == ".jsonl":
-            from evaluation.data import read_queries as read_beir_queries
+            from mbert_retrieval.evaluation.data import read_queries as read_beir_queries
 
             from_file = read_beir_queries(queries_file, Counter())
         else:

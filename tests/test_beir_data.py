@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from evaluation import public
-from evaluation.data import DataFormatError, load_beir, save_beir
-from evaluation.public import (
+from mbert_retrieval.evaluation import public
+from mbert_retrieval.evaluation.data import DataFormatError, load_beir, save_beir
+from mbert_retrieval.evaluation.public import (
     DatasetUnavailable,
     load_mldr,
     load_mldr_training,

@@ -10,9 +10,9 @@ from pathlib import Path
 import bm25s
 import numpy as np
 import pytest
+from mbert_retrieval.evaluation.code_dataset import build_code_dataset
+from mbert_retrieval.evaluation.data import load_beir
 
-from evaluation.code_dataset import build_code_dataset
-from evaluation.data import load_beir
 from mbert_retrieval.index.storage import IndexFormatError
 from mbert_retrieval.search.bm25 import BM25Index
 from mbert_retrieval.search.fusion import reciprocal_rank_fusion

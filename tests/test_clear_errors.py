@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from mbert_retrieval.evaluation.data import DataFormatError, load_beir, save_beir
 from typer.testing import CliRunner
 
-from evaluation.data import DataFormatError, load_beir, save_beir
 from mbert_retrieval.cli import app
 
 CORPUS = {

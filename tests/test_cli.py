@@ -11,10 +11,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from mbert_retrieval.evaluation.data import load_beir
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from evaluation.data import load_beir
 from mbert_retrieval.cli import app
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import typer
+from mbert_retrieval.evaluation.data import DataFormatError
+from mbert_retrieval.evaluation.leaderboard import LeaderboardConfigError
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from evaluation.data import DataFormatError
-from evaluation.leaderboard import LeaderboardConfigError
 from mbert_retrieval.cli import app
 from mbert_retrieval.cli_errors import BadInput, reports_errors
 from mbert_retrieval.code.encoders import ModelNotFoundError

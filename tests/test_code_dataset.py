@@ -11,9 +11,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
-from evaluation.code_dataset import build_code_dataset
-from evaluation.data import DataFormatError, load_beir
+from mbert_retrieval.evaluation.code_dataset import build_code_dataset
+from mbert_retrieval.evaluation.data import DataFormatError, load_beir
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

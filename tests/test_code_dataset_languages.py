@@ -9,9 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
-from evaluation.data import load_beir
+from mbert_retrieval.evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
+from mbert_retrieval.evaluation.data import load_beir
 
 JAVA = """\
 package com.example;

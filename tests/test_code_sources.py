@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from evaluation.data import load_beir
+from mbert_retrieval.evaluation.data import load_beir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -12,11 +12,11 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from mbert_retrieval.evaluation.code_dataset import build_code_dataset
+from mbert_retrieval.evaluation.data import load_beir
+from mbert_retrieval.evaluation.harness import evaluate_retriever
 from typer.testing import CliRunner
 
-from evaluation.code_dataset import build_code_dataset
-from evaluation.data import load_beir
-from evaluation.harness import evaluate_retriever
 from mbert_retrieval import DenseRetriever
 from mbert_retrieval.code import CodeIndex, load_encoder
 from mbert_retrieval.models.dense import default_model_dir

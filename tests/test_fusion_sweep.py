@@ -2,7 +2,7 @@ import pytest
 
 pytest.importorskip("pytrec_eval")
 
-from evaluation.fusion import fuse_runs, fusion_sweep  # noqa: E402
+from mbert_retrieval.evaluation.fusion import fuse_runs, fusion_sweep  # noqa: E402
 
 
 def test_sweep_ends_are_the_two_runs_and_the_middle_can_beat_both():

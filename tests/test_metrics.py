@@ -8,9 +8,8 @@ import random
 import pytest
 import pytrec_eval
 from beir.retrieval.evaluation import EvaluateRetrieval
-
-from evaluation.data import DataFormatError
-from evaluation.metrics import evaluate_per_query, evaluate_run, read_trec_run, write_trec_run
+from mbert_retrieval.evaluation.data import DataFormatError
+from mbert_retrieval.evaluation.metrics import evaluate_per_query, evaluate_run, read_trec_run, write_trec_run
 
 
 def random_run(seed: int, n_queries: int = 30, n_docs: int = 400, depth: int = 100):

@@ -10,16 +10,16 @@ import pytest
 mteb = pytest.importorskip("mteb")
 
 from datasets import Dataset  # noqa: E402
+from mbert_retrieval.evaluation.code_dataset import build_code_dataset  # noqa: E402
+from mbert_retrieval.evaluation.data import load_beir  # noqa: E402
+from mbert_retrieval.evaluation.harness import evaluate_retriever  # noqa: E402
+from mbert_retrieval.evaluation.mteb_adapter import MtebEncoder  # noqa: E402
 from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 from mteb.models.models_protocols import EncoderProtocol  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
-from evaluation.code_dataset import build_code_dataset  # noqa: E402
-from evaluation.data import load_beir  # noqa: E402
-from evaluation.harness import evaluate_retriever  # noqa: E402
-from evaluation.mteb_adapter import MtebEncoder  # noqa: E402
 from mbert_retrieval.search import Retriever  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

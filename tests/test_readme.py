@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from mbert_retrieval.evaluation.data import save_beir
 from typer.main import get_command
 
-from evaluation.data import save_beir
 from mbert_retrieval.cli import app
 from mbert_retrieval.models.dense import default_model_dir
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mbert_retrieval.evaluation.code_dataset import build_code_dataset
+from mbert_retrieval.evaluation.data import load_beir
+from mbert_retrieval.evaluation.harness import evaluate_retriever
 
-from evaluation.code_dataset import build_code_dataset
-from evaluation.data import load_beir
-from evaluation.harness import evaluate_retriever
 from mbert_retrieval.index.storage import IndexFormatError
 from mbert_retrieval.search import BM25Index, Retriever, SentenceTransformerEncoder
 from mbert_retrieval.search.fusion import convex_fusion

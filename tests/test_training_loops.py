@@ -36,7 +36,7 @@ from mbert_retrieval.training import (
 
 @pytest.fixture(scope="module")
 def code_pairs(tmp_path_factory) -> Path:
-    from evaluation.code_dataset import build_code_dataset
+    from mbert_retrieval.evaluation.code_dataset import build_code_dataset
 
     folder = tmp_path_factory.mktemp("stdlib_pairs")
     build_code_dataset(STDLIB, folder, max_functions=3000, show_progress=False)

@@ -25,7 +25,7 @@ class DevSet:
 
     @classmethod
     def from_beir(cls, folder: str | Path, split: str = "dev", max_queries: int | None = None) -> DevSet:
-        from evaluation.data import load_beir
+        from mbert_retrieval.evaluation.data import load_beir
 
         data = load_beir(folder, split=split)
         query_ids = list(data.qrels)[:max_queries]
@@ -41,7 +41,7 @@ def evaluate_task(task: RetrievalTask, dev: DevSet) -> dict[str, float]:
 
     Dense and ColBERT models score the whole corpus; a cross-encoder reranks BM25's top candidates.
     """
-    from evaluation.metrics import evaluate_run
+    from mbert_retrieval.evaluation.metrics import evaluate_run
 
     query_ids, doc_ids = list(dev.queries), list(dev.corpus)
     queries, documents = [dev.queries[q] for q in query_ids], [dev.corpus[d] for d in doc_ids]
