@@ -25,13 +25,14 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from mbert_retrieval.index.storage import load_index_folder
 
 SearchResult = tuple[list[list[str]], np.ndarray]
+IndexT = TypeVar("IndexT", bound="Index")
 
 
 class Index(ABC):
@@ -55,14 +56,14 @@ class Index(ABC):
 
     @classmethod
     def load(
-        cls,
+        cls: type[IndexT],
         directory: str | os.PathLike,
         *,
         expected_model: str | None = None,
         device: str | None = None,
         verify_checksums: bool = True,
         **options,
-    ) -> Index:
+    ) -> IndexT:
         """Load a saved index: its manifest (type, format version, model) and the size and checksum of
         every file are checked first, and a damaged folder is an IndexFormatError naming the problem.
 

@@ -234,7 +234,12 @@ class FaissIndex(Index):
 
     @classmethod
     def from_folder(
-        cls, manifest: dict, data_dir: Path, device: str | None = None, mmap: bool = False, use_gpu=None
+        cls,
+        manifest: dict,
+        data_dir: Path,
+        device: str | None = None,
+        mmap: bool = False,
+        use_gpu: bool | None = None,
     ) -> FaissIndex:
         """`FaissIndex.load(directory, mmap=True)` maps the vectors from disk instead of reading them
         into memory (faiss IO_FLAG_MMAP; the index is then read-only). `device` "cpu" or "cuda" decides
