@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -130,6 +130,16 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     candidates = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
     return candidates[np.lexsort((candidates, -scores[candidates]))]
+
+
+def best_per_query(score_rows: Iterable[np.ndarray], ids: list[str], k: int, above=-np.inf) -> SearchResult:
+    """The search answer from each query's scores of every document ([len(ids)] per query): its k
+    best ids, leaving out documents that score `above` or less."""
+    found = []
+    for scores in score_rows:
+        top = top_k_indices(scores, k)
+        found.append([(ids[i], float(scores[i])) for i in top[scores[top] > above]])
+    return search_result(found, min(k, len(ids)))
 
 
 def search_result(rankings: Sequence[Sequence[tuple[str, float]]], width: int) -> SearchResult:

@@ -26,11 +26,10 @@ import numpy as np
 from mbert_retrieval.index.base import (
     Index,
     SearchResult,
+    best_per_query,
     check_k,
     check_known_ids,
     check_new_ids,
-    search_result,
-    top_k_indices,
 )
 from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
@@ -164,13 +163,7 @@ class BM25Index(Index):
         if isinstance(queries, str):
             queries = [queries]
         check_k(k)
-        found = []
-        for query in queries:
-            scores = self.scores(query)
-            top = top_k_indices(scores, k)
-            top = top[scores[top] > 0]
-            found.append([(self._ids[i], float(scores[i])) for i in top])
-        return search_result(found, min(k, len(self)))
+        return best_per_query(map(self.scores, queries), self._ids, k, above=0.0)
 
     # ---------------------------------------------------------------------------------- persistence
 

@@ -22,11 +22,10 @@ import torch
 from mbert_retrieval.index.base import (
     Index,
     SearchResult,
+    best_per_query,
     check_k,
     check_known_ids,
     check_new_ids,
-    search_result,
-    top_k_indices,
 )
 from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
@@ -116,11 +115,9 @@ class MaxSimIndex(Index):
         check_k(k)
         queries = np.asarray(torch.as_tensor(query_embeddings).float())
         queries = queries[None] if queries.ndim == 2 else queries
-        found = []
-        for start in range(0, len(queries) if self._ids else 0, QUERY_BATCH):
-            for row in maxsim(queries[start : start + QUERY_BATCH], self._vectors):
-                found.append([(self._ids[i], float(row[i])) for i in top_k_indices(row, k)])
-        return search_result(found or [[] for _ in queries], min(k, len(self)))
+        batches = (queries[start : start + QUERY_BATCH] for start in range(0, len(queries), QUERY_BATCH))
+        rows = (row for batch in batches for row in maxsim(batch, self._vectors))
+        return best_per_query(rows, self._ids, k)
 
     # ------------------------------------------------------------------------------------- persistence
 
