@@ -4,6 +4,7 @@ and the same name works in a source checkout."""
 
 from __future__ import annotations
 
+import re
 import runpy
 import subprocess
 import sys
@@ -56,3 +57,19 @@ def test_the_harnesses_import_under_the_library_name():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) == pytest.approx(0.5)
+
+
+def test_nothing_imports_a_top_level_evaluation_package():
+    """A module imported as both `evaluation.x` and `mbert_retrieval.evaluation.x` would be two
+    modules, with two of every error class."""
+    pattern = re.compile(r"^\s*(from|import) evaluation\b", re.MULTILINE)
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("mbert_retrieval", "evaluation", "tests", "benchmarks", "examples")
+        for path in (ROOT / folder).rglob("*.py")
+        if pattern.search(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
+    code = "import sys, mbert_retrieval.cli, mbert_retrieval.evaluation; print('evaluation' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
