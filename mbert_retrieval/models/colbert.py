@@ -32,6 +32,7 @@ from mbert_retrieval.models.encoding import (
     check_texts,
     l2_normalize,
 )
+from mbert_retrieval.models.processes import encode_in_processes, uses_processes
 
 PYLATE_SETTINGS = (
     "query_prefix",
@@ -202,6 +203,16 @@ class ColBERT(EncoderModel):
         """
         texts, single = single_or_list(texts)
         texts = check_texts(texts, "queries")
+        if uses_processes(devices, len(texts)):
+            return encode_in_processes(
+                self,
+                "encode_queries",
+                texts,
+                devices,
+                convert_to_tensor=convert_to_tensor,
+                max_tokens_per_batch=max_tokens_per_batch,
+                show_progress_bar=show_progress_bar,
+            )
         out = torch.zeros(len(texts), self.query_length, self.dim)
         if texts:
             for batch, (vectors,) in self._run_queries(
@@ -273,6 +284,18 @@ class ColBERT(EncoderModel):
         """
         texts, single = single_or_list(texts)
         texts = check_texts(texts, "documents")
+        if uses_processes(devices, len(texts)):
+            return encode_in_processes(
+                self,
+                "encode_documents",
+                texts,
+                devices,
+                convert_to_tensor=convert_to_tensor,
+                packed=packed,
+                chunking=chunking,
+                max_tokens_per_batch=max_tokens_per_batch,
+                show_progress_bar=show_progress_bar,
+            )
         chunking = Chunking.parse(chunking)
         counts = np.zeros(len(texts), dtype=np.int64)
         pieces: list[tuple[int, int, torch.Tensor]] = []

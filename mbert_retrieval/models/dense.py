@@ -27,6 +27,7 @@ from mbert_retrieval.models.encoding import (
     check_texts,
     l2_normalize,
 )
+from mbert_retrieval.models.processes import encode_in_processes, uses_processes
 
 Pooling = Literal["mean", "cls"]
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
@@ -134,10 +135,25 @@ class DenseRetriever(EncoderModel):
                 are truncated to `max_length` and the count is logged.
             max_tokens_per_batch: real tokens per packed batch; None: 16384, or 4096 when every
                 device is a CPU (faster there).
-            devices: spread the batches over several devices, e.g. ["cuda:0", "cuda:1"].
+            devices: spread the batches over several devices, e.g. ["cuda:0", "cuda:1"]; from
+                `PROCESS_MIN_TEXTS` texts on, several CUDA devices get one process each
+                (`models.processes`).
             show_progress_bar: None shows it from 1024 texts on.
         """
         texts, single = single_or_list(texts)
+        if uses_processes(devices, len(texts)):
+            return encode_in_processes(
+                self,
+                "encode",
+                check_texts(texts),
+                devices,
+                prefix=prefix,
+                dim=dim,
+                convert_to_tensor=convert_to_tensor,
+                chunking=chunking,
+                max_tokens_per_batch=max_tokens_per_batch,
+                show_progress_bar=show_progress_bar,
+            )
         chunks = self.encode_document_chunks(
             texts,
             prefix=prefix,

@@ -143,6 +143,14 @@ class TextTokenizer:
         self.front, self.back = self._special_tokens_around_text()
         self.lock = threading.Lock()  # the truncating copy is reconfigured per call
 
+    def __getstate__(self) -> dict:
+        """Picklable (a model goes to encoding processes whole): the lock stays behind."""
+        return {key: value for key, value in self.__dict__.items() if key != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
+
     def _special_tokens_around_text(self) -> tuple[list[int], list[int]]:
         with_specials = self.plain.encode("a").ids
         content = self.plain.encode("a", add_special_tokens=False).ids
