@@ -10,8 +10,11 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -120,8 +123,34 @@ def index(
     split_identifiers: SplitIdentifiersOption = False,
     device: DeviceOption = None,
     progress: ProgressOption = True,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank", min=0, help="Encode only this shard of the corpus (default: $RANK under torchrun)."
+        ),
+    ] = None,
+    world_size: Annotated[
+        int | None,
+        typer.Option(
+            "--world-size",
+            min=1,
+            help="Number of shards the corpus is cut in (default: $WORLD_SIZE under torchrun).",
+        ),
+    ] = None,
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="Only build the index from the finished shards in <output>/shards."),
+    ] = False,
 ):
-    """Encode a corpus and save a searchable index (documents, vectors and the models' names)."""
+    """Encode a corpus and save a searchable index (documents, vectors and the models' names).
+
+    Under `torchrun` (or with --rank/--world-size) every process encodes one shard of the corpus into
+    <output>/shards; after all have finished, rank 0 builds the index from the shards (or run the
+    command again with --merge). Finished shards are kept: re-running redoes only the missing ones."""
+    position = shard_position(rank, world_size)
+    if merge or position.world_size > 1:
+        index_in_shards(data, system, output, index_kind.value, overwrite, device, progress, position, merge)
+        return
     check_output_folder(output, overwrite, marker="retriever.json")
     corpus = read_documents(data)
     retriever = make_retriever(system, index_kind.value, None, 100, device, progress, split_identifiers)
@@ -398,14 +427,119 @@ def search_code_index(index_dir, named: dict[str, str], k, rerank, first_stage_k
     return "\n".join(lines) + "\n"
 
 
-def check_output_folder(folder: Path, overwrite: bool, marker: str) -> None:
+def check_output_folder(folder: Path, overwrite: bool, marker: str, allowed: tuple[str, ...] = ()) -> None:
     if folder.exists() and not folder.is_dir():
         raise BadInput(f"--output {folder} is a file")
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name not in allowed for p in folder.iterdir()):
         if not (folder / marker).exists():
             raise BadInput(f"--output {folder} is a non-empty folder that is not an index; choose another")
         if not overwrite:
             raise BadInput(f"--output {folder} already holds an index (pass --overwrite to replace it)")
+
+
+@dataclass
+class ShardPosition:
+    rank: int
+    world_size: int
+    local_rank: int
+    from_launcher: bool  # set by torchrun (whose ranks can meet at a barrier), not by options
+
+
+def shard_position(rank: int | None, world_size: int | None) -> ShardPosition:
+    """This process's shard: --rank / --world-size, else torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+    from_launcher = rank is None and world_size is None and "WORLD_SIZE" in os.environ
+    try:
+        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError as err:
+        raise BadInput(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {err}") from None
+    if not 0 <= rank < world_size:
+        raise BadInput(f"rank {rank} is not between 0 and world size {world_size} - 1")
+    return ShardPosition(rank, world_size, local_rank, from_launcher)
+
+
+def index_in_shards(data, system, output, index_kind, overwrite, device, progress, position, merge_only):
+    """Encode this process's shard of the corpus (unless merging only); then, on rank 0 once every shard
+    is done, build the index from the shards."""
+    from mbert_retrieval.models.loading import resolve
+    from mbert_retrieval.search import sharded
+    from mbert_retrieval.search.models import canonical_name, load_search_model
+    from mbert_retrieval.search.retriever import check_first_stage
+
+    if system == "bm25" or system.startswith("hybrid:"):
+        raise BadInput(
+            "indexing in shards needs a model: --system bm25 and hybrid: systems are not supported"
+        )
+    check_output_folder(output, overwrite, marker="retriever.json", allowed=("shards",))
+    model_name = canonical_name(system)
+    fingerprint = sharded.model_digest(resolve(model_name)[1])
+    corpus = read_documents(data)
+    ids, texts = list(corpus), list(corpus.values())
+    shards_dir = output / "shards"
+    rank, world_size = position.rank, position.world_size
+    if not merge_only:
+        if device is None and torch_cuda_available():
+            device = f"cuda:{position.local_rank}"
+        model = load_search_model(model_name, device=device)
+        check_first_stage(model, index_kind, False)
+        status = sharded.encode_shard(
+            shards_dir,
+            rank,
+            world_size,
+            ids,
+            texts,
+            model,
+            model_name,
+            model_fingerprint=fingerprint,
+            show_progress=progress,
+            progress_position=position.local_rank,
+        )
+        done = "encoded" if status.encoded else "kept (already done for this model and corpus)"
+        typer.echo(
+            f"shard {rank + 1}/{world_size}: {done}, {status.n_documents} documents -> {status.folder}"
+        )
+        met = position.from_launcher and wait_for_every_rank()
+        if rank != 0:
+            return
+        unfinished = [
+            r
+            for r in range(world_size)
+            if not (sharded.shard_folder(shards_dir, r, world_size) / sharded.SHARD_MANIFEST).exists()
+        ]
+        if unfinished and not met:
+            typer.echo(
+                f"{len(unfinished)} of {world_size} shards are not finished yet (rank {unfinished[0]} first); "
+                "when they are, build the index with the same command and --merge"
+            )
+            return
+    shards = sharded.read_shards(
+        shards_dir, model_name=model_name, model_fingerprint=fingerprint, corpus=(ids, texts)
+    )
+    n_documents = sharded.merge_shards(shards, output, index_kind, device=device, show_progress=progress)
+    typer.echo(
+        f"indexed {n_documents} documents from {len(shards)} shards with {model_name} [{index_kind}] -> {output}"
+    )
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def wait_for_every_rank() -> bool:
+    """A barrier over the ranks torchrun started (gloo: it needs no GPU); False when there is none."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or "MASTER_ADDR" not in os.environ:
+        return False
+    dist.init_process_group("gloo", timeout=timedelta(hours=72))  # ranks may finish hours apart
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return True
 
 
 def read_documents(data: str) -> dict[str, str]:

@@ -112,10 +112,10 @@ class FaissIndex(Index):
             raise ValueError(f"ids already in the index (use update): {existing[:5]}")
         if not ids:
             return
-        if self._index is None:
-            self._index = self._new_faiss_index(self.nlist or _default_nlist(len(vectors)))
-        if not self._index.is_trained:
-            self._train(vectors)
+        if self._index is None or not self._index.is_trained:
+            rows = self.training_rows(len(vectors))
+            if rows is not None:
+                self.train(vectors[rows])
         labels = np.arange(self._next_label, self._next_label + len(ids), dtype=np.int64)
         self._index.add_with_ids(vectors, labels)
         self._next_label += len(ids)
@@ -302,18 +302,33 @@ class FaissIndex(Index):
             return f"IVF{nlist or self.nlist},PQ{self.pq_m}x{self.pq_bits}"
         return self.kind
 
-    def _train(self, vectors: np.ndarray) -> None:
+    def training_rows(self, n_vectors: int) -> np.ndarray | None:
+        """Which rows of a first add of `n_vectors` vectors train the index (sorted), or None when it
+        needs no training. Makes the faiss index first (its default nlist follows `n_vectors`).
+
+        A first add trains on these rows itself; a build that adds in parts (from shards) passes the
+        same rows of the whole corpus to `train` first, and so gets the same index."""
+        if self._index is None:
+            self._index = self._new_faiss_index(self.nlist or _default_nlist(n_vectors))
+        if self._index.is_trained:
+            return None
         n_centroids = self._training_centroids()
-        if len(vectors) < n_centroids:
+        if n_vectors < n_centroids:
             raise ValueError(
                 f"index {self.factory_string()!r} must be trained on its first add, which needs at least "
-                f"{n_centroids} vectors (got {len(vectors)}); add more documents at once or pick a "
+                f"{n_centroids} vectors (got {n_vectors}); add more documents at once or pick a "
                 f"smaller nlist"
             )
-        sample_size = min(len(vectors), TRAINING_POINTS_PER_CENTROID * n_centroids)
-        sample = np.random.default_rng(0).choice(len(vectors), size=sample_size, replace=False)
+        sample_size = min(n_vectors, TRAINING_POINTS_PER_CENTROID * n_centroids)
+        return np.sort(np.random.default_rng(0).choice(n_vectors, size=sample_size, replace=False))
+
+    def train(self, vectors) -> None:
+        """Train the index (IVF lists, PQ codebooks) on `vectors` [n, dim] before the first add."""
+        vectors = _as_matrix(vectors, self.dim, "training vectors")
+        if self._index is None:
+            self._index = self._new_faiss_index(self.nlist or _default_nlist(len(vectors)))
         try:
-            self._index.train(vectors[np.sort(sample)])
+            self._index.train(vectors)
         except RuntimeError as err:
             raise ValueError(f"training faiss index {self.factory_string()!r} failed: {err}") from err
 

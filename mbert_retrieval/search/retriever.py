@@ -234,7 +234,6 @@ class Retriever:
         rows = "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in self.documents.items())
         atomic_write_text(directory / "documents.jsonl", rows)
         manifest = {
-            "format_version": FORMAT_VERSION,
             "index": self.index_kind,
             "hybrid": self.hybrid,
             "model": self.model_name,
@@ -245,7 +244,7 @@ class Retriever:
             "n_documents": len(self),
             "encoding": {"documents": self.stats.documents, "seconds": self.stats.seconds},
         }
-        atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        write_manifest(directory, manifest)
 
     @classmethod
     def load(
@@ -348,6 +347,12 @@ def check_documents(ids: list[str], texts: list, existing: dict) -> None:
     present = [i for i in ids if i in existing]
     if present:
         raise ValueError(f"ids already in the retriever: {present[:5]}")
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write retriever.json (the last file of a save: a folder with it is complete)."""
+    manifest = {"format_version": FORMAT_VERSION, **manifest}
+    atomic_write_text(Path(directory) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(directory: Path) -> dict:
