@@ -11,6 +11,7 @@ from mbert_retrieval.models.colbert import ColBERT
 from mbert_retrieval.models.dense import DenseRetriever
 from mbert_retrieval.models.processes import (
     PROCESS_MIN_TEXTS,
+    EncodingPool,
     deal_by_length,
     encode_in_processes,
     uses_processes,
@@ -28,9 +29,14 @@ def texts() -> list[str]:
 def test_dense_embeddings_from_two_processes_equal_one_process(hf_mlm_dir, texts):
     model = DenseRetriever.from_pretrained(hf_mlm_dir, device="cpu")
     single = model.encode_documents(texts)
-    spread = encode_in_processes(model, "encode_documents", texts, ["cpu", "cpu"])
+    with EncodingPool(model, ["cpu", "cpu"]) as pool:
+        spread = pool.run("encode_documents", texts)
+        again = pool.run("encode_queries", texts[:5], convert_to_tensor=True)  # the same processes
+        assert pool.seconds > 0
     assert isinstance(spread, np.ndarray) and spread.shape == single.shape
     np.testing.assert_allclose(spread, single, atol=1e-5)
+    assert isinstance(again, torch.Tensor)
+    np.testing.assert_allclose(again.numpy(), model.encode_queries(texts[:5]), atol=1e-5)
 
 
 def test_colbert_outputs_from_two_processes_keep_input_order(hf_mlm_dir, texts):

@@ -11,7 +11,8 @@ so every process gets the same mix of lengths and they finish together.
 
 Starting the processes costs a few seconds (an interpreter, torch, the model copy), so the heads' own
 `devices=[...]` argument hands over to this path only for several CUDA devices and at least
-`PROCESS_MIN_TEXTS` texts; below that it drives the devices from threads.
+`PROCESS_MIN_TEXTS` texts; below that it drives the devices from threads. An `EncodingPool` keeps the
+processes for many calls.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import queue
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -48,47 +50,84 @@ def encode_in_processes(
     show_progress_bar: bool | None = None,
     **kwargs,
 ):
-    """`getattr(model, method)(texts, **kwargs)`, spread over one spawned process per device.
+    """`getattr(model, method)(texts, **kwargs)`, spread over one spawned process per device (started
+    for this call; an `EncodingPool` keeps them for several calls).
 
     Returns what the method returns for all texts, in input order: an array or tensor with one row per
     text, a list with one item per text, or a `PackedEmbeddings`. The progress bar (when shown) is the
     first process's. A device may repeat (e.g. two CPU processes); `kwargs` must be picklable.
     """
-    devices = [torch.device(d) for d in devices]
-    if not devices:
-        raise ValueError("devices is empty")
-    texts = list(texts)
-    shares = deal_by_length([len(t) for t in texts], len(devices))
-    transfer = cpu_copy(model)
-    if any(d.type == "cuda" for d in devices) and "max_tokens_per_batch" not in kwargs:
-        kwargs["max_tokens_per_batch"] = PROCESS_MAX_TOKENS_PER_BATCH
-    cpu_threads = max(1, (os.cpu_count() or 1) // max(1, sum(d.type == "cpu" for d in devices)))
-    context = torch.multiprocessing.get_context("spawn")
-    results = context.Queue()
-    release = context.Event()  # outputs are shared memory the workers own: they wait until it is read
-    workers = [
-        context.Process(
-            target=_encode_share,
-            args=(rank, device, transfer, method, [texts[i] for i in share], kwargs, results, release),
-            kwargs={
-                "show_progress_bar": show_progress_bar if rank == 0 else False,
-                "cpu_threads": cpu_threads,
-            },
-            daemon=True,
-        )
-        for rank, (device, share) in enumerate(zip(devices, shares))
-    ]
-    for worker in workers:
-        worker.start()
-    try:
-        parts = _collect(workers, results)
-    finally:
-        release.set()
-        for worker in workers:
+    with EncodingPool(model, devices) as pool:
+        return pool.run(method, texts, show_progress_bar=show_progress_bar, **kwargs)
+
+
+class EncodingPool:
+    """One process per device, each holding a copy of `model`, kept until `close` (or the end of a
+    `with` block):
+
+        with EncodingPool(model, ["cuda:0", "cuda:1"]) as pool:
+            for part in corpus_parts:
+                vectors = pool.run("encode_documents", part)
+    """
+
+    def __init__(self, model: nn.Module, devices: Sequence[str | torch.device]):
+        self.devices = [torch.device(d) for d in devices]
+        if not self.devices:
+            raise ValueError("devices is empty")
+        self.seconds = 0.0  # the slowest process's encoding time in the last `run`
+        cpu_processes = max(1, sum(d.type == "cpu" for d in self.devices))
+        cpu_threads = max(1, (os.cpu_count() or 1) // cpu_processes)
+        context = torch.multiprocessing.get_context("spawn")
+        self._results = context.Queue()
+        self._tasks = [context.Queue() for _ in self.devices]
+        transfer = cpu_copy(model)
+        self._workers = [
+            context.Process(
+                target=_serve,
+                args=(rank, device, transfer, tasks, self._results, cpu_threads),
+                daemon=True,
+            )
+            for rank, (device, tasks) in enumerate(zip(self.devices, self._tasks))
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def run(self, method: str, texts: Sequence[str], *, show_progress_bar: bool | None = None, **kwargs):
+        """`getattr(model, method)(texts, **kwargs)` over all processes; outputs in input order."""
+        if self._workers is None:
+            raise RuntimeError("the encoding pool is closed")
+        texts = list(texts)
+        shares = deal_by_length([len(t) for t in texts], len(self.devices))
+        if any(d.type == "cuda" for d in self.devices) and "max_tokens_per_batch" not in kwargs:
+            kwargs["max_tokens_per_batch"] = PROCESS_MAX_TOKENS_PER_BATCH
+        for rank, (tasks, share) in enumerate(zip(self._tasks, shares)):
+            progress = show_progress_bar if rank == 0 else False
+            tasks.put((method, [texts[i] for i in share], {**kwargs, "show_progress_bar": progress}))
+        try:
+            parts = _collect(self._workers, self._results)
+        except BaseException:
+            self.close()
+            raise
+        self.seconds = max(seconds for _, seconds in parts.values())
+        return _in_input_order([parts[rank][0] for rank in range(len(shares))], shares, len(texts))
+
+    def close(self) -> None:
+        if self._workers is None:
+            return
+        for tasks in self._tasks:
+            tasks.put(None)
+        for worker in self._workers:
+            worker.join(timeout=30)
             if worker.is_alive():
                 worker.terminate()
-            worker.join()
-    return _in_input_order([parts[rank] for rank in range(len(workers))], shares, len(texts))
+                worker.join()
+        self._workers = None
+
+    def __enter__(self) -> EncodingPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def deal_by_length(lengths: Sequence[int], n_shares: int) -> list[np.ndarray]:
@@ -115,22 +154,37 @@ def cpu_copy(model: nn.Module) -> nn.Module:
 # -- in the encoding processes -----------------------------------------------------------------------
 
 
-def _encode_share(
-    rank, device, model, method, texts, kwargs, results, release, *, show_progress_bar, cpu_threads
-):
+def _serve(rank, device, model, tasks, results, cpu_threads):
+    """Encode each task that comes until None does. An output is shared memory this process owns: it
+    is kept until the next message, which the parent sends only after reading it."""
+    output = None
     try:
         if device.type == "cpu":
             torch.set_num_threads(cpu_threads)
         elif device.type == "cuda":
             torch.cuda.set_device(device)
         model = model.to(device)
-        output = getattr(model, method)(texts, show_progress_bar=show_progress_bar, **kwargs)
-        results.put((rank, _packable(output)))
-    except BaseException:  # reported to the parent, which raises it
+    except BaseException:
         results.put(
-            (rank, RuntimeError(f"encoding process {rank} on {device} failed:\n{traceback.format_exc()}"))
+            (
+                rank,
+                RuntimeError(
+                    f"encoding process {rank} on {device} failed to start:\n{traceback.format_exc()}"
+                ),
+            )
         )
-    release.wait()
+        return
+    while (task := tasks.get()) is not None:
+        method, texts, kwargs = task
+        output = None
+        try:
+            start = time.perf_counter()
+            output = _packable(getattr(model, method)(texts, **kwargs))
+            results.put((rank, (output, time.perf_counter() - start)))
+        except BaseException:  # reported to the parent, which raises it
+            results.put(
+                (rank, RuntimeError(f"encoding process {rank} on {device} failed:\n{traceback.format_exc()}"))
+            )
 
 
 def _packable(output):
