@@ -1,15 +1,25 @@
-"""HTTP code search for IDE plugins: `create_app(CodeSearchService(...))`, run with uvicorn."""
+"""HTTP code search for IDE plugins: `create_app(CodeSearchService(...))`, run with uvicorn.
 
-from mbert_retrieval.server.app import Limits, create_app
-from mbert_retrieval.server.run import BackgroundServer, serve, start_in_thread
-from mbert_retrieval.server.service import CodeSearchService, ReindexRunning
+Names are imported on first use: the `serve` command (server/cli.py) registers without FastAPI.
+"""
 
-__all__ = [
-    "BackgroundServer",
-    "CodeSearchService",
-    "Limits",
-    "ReindexRunning",
-    "create_app",
-    "serve",
-    "start_in_thread",
-]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Limits": "mbert_retrieval.server.app",
+    "create_app": "mbert_retrieval.server.app",
+    "BackgroundServer": "mbert_retrieval.server.run",
+    "serve": "mbert_retrieval.server.run",
+    "start_in_thread": "mbert_retrieval.server.run",
+    "CodeSearchService": "mbert_retrieval.server.service",
+    "ReindexRunning": "mbert_retrieval.server.service",
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mbert_retrieval.server' has no attribute {name!r}")
