@@ -5,21 +5,13 @@ Names are imported on first use: the `serve` command (server/cli.py) registers w
 
 from __future__ import annotations
 
-import importlib
+from mbert_retrieval.lazy_imports import lazy_attributes
 
 _LAZY = {
-    "Limits": "mbert_retrieval.server.app",
-    "create_app": "mbert_retrieval.server.app",
-    "BackgroundServer": "mbert_retrieval.server.run",
-    "serve": "mbert_retrieval.server.run",
-    "start_in_thread": "mbert_retrieval.server.run",
-    "CodeSearchService": "mbert_retrieval.server.service",
-    "ReindexRunning": "mbert_retrieval.server.service",
+    "mbert_retrieval.server.app": ["Limits", "create_app"],
+    "mbert_retrieval.server.run": ["BackgroundServer", "serve", "start_in_thread"],
+    "mbert_retrieval.server.service": ["CodeSearchService", "ReindexRunning"],
 }
-__all__ = list(_LAZY)
+__all__ = [name for names in _LAZY.values() for name in names]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mbert_retrieval.server' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
