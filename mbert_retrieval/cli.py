@@ -647,7 +647,8 @@ def register_train_command() -> None:
 
 
 register_train_command()
-importlib.import_module("mbert_retrieval.code.cli").register(app)  # index-code, serve
+importlib.import_module("mbert_retrieval.code.cli").register(app)  # index-code, search-code
+importlib.import_module("mbert_retrieval.server.cli").register(app)  # serve
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

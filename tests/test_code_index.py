@@ -303,3 +303,20 @@ def test_rerank_stage_rescores_the_first_stage_candidates(built, model, hf_mlm_d
         [(query, document_text(chunk_of[(c.path, c.start_line)])) for c in candidates]
     )
     np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1][:5], rtol=1e-5, atol=1e-6)
+
+
+def test_the_report_counts_the_chunks_the_model_truncated(hf_mlm_dir, tmp_path, caplog):
+    """The build reports the count once, instead of a warning per batch of chunks."""
+    short = load_encoder(str(hf_mlm_dir))
+    short.max_length = 24
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    long_body = "\n".join(f"    total += value_{n}" for n in range(40))
+    (repo / "long.py").write_text(f"def add_everything():\n    total = 0\n{long_body}\n    return total\n")
+    (repo / "short.py").write_text("def one():\n    return 1\n")
+    with caplog.at_level("WARNING"):
+        report = build_code_index(repo, tmp_path / "index", short, model_name="tiny", show_progress=False)
+    assert report.chunks_truncated == 1 and "1 longer than the model reads" in report.summary()
+    assert "truncated" not in caplog.text
+    short.encode_documents(["word " * 40])  # outside a build, the model logs what it truncates again
+    assert "1 of 1 texts are longer than 24 tokens and were truncated" in caplog.text

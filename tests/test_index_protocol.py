@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("faiss")
 
 from mbert_retrieval.index import BM25Index, FaissIndex, Index, MaxSimIndex, PlaidIndex  # noqa: E402
+from mbert_retrieval.index.base import rankings, search_allowed  # noqa: E402
 from mbert_retrieval.index.storage import IndexFormatError  # noqa: E402
 
 DIM = 16
@@ -154,3 +155,35 @@ def test_damaged_files_are_refused(case, tmp_path):
         type(index).load(tmp_path / "index", device="cpu")
     with pytest.raises(IndexFormatError, match="does not exist"):
         type(index).load(tmp_path / "nothing-here", device="cpu")
+
+
+def test_search_allowed_keeps_to_the_allowed_documents(case):
+    """`search_allowed` gives what a search of every document would, less the ones left out."""
+    index = case.make()
+    index.add(IDS, case.items)
+    allowed = set(IDS[1::3])  # a third of the documents, the best of the first query among them or not
+    full = rankings(index.search(case.queries, k=N_DOCS))
+    for k in (1, 4, N_DOCS):
+        ids, scores = search_allowed(index, case.queries, k, allowed)
+        check_answer((ids, scores), len(case.queries), min(k, N_DOCS), allowed)
+        for row, row_scores, everything in zip(ids, scores, full):
+            want = [(i, s) for i, s in everything if i in allowed][:k]
+            assert row == [i for i, _ in want]
+            np.testing.assert_allclose(row_scores[: len(row)], [s for _, s in want], rtol=1e-5)
+    assert search_allowed(index, case.queries, 3, set())[0] == [[]] * len(case.queries)
+
+
+def test_search_allowed_asks_for_more_until_enough_pass():
+    """Few allowed documents among many: the index is searched deeper until k of them are found."""
+    rng = np.random.default_rng(1)
+    vectors = unit(rng.standard_normal((3000, DIM)))
+    ids = [f"v{n}" for n in range(3000)]
+    index = FaissIndex(DIM)
+    index.add(ids, vectors)
+    queries = vectors[:2]
+    allowed = set(ids[2::500])  # 6 documents, most of them far from both queries
+    got, scores = search_allowed(index, queries, 5, allowed)
+    for row, row_scores, query in zip(got, scores, queries):
+        chosen = sorted(allowed, key=lambda i: -float(vectors[ids.index(i)] @ query))[:5]
+        assert row == chosen
+        np.testing.assert_allclose(row_scores, [vectors[ids.index(i)] @ query for i in chosen], rtol=1e-5)

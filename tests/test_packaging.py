@@ -73,3 +73,18 @@ def test_nothing_imports_a_top_level_evaluation_package():
     code = "import sys, mbert_retrieval.cli, mbert_retrieval.evaluation; print('evaluation' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_code_search_never_imports_the_server():
+    """server/ is built on code/, never the other way: code search works without FastAPI, and the
+    command line registers `serve` without importing it."""
+    pattern = re.compile(r"^\s*(from|import) mbert_retrieval\.server\b", re.MULTILINE)
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "mbert_retrieval" / "code").rglob("*.py")
+        if pattern.search(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
+    code = "import sys, mbert_retrieval.cli; print(sorted({'fastapi', 'uvicorn'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr

@@ -1,10 +1,15 @@
-"""Load the models code search uses: a dense encoder (required) and a reranker (optional)."""
+"""The models code search uses, by name: a single-vector encoder (required) and a reranker (optional).
+They load through `models/loading.py`, as every search does; this module adds only what code search
+asks of them."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from mbert_retrieval.modeling.io import CheckpointError
+from mbert_retrieval.models.loading import DEFAULT_MODEL, load_reranker, load_search_model
+from mbert_retrieval.search.models import canonical_name
+from mbert_retrieval.search.retriever import is_multi_vector
 
-DEFAULT_MODEL = "default"
+__all__ = ["DEFAULT_MODEL", "ModelNotFoundError", "has_default_model", "load_encoder", "load_reranker"]
 
 
 class ModelNotFoundError(ValueError):
@@ -12,17 +17,19 @@ class ModelNotFoundError(ValueError):
 
 
 def load_encoder(model: str | None = None):
-    """A `DenseRetriever` from a folder or hub id, or the default model when `model` is None."""
-    from mbert_retrieval.models.dense import DenseRetriever
-
+    """A single-vector model (a `DenseRetriever` for our folders) from a folder or hub id, or the
+    default model when `model` is None."""
     if model is None or model == DEFAULT_MODEL:
         if not has_default_model():
             raise ModelNotFoundError(
                 "no default code search model is installed: pass --model with a dense model folder "
                 "(a DenseRetriever / sentence-transformers folder of a ModernBERT model) or a hub id"
             )
-        return DenseRetriever.from_pretrained()
-    return DenseRetriever.from_pretrained(model)
+        model = DEFAULT_MODEL
+    encoder = load_search_model(model)
+    if is_multi_vector(encoder):
+        raise CheckpointError(f"{model} is a ColBERT model: code search needs a single-vector (dense) model")
+    return encoder
 
 
 def has_default_model() -> bool:
@@ -33,14 +40,4 @@ def has_default_model() -> bool:
 
 def model_name(model: str | None) -> str:
     """The name an index records for `model`: an absolute folder path, a hub id, or "default"."""
-    if model is None:
-        return DEFAULT_MODEL
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
-
-
-def load_reranker(model: str):
-    """A `CrossEncoder` that re-scores the first-stage candidates."""
-    from mbert_retrieval.models.cross_encoder import CrossEncoder
-
-    return CrossEncoder.from_pretrained(model)
+    return DEFAULT_MODEL if model is None else canonical_name(model)

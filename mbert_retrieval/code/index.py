@@ -4,10 +4,12 @@
     index = CodeIndex.load("repo-index")
     hits = index.search(model, "parse a json string", k=10, path="json/**", language="python")
 
-Search is hybrid by default: a dense ranking (the model's vectors in a FaissIndex) and a lexical one
-(BM25 over the code, with snake_case / camelCase split), each min-max normalised and mixed with the
-dense weight (`search.fusion.convex_fusion`), so a hit's score is in [0, 1]. `FusionSettings` picks
-"dense", "bm25" or "hybrid" and the weight.
+A code index is a `Retriever` (search/retriever.py) over the repository's chunks, plus what only code
+needs: walking and chunking the repository, path and language filters, and snapshots. Its first stage
+is hybrid: the model's vectors in a FaissIndex and BM25 over the code (snake_case / camelCase split),
+fused by min-max normalised scores with the dense weight (`search.fusion.convex_fusion`), so a hybrid
+hit's score is in [0, 1]. `FusionSettings` picks "hybrid", "dense" or "bm25" and the weight; a
+search may rerank through the Retriever (e.g. with a CrossEncoder).
 
 On disk an index is a folder of immutable snapshots and a pointer to the live one:
 
@@ -15,11 +17,11 @@ On disk an index is a folder of immutable snapshots and a pointer to the live on
         CURRENT.json          {"snapshot": "snapshot-...", "index_sha256": ...}, replaced atomically
         snapshot-.../         index.json (settings, files and their sha256), chunks.json, dense/, bm25/
 
-A rebuild writes a new snapshot beside the live one and only then switches the pointer, so a reader
-always loads a complete snapshot. Rebuilds are incremental: files whose content hash did not change
-keep their chunks and vectors; only new or edited files are chunked and encoded, and deleted files
-are removed. Each metadata file is pinned by a checksum and validated at load (`metadata.py`): a
-damaged or edited index is refused with an `IndexFormatError` naming the file.
+A rebuild writes a new snapshot beside the live one (`index.storage.publish_folder`) and only then
+switches the pointer, so a reader always loads a complete snapshot. Rebuilds are incremental: files
+whose content hash did not change keep their chunks and vectors; only new or edited files are chunked
+and encoded, and deleted files are removed. Each metadata file is pinned by a checksum and validated
+at load (`metadata.py`): a damaged or edited index is refused with an `IndexFormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Sequence
@@ -53,34 +54,28 @@ from mbert_retrieval.code.metadata import (
     write_pointer,
 )
 from mbert_retrieval.code.walk import SourceFile, scan_repository
+from mbert_retrieval.index.base import rankings
+from mbert_retrieval.index.bm25 import BM25Index
 from mbert_retrieval.index.faiss_index import FaissIndex
-from mbert_retrieval.index.storage import IndexFormatError
+from mbert_retrieval.index.storage import (
+    LOCK_FILE,
+    IndexFormatError,
+    SaveInProgress,
+    check_writable_target,
+    folder_lock,
+    publish_folder,
+)
 from mbert_retrieval.modeling.io import atomic_write_text
-from mbert_retrieval.models.encoding import TRUNCATION_MESSAGE
-from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
-from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT, convex_fusion
+from mbert_retrieval.models.base import TruncationCount
+from mbert_retrieval.search.first_stage import FusedIndex, TextIndex
+from mbert_retrieval.search.fusion import MODES, FusionSettings
+from mbert_retrieval.search.retriever import Retriever
 
 BUILDING_PREFIX = ".building-"
-LOCK_FILE = ".lock"
-MODES = ("hybrid", "dense", "bm25")
 MAX_GLOB_CHARS = 256
 ENCODE_BATCH = 32  # chunks per encoding call: the model lock is released between calls, for searches
+BM25_SETTINGS = {"split_identifiers": True}
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FusionSettings:
-    mode: str = "hybrid"  # "hybrid" | "dense" | "bm25"
-    dense_weight: float = DEFAULT_DENSE_WEIGHT  # hybrid score: w * dense + (1 - w) * BM25, normalised
-    depth: int = 100  # candidates taken from each ranking before fusing
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"fusion mode must be one of {MODES}, got {self.mode!r}")
-        if self.depth <= 0:
-            raise ValueError("fusion depth must be positive")
-        if not 0 <= self.dense_weight <= 1:
-            raise ValueError(f"fusion dense_weight must be between 0 and 1, got {self.dense_weight}")
 
 
 @dataclass
@@ -97,7 +92,8 @@ class CodeHit:
 
 @dataclass
 class IndexReport:
-    """What a build did: file counts by change, chunks encoded, files skipped (by reason), time."""
+    """What a build did: file counts by change, chunks encoded (and truncated by the model), files
+    skipped (by reason), time."""
 
     snapshot: str
     full: bool
@@ -110,6 +106,7 @@ class IndexReport:
     chunks_encoded: int
     skipped: dict[str, int]
     seconds: float
+    chunks_truncated: int = 0
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) or "none"
@@ -118,10 +115,11 @@ class IndexReport:
             if self.skipped.get("secret")
             else ""
         )
+        truncated = f", {self.chunks_truncated} longer than the model reads" if self.chunks_truncated else ""
         return (
             f"{'full build' if self.full else 'incremental update'} in {self.seconds:.1f}s: {self.files} files "
             f"({self.files_added} added, {self.files_changed} changed, {self.files_removed} removed, "
-            f"{self.files_unchanged} unchanged), {self.chunks} chunks ({self.chunks_encoded} encoded); "
+            f"{self.files_unchanged} unchanged), {self.chunks} chunks ({self.chunks_encoded} encoded{truncated}); "
             f"skipped: {skipped}{secrets_note}"
         )
 
@@ -132,6 +130,65 @@ def document_text(chunk: Chunk) -> str:
     return f"{chunk.path} {name or ''}\n{chunk.text}"
 
 
+class CodeEncoder:
+    """The model as a code index calls it: `encode_queries(texts)` and `encode_documents(texts)`, with
+    no options (any object with those two methods will do). Documents are encoded in batches with
+    `lock` held around each call, and `truncated` counts the texts the model cut to its length."""
+
+    def __init__(self, model, lock: contextlib.AbstractContextManager | None = None, show_progress=False):
+        self.model = model
+        self.lock = lock or contextlib.nullcontext()
+        self.show_progress = show_progress
+        self.truncated = 0
+
+    @property
+    def dim(self) -> int:
+        dim = getattr(self.model, "dim", None)
+        return int(dim) if dim else int(np.asarray(self.encode_queries(["dimension"])).shape[-1])
+
+    def encode_queries(self, texts: list[str], **_) -> np.ndarray:
+        with self.lock:
+            return np.asarray(self.model.encode_queries(texts), dtype=np.float32)
+
+    def encode_documents(self, texts: list[str], **_) -> np.ndarray:
+        parts = []
+        batches = range(0, len(texts), ENCODE_BATCH)
+        for start in tqdm(
+            batches, desc="Encoding", unit="batch", disable=not self.show_progress or not texts
+        ):
+            with self.lock, counting_truncations(self.model) as count:
+                vectors = self.model.encode_documents(texts[start : start + ENCODE_BATCH])
+            parts.append(np.asarray(vectors, dtype=np.float32))
+            self.truncated += count.texts
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), dtype=np.float32)
+
+
+def counting_truncations(model) -> contextlib.AbstractContextManager[TruncationCount]:
+    """The model's count of the texts it truncates (`EncoderModel.counting_truncations`); a count
+    that stays 0 for a model that keeps none."""
+    counting = getattr(model, "counting_truncations", None)
+    return counting() if counting is not None else contextlib.nullcontext(TruncationCount())
+
+
+def snapshot_retriever(
+    model, dense: FaissIndex, bm25: BM25Index, documents: dict[str, str], fusion: FusionSettings, model_name
+) -> Retriever:
+    """The Retriever of a snapshot: its dense and BM25 indexes fused, over the chunks' texts. `model`
+    may be None for searches that bring their own."""
+    first_stage = FusedIndex(TextIndex(dense, model), TextIndex(bm25), fusion.dense_weight)
+    return Retriever(
+        model,
+        dense.kind,
+        hybrid=True,
+        first_stage_k=fusion.depth,
+        dense_weight=fusion.dense_weight,
+        bm25_settings=bm25.settings,
+        model_name=model_name,
+        first_stage=first_stage,
+        documents=documents,
+    )
+
+
 # ------------------------------------------------------------------------------------------- searching
 
 
@@ -139,15 +196,14 @@ class CodeIndex:
     """One loaded snapshot. It is never modified: a rebuild produces a new snapshot to load."""
 
     def __init__(
-        self, directory: Path, snapshot: str, meta: dict, ids: list[str], chunks: list[Chunk], dense, bm25
+        self, directory: Path, snapshot: str, meta: dict, ids: list[str], chunks: list[Chunk], retriever
     ):
         self.directory = directory
         self.snapshot = snapshot
         self.meta = meta
         self.ids = ids
         self.chunks = chunks
-        self.dense: FaissIndex = dense
-        self.bm25: BM25Index = bm25
+        self.retriever: Retriever = retriever
         self.fusion = FusionSettings(**meta["fusion"])
         self._position = {chunk_id: i for i, chunk_id in enumerate(ids)}
         self._paths = [c.path for c in chunks]
@@ -155,6 +211,14 @@ class CodeIndex:
 
     def entries(self) -> list[tuple[str, Chunk]]:
         return list(zip(self.ids, self.chunks))
+
+    @property
+    def dense(self) -> FaissIndex:
+        return self.retriever.index.first.index
+
+    @property
+    def bm25(self) -> BM25Index:
+        return self.retriever.index.second.index
 
     @property
     def root(self) -> Path:
@@ -200,8 +264,8 @@ class CodeIndex:
         check_dense(folder, dense)
         if (
             len(dense) != len(ids)
-            or set(dense.ids) != set(ids)
-            or bm25.ids != ids
+            or len(bm25) != len(ids)
+            or not set(dense.ids) == set(bm25.ids) == set(ids)
             or dense.dim != meta["dim"]
         ):
             raise IndexFormatError(f"{folder}: the chunk list, vectors and BM25 index disagree")
@@ -209,7 +273,10 @@ class CodeIndex:
             logger.warning(
                 "%s: the indexed folder %s is gone; search works, reindexing will not", folder, meta["root"]
             )
-        return cls(directory, pointer.snapshot, meta, ids, chunks, dense, bm25)
+        documents = {chunk_id: document_text(chunk) for chunk_id, chunk in zip(ids, chunks)}
+        fusion = FusionSettings(**meta["fusion"])
+        retriever = snapshot_retriever(None, dense, bm25, documents, fusion, meta["model_name"])
+        return cls(directory, pointer.snapshot, meta, ids, chunks, retriever)
 
     def search(
         self,
@@ -238,52 +305,21 @@ class CodeIndex:
         mode = mode or self.fusion.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        allowed = self._filter(path, language)
+        allowed = self._allowed(path, language)
         depth = max(self.fusion.depth, k, rerank_depth if reranker is not None else 0)
-        rankings, weights = [], []
-        if mode in ("hybrid", "dense"):
-            rankings.append(self._dense_ranking(model.encode_queries([query]), depth, allowed))
-            weights.append(self.fusion.dense_weight)
-        if mode in ("hybrid", "bm25"):
-            rankings.append(self._bm25_ranking(query, depth, allowed))
-            weights.append(1 - self.fusion.dense_weight)
-        if mode == "hybrid":  # no BM25 term in the query ("the", "?!"): the dense ranking alone
-            fused = convex_fusion(rankings, weights)
-        else:
-            fused = rankings[0]
-        if reranker is not None and fused:
-            fused = self._rerank(reranker, query, [p for p, _ in fused[:rerank_depth]])
-        return [self._hit(position, score) for position, score in fused[:k]]
+        stage = self._first_stage(mode)
+        [ranking] = rankings(stage.search([query], depth, allowed=allowed, model=CodeEncoder(model)))
+        if reranker is not None and ranking:
+            [ranking] = self.retriever.rerank([query], [ranking], reranker=reranker, depth=rerank_depth)
+        return [self._hit(chunk_id, score) for chunk_id, score in ranking[:k]]
 
-    def _dense_ranking(self, query_vector, depth: int, allowed) -> list[tuple[int, float]]:
-        """Nearest chunks, best first; with a filter, fetch more until `depth` pass it or none are left."""
-        total = len(self.dense)
-        fetch = min(total, depth if allowed is None else max(4 * depth, 256))
-        while fetch > 0:
-            ids, scores = self.dense.search(np.asarray(query_vector, dtype=np.float32), fetch)
-            ranked = [(self._position[i], float(s)) for i, s in zip(ids[0], scores[0])]
-            if allowed is not None:
-                ranked = [(p, s) for p, s in ranked if allowed[p]]
-            if len(ranked) >= depth or fetch >= total:
-                return ranked[:depth]
-            fetch = min(total, fetch * 4)
-        return []
+    def _first_stage(self, mode: str) -> FusedIndex | TextIndex:
+        """The retriever's fused first stage for "hybrid", or the part a single ranking comes from."""
+        fused = self.retriever.index
+        return {"hybrid": fused, "dense": fused.first, "bm25": fused.second}[mode]
 
-    def _bm25_ranking(self, query: str, depth: int, allowed) -> list[tuple[int, float]]:
-        scores = self.bm25.scores(query)
-        if allowed is not None:
-            scores = np.where(allowed, scores, 0.0)
-        top = top_k_indices(scores, depth)
-        return [(int(p), float(scores[p])) for p in top if scores[p] > 0]
-
-    def _rerank(self, reranker, query: str, positions: list[int]) -> list[tuple[int, float]]:
-        pairs = [(query, document_text(self.chunks[p])) for p in positions]
-        scores = np.asarray(reranker.predict(pairs), dtype=np.float32).reshape(len(positions), -1)[:, 0]
-        order = np.argsort(-scores, kind="stable")
-        return [(positions[i], float(scores[i])) for i in order]
-
-    def _filter(self, path: str | None, language: str | None) -> np.ndarray | None:
-        """Which chunks a search may return (None: all). Globs only ever match indexed paths."""
+    def _allowed(self, path: str | None, language: str | None) -> set[str] | None:
+        """The ids of the chunks a search may return (None: all). Globs only ever match indexed paths."""
         if path is None and language is None:
             return None
         allowed = np.ones(len(self.chunks), dtype=bool)
@@ -295,10 +331,10 @@ class CodeIndex:
             spec = compile_path_glob(path)
             matching = {p for p in self.files if spec.match_file(p)}
             allowed &= np.fromiter((p in matching for p in self._paths), dtype=bool, count=len(self._paths))
-        return allowed
+        return {self.ids[i] for i in np.flatnonzero(allowed)}
 
-    def _hit(self, position: int, score: float) -> CodeHit:
-        c = self.chunks[position]
+    def _hit(self, chunk_id: str, score: float) -> CodeHit:
+        c = self.chunks[self._position[chunk_id]]
         return CodeHit(c.path, c.start_line, c.end_line, c.symbol, c.kind, c.language, float(score), c.text)
 
 
@@ -353,7 +389,6 @@ def build_code_index(
     root = Path(root).resolve()
     directory = Path(directory)
     chunk_settings = chunk_settings or ChunkSettings()
-    encode_lock = encode_lock or contextlib.nullcontext()
     with _build_lock(directory):
         scan = scan_repository(root, max_file_bytes=max_file_bytes, include_secrets=include_secrets)
         if not scan.files:
@@ -361,60 +396,66 @@ def build_code_index(
                 f"no indexable source files under {root} (skipped: {dict(scan.skipped) or 'none'})"
             )
         previous = None if full else _previous_for(directory, root, model_name, chunk_settings)
-        fusion = fusion or (FusionSettings(**previous.meta["fusion"]) if previous else FusionSettings())
-
-        old_files = previous.files if previous else {}
-        unchanged = {p for p, f in scan.files.items() if old_files.get(p, {}).get("sha256") == f.sha256}
-        changed = [p for p in scan.files if p in old_files and p not in unchanged]
-        added = [p for p in scan.files if p not in old_files]
-        removed = [p for p in old_files if p not in scan.files]
-
-        entries = [] if previous is None else [e for e in previous.entries() if e[1].path in unchanged]
+        fusion = fusion or (previous.fusion if previous else FusionSettings())
+        changes = FileChanges.between(previous.files if previous else {}, scan.files)
         new_entries = _chunk_files(
-            [scan.files[p] for p in changed + added], chunk_settings, show_progress, scan.skipped
+            [scan.files[p] for p in changes.changed + changes.added],
+            chunk_settings,
+            show_progress,
+            scan.skipped,
         )
-        vectors = _encode(model, [document_text(c) for _, c in new_entries], encode_lock, show_progress)
 
+        encoder = CodeEncoder(model, encode_lock, show_progress)
         if previous is None:
-            dense = FaissIndex(_dim(model, vectors), kind=faiss_kind, model_name=model_name)
+            dense = FaissIndex(encoder.dim, kind=faiss_kind, model_name=model_name)
+            retriever = snapshot_retriever(encoder, dense, BM25Index(**BM25_SETTINGS), {}, fusion, model_name)
+            entries = []
         else:  # `previous` was loaded from disk for this build: changing it touches no live snapshot
-            dense = previous.dense
-            stale = set(changed) | set(removed)
-            dense.delete([i for i, c in previous.entries() if c.path in stale])
-        if new_entries:
-            dense.add([i for i, _ in new_entries], vectors)
-        entries = sorted(entries + new_entries, key=lambda e: (e[1].path, e[1].start_line, e[1].end_line))
-        bm25 = BM25Index.build(
-            [i for i, _ in entries], [document_text(c) for _, c in entries], split_identifiers=True
-        )
+            retriever = snapshot_retriever(
+                encoder, previous.dense, previous.bm25, previous.retriever.documents, fusion, model_name
+            )
+            stale = set(changes.changed) | set(changes.removed)
+            retriever.delete([i for i, c in previous.entries() if c.path in stale])
+            entries = [e for e in previous.entries() if e[1].path in changes.unchanged]
+        retriever.add([i for i, _ in new_entries], [document_text(c) for _, c in new_entries])
 
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "root": str(root),
-            "model_name": model_name,
-            "dim": dense.dim,
-            "chunk_settings": dataclasses.asdict(chunk_settings),
-            "fusion": dataclasses.asdict(fusion),
-            "created": time.time(),
-            "skipped": dict(scan.skipped),
-            "files": {
-                p: {"sha256": scan.files[p].sha256, "language": language_of(p)} for p in sorted(scan.files)
-            },
-        }
-        snapshot = _write_snapshot(directory, meta, entries, dense, bm25)
+        entries = sorted(entries + new_entries, key=lambda e: (e[1].path, e[1].start_line, e[1].end_line))
+        meta = _snapshot_meta(root, scan, model_name, retriever.index.first.index.dim, chunk_settings, fusion)
+        snapshot = _write_snapshot(directory, meta, entries, retriever)
     return IndexReport(
         snapshot=snapshot,
         full=previous is None,
         files=len(scan.files),
-        files_added=len(added),
-        files_changed=len(changed),
-        files_removed=len(removed),
-        files_unchanged=len(unchanged),
+        files_added=len(changes.added),
+        files_changed=len(changes.changed),
+        files_removed=len(changes.removed),
+        files_unchanged=len(changes.unchanged),
         chunks=len(entries),
         chunks_encoded=len(new_entries),
         skipped=dict(scan.skipped),
         seconds=time.perf_counter() - started,
+        chunks_truncated=encoder.truncated,
     )
+
+
+@dataclass
+class FileChanges:
+    """How the files of a repository changed since the last snapshot, by their content hash."""
+
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+    unchanged: set[str]
+
+    @classmethod
+    def between(cls, old_files: dict[str, dict], files: dict[str, SourceFile]) -> FileChanges:
+        unchanged = {p for p, f in files.items() if old_files.get(p, {}).get("sha256") == f.sha256}
+        return cls(
+            added=[p for p in files if p not in old_files],
+            changed=[p for p in files if p in old_files and p not in unchanged],
+            removed=[p for p in old_files if p not in files],
+            unchanged=unchanged,
+        )
 
 
 def _previous_for(directory: Path, root: Path, model_name: str, chunk_settings: ChunkSettings):
@@ -425,6 +466,9 @@ def _previous_for(directory: Path, root: Path, model_name: str, chunk_settings: 
         previous = CodeIndex.load(directory)
     except IndexFormatError as err:  # an old or damaged index: a full build replaces it
         logger.warning("building %s afresh: %s", directory, err)
+        return None
+    if not previous.bm25.changeable:
+        logger.warning("building %s afresh: its BM25 index was saved without its documents' terms", directory)
         return None
     same = (
         previous.meta["root"] == str(root)
@@ -449,97 +493,48 @@ def _chunk_files(files: Sequence[SourceFile], settings: ChunkSettings, show_prog
     return entries
 
 
-def _encode(model, texts: list[str], lock, show_progress: bool) -> np.ndarray:
-    parts = []
-    batches = range(0, len(texts), ENCODE_BATCH)
-    with _truncations_counted() as truncated:
-        for start in tqdm(batches, desc="Encoding", unit="batch", disable=not show_progress or not texts):
-            with lock:
-                parts.append(
-                    np.asarray(model.encode_documents(texts[start : start + ENCODE_BATCH]), dtype=np.float32)
-                )
-    if truncated[0]:
-        logger.info(
-            "%d of %d chunks were longer than the model reads and were truncated", truncated[0], len(texts)
-        )
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
-
-
-@contextlib.contextmanager
-def _truncations_counted():
-    """Count the encoder's per-call truncation warnings instead of printing one per batch."""
-    counted = [0]
-
-    def count(record: logging.LogRecord) -> bool:
-        if record.msg is TRUNCATION_MESSAGE:
-            counted[0] += int(record.args[0])
-            return False
-        return True
-
-    encoding_logger = logging.getLogger("mbert_retrieval")  # where log_truncation writes
-    encoding_logger.addFilter(count)
-    try:
-        yield counted
-    finally:
-        encoding_logger.removeFilter(count)
-
-
-def _dim(model, vectors: np.ndarray) -> int:
-    if len(vectors):
-        return vectors.shape[1]
-    return int(np.asarray(model.encode_documents(["x"])).shape[-1])
+def _snapshot_meta(root: Path, scan, model_name: str, dim: int, chunk_settings, fusion) -> dict:
+    """What index.json records (its checksums are added when the snapshot is written)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "root": str(root),
+        "model_name": model_name,
+        "dim": dim,
+        "chunk_settings": dataclasses.asdict(chunk_settings),
+        "fusion": dataclasses.asdict(fusion),
+        "created": time.time(),
+        "skipped": dict(scan.skipped),
+        "files": {
+            p: {"sha256": scan.files[p].sha256, "language": language_of(p)} for p in sorted(scan.files)
+        },
+    }
 
 
 @contextlib.contextmanager
 def _build_lock(directory: Path):
     """One build at a time per index folder, across processes (a CLI run beside a server's reindex)."""
-    _check_target(directory)
+    own = (SNAPSHOT_PREFIX, BUILDING_PREFIX, LOCK_FILE, f".{POINTER}.")
+    check_writable_target(directory, POINTER, own, what="a code index")
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no cross-process lock
-        yield
-        return
-    with open(directory / LOCK_FILE, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another build of {directory} is running") from None
-        try:
+        with folder_lock(directory, wait=False):
             yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except SaveInProgress:
+        raise RuntimeError(f"another build of {directory} is running") from None
 
 
-def _check_target(directory: Path) -> None:
-    """Refuse to turn a folder with unrelated content into an index (and later delete that content)."""
-    if directory.exists() and not directory.is_dir():
-        raise IndexFormatError(f"cannot write an index to {directory}: it is a file")
-    if directory.is_dir() and not (directory / POINTER).exists():
-        ours = (SNAPSHOT_PREFIX, BUILDING_PREFIX, LOCK_FILE, f".{POINTER}.")
-        foreign = sorted(p.name for p in directory.iterdir() if not p.name.startswith(ours))
-        if foreign:
-            raise IndexFormatError(
-                f"cannot write an index to {directory}: the folder is not empty and is not a code index "
-                f"(it holds {', '.join(foreign[:3])})"
-            )
-
-
-def _write_snapshot(directory: Path, meta: dict, entries, dense: FaissIndex, bm25: BM25Index) -> str:
+def _write_snapshot(directory: Path, meta: dict, entries, retriever: Retriever) -> str:
     """Write a complete snapshot beside the live one, then switch the pointer to it atomically."""
-    building = directory / f"{BUILDING_PREFIX}{secrets.token_hex(6)}"
-    building.mkdir()
-    try:
+
+    def write(folder: Path) -> None:
         rows = [{"id": chunk_id, **dataclasses.asdict(chunk)} for chunk_id, chunk in entries]
-        atomic_write_text(building / "chunks.json", json.dumps(rows))
-        dense.save(building / "dense")
-        bm25.save(building / "bm25")
-        meta = {**meta, "checksums": checksums(building)}
-        atomic_write_text(building / "index.json", json.dumps(meta, indent=1))
-        name = f"{SNAPSHOT_PREFIX}{time.time_ns()}-{secrets.token_hex(3)}"
-        os.replace(building, directory / name)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+        atomic_write_text(folder / "chunks.json", json.dumps(rows))
+        retriever.index.first.index.save(folder / "dense")
+        retriever.index.second.index.save(folder / "bm25")
+        pinned = {**meta, "checksums": checksums(folder)}
+        atomic_write_text(folder / "index.json", json.dumps(pinned, indent=1))
+
+    name = publish_folder(directory, SNAPSHOT_PREFIX, write, staging_prefix=BUILDING_PREFIX)
     write_pointer(directory, name)
     _remove_old_snapshots(directory, keep=2)
     return name

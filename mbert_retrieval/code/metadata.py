@@ -26,6 +26,7 @@ from pathlib import Path
 from mbert_retrieval.code.chunking import LANGUAGES, Chunk, ChunkSettings
 from mbert_retrieval.index.storage import IndexFormatError, file_sha256
 from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.search.fusion import FusionSettings
 
 FORMAT_VERSION = 2  # 1: the release before checksums
 POINTER = "CURRENT.json"
@@ -240,8 +241,6 @@ def _check_meta(path: Path, meta) -> None:
 
 
 def _check_settings(path: Path, meta: dict) -> None:
-    from mbert_retrieval.code.index import FusionSettings  # index.py imports this module
-
     for key, settings in (("chunk_settings", ChunkSettings), ("fusion", FusionSettings)):
         try:
             settings(**meta[key])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -37,6 +37,7 @@ IndexT = TypeVar("IndexT", bound="Index")
 
 class Index(ABC):
     index_type: ClassVar[str]  # written in the saved manifest; the folder name inside a saved Retriever
+    reads_texts: ClassVar[bool] = False  # items and queries are texts (else what a model makes of them)
 
     @abstractmethod
     def add(self, ids: Sequence[str], items: Any) -> None:
@@ -140,6 +141,22 @@ def best_per_query(score_rows: Iterable[np.ndarray], ids: list[str], k: int, abo
         top = top_k_indices(scores, k)
         found.append([(ids[i], float(scores[i])) for i in top[scores[top] > above]])
     return search_result(found, min(k, len(ids)))
+
+
+def search_allowed(index: Index, queries: Any, k: int, allowed: Collection[str]) -> SearchResult:
+    """`index.search`, keeping only the documents in `allowed`: the index is asked for more hits
+    until k per query pass, or it has no more to give."""
+    check_k(k)
+    total = len(index)
+    fetch = min(total, max(4 * k, 256))
+    while fetch > 0:
+        result = index.search(queries, fetch)
+        kept = [[(i, s) for i, s in ranking if i in allowed] for ranking in rankings(result)]
+        done = [len(row) >= k or len(found) < fetch for row, found in zip(kept, result[0])]
+        if all(done) or fetch >= total:
+            return search_result([row[:k] for row in kept], min(k, total))
+        fetch = min(total, fetch * 4)
+    return search_result([[] for _ in range(len(queries))], 0)
 
 
 def search_result(rankings: Sequence[Sequence[tuple[str, float]]], width: int) -> SearchResult:

@@ -50,6 +50,7 @@ class BM25Index(Index):
     `stopwords` is a bm25s stopword language ("en") or None."""
 
     index_type = "bm25"
+    reads_texts = True
 
     def __init__(
         self,
@@ -128,6 +129,11 @@ class BM25Index(Index):
             words = list(self._vocabulary)
             corpus = [[words[t] for t in doc.tolist()] for doc in self._terms]
             self._bm25.index(corpus, show_progress=show_progress)
+
+    @property
+    def changeable(self) -> bool:
+        """False for an index saved before the terms were kept: it can search, not add or delete."""
+        return self._terms is not None
 
     def _check_changeable(self) -> None:
         if self._terms is None:

@@ -48,21 +48,19 @@ class IndexFormatError(ValueError):
 def save_index_folder(directory: str | os.PathLike, files: dict[str, FileWriter], manifest: dict[str, Any]):
     """Write `files` (name -> function writing that file) and `manifest` as the new state of `directory`."""
     directory = Path(directory)
-    _check_writable_target(directory)
+    check_writable_target(directory, MANIFEST, (DATA_PREFIX, STAGING_PREFIX, LOCK_FILE, f".{MANIFEST}."))
     directory.mkdir(parents=True, exist_ok=True)
-    with _save_lock(directory, wait=True):
+    with folder_lock(directory, wait=True):
         _remove_interrupted_saves(directory)
-        staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(6)}"
-        staging.mkdir()
         entries = {}
-        for name, write in files.items():
-            path = staging / name
-            atomic_write(path, write)
-            entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-        data_name = f"{DATA_PREFIX}{time.time_ns()}-{secrets.token_hex(3)}"
-        os.replace(staging, directory / data_name)
-        fsync_dir(directory)
 
+        def write_files(staging: Path) -> None:
+            for name, write in files.items():
+                path = staging / name
+                atomic_write(path, write)
+                entries[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+        data_name = publish_folder(directory, DATA_PREFIX, write_files)
         full_manifest = {"format_version": FORMAT_VERSION, **manifest, "data": data_name, "files": entries}
         atomic_write_text(directory / MANIFEST, json.dumps(full_manifest, indent=2) + "\n")
         _remove_stale_data(directory, keep=data_name)
@@ -106,7 +104,7 @@ def clean_interrupted_saves(directory: Path) -> None:
     if not any(_left_by_a_save(path) for path in directory.iterdir()):
         return
     try:
-        with _save_lock(directory, wait=False):
+        with folder_lock(directory, wait=False):
             _remove_interrupted_saves(directory)
     except (SaveInProgress, OSError):
         return
@@ -148,13 +146,32 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def publish_folder(
+    directory: Path, prefix: str, write: Callable[[Path], None], staging_prefix: str = STAGING_PREFIX
+) -> str:
+    """Let `write` fill a new folder, then give it its final name, `prefix` and a unique stamp, in
+    `directory` (a rename: readers see the whole folder or none). Call with the folder's lock held."""
+    staging = directory / f"{staging_prefix}{secrets.token_hex(6)}"
+    staging.mkdir()
+    try:
+        write(staging)
+        fsync_dir(staging)
+        name = f"{prefix}{time.time_ns()}-{secrets.token_hex(3)}"
+        os.replace(staging, directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    fsync_dir(directory)
+    return name
+
+
 class SaveInProgress(RuntimeError):
     """Another save holds the folder's lock."""
 
 
 @contextlib.contextmanager
-def _save_lock(directory: Path, wait: bool):
-    """The folder's save lock, held until the block ends (and released by the OS if the process dies)."""
+def folder_lock(directory: Path, wait: bool):
+    """The folder's save lock (its `.lock` file), held until the block ends (and released by the OS
+    if the process dies). Without `wait`, a lock held elsewhere is a SaveInProgress."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no cross-process lock, so nothing counts as stale
@@ -190,16 +207,18 @@ def _remove_interrupted_saves(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _check_writable_target(directory: Path) -> None:
-    """Refuse to turn a folder with unrelated content into an index (and so to delete that content later)."""
+def check_writable_target(
+    directory: Path, marker: str, own_prefixes: tuple[str, ...], what: str = "an index"
+) -> None:
+    """Refuse to turn a folder with unrelated content into `what` (and so to delete that content
+    later): a folder without the `marker` file may hold only names that start with `own_prefixes`."""
     if directory.exists() and not directory.is_dir():
-        raise IndexFormatError(f"cannot save an index to {directory}: it is a file")
-    if directory.is_dir() and not (directory / MANIFEST).exists():
-        ours = (DATA_PREFIX, STAGING_PREFIX, LOCK_FILE, f".{MANIFEST}.")
-        foreign = [p.name for p in directory.iterdir() if not p.name.startswith(ours)]
+        raise IndexFormatError(f"cannot save {what} to {directory}: it is a file")
+    if directory.is_dir() and not (directory / marker).exists():
+        foreign = [p.name for p in directory.iterdir() if not p.name.startswith(own_prefixes)]
         if foreign:
             raise IndexFormatError(
-                f"cannot save an index to {directory}: the folder is not empty and is not an index "
+                f"cannot save {what} to {directory}: the folder is not empty and is not {what} "
                 f"(it holds {', '.join(sorted(foreign)[:3])})"
             )
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,11 @@ from mbert_retrieval.tokenization import load_tokenizer
 Devices = Sequence[str | torch.device] | None
 
 
+@dataclass
+class TruncationCount:
+    texts: int = 0
+
+
 class EncoderModel(nn.Module):
     """A ModernBERT encoder with its tokenizer and a maximum input length."""
 
@@ -45,6 +52,7 @@ class EncoderModel(nn.Module):
         if not 0 < max_length <= limit:
             raise ValueError(f"max_length={max_length} must be between 1 and the model's {limit} positions")
         self.max_length = max_length
+        self.truncations: TruncationCount | None = None  # set by `counting_truncations`
 
     @property
     def device(self) -> torch.device:
@@ -109,6 +117,16 @@ class EncoderModel(nn.Module):
                 sequences.extend(parts)
         return rows, windows, sequences, 0
 
+    @contextlib.contextmanager
+    def counting_truncations(self) -> Iterator[TruncationCount]:
+        """Within the block, each encoding call adds the number of texts it truncated to the count
+        yielded instead of logging it, so that a caller encoding in many calls reports it once."""
+        self.truncations = count = TruncationCount()
+        try:
+            yield count
+        finally:
+            self.truncations = None
+
     # -- the encoding loop -------------------------------------------------------------------------
 
     def run_encoding(
@@ -153,7 +171,10 @@ class EncoderModel(nn.Module):
         results = run_batches(
             batches, compute, models, total=len(sizes), show_progress=show_progress_bar, desc=desc
         )
-        log_truncation(truncated[0], len(sizes), max_length or self.max_length, what)
+        if self.truncations is not None:
+            self.truncations.texts += truncated[0]
+        else:
+            log_truncation(truncated[0], len(sizes), max_length or self.max_length, what)
         return results
 
     # -- loading -----------------------------------------------------------------------------------

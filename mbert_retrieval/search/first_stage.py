@@ -6,7 +6,9 @@
                                    `w` the first one's share
 
 Both take texts where an `Index` takes items and queries: `add(ids, texts)`, `search(queries, k)`,
-`delete(ids)`, `len()`, `ids`, and answer a search as every index does. `save(directory)` puts each
+`delete(ids)`, `len()`, `ids`, and answer a search as every index does. A search may keep to some
+documents (`allowed`: their ids) and encode its queries with a model of its own (`model`: the same
+model behind a lock, say, or the one a loaded index is searched with). `save(directory)` puts each
 index in a subfolder named after its type (`faiss/`, `plaid/`, `maxsim/`, `bm25/`: a Retriever's
 folder holds them), and `restore(directory, ...)` reads them back into a first stage made with the
 same settings.
@@ -14,10 +16,10 @@ same settings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
-from mbert_retrieval.index.base import Index, SearchResult, rankings, search_result
+from mbert_retrieval.index.base import Index, SearchResult, rankings, search_allowed, search_result
 from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT, convex_fusion
 
 
@@ -45,12 +47,15 @@ class FirstStage:
         """Replace each index with the one of its type saved in `directory` (by the model `model_name`,
         where a model encodes for it)."""
         for part in self.parts:
-            expected_model = model_name if part.model is not None else None
+            expected_model = None if part.index.reads_texts else model_name
             folder = directory / part.index.index_type
             part.index = type(part.index).load(folder, expected_model=expected_model, device=device)
 
 
 class TextIndex(FirstStage):
+    """`model` encodes texts for an index that does not read them (it may be None for a loaded index
+    whose searches bring their own)."""
+
     def __init__(self, index: Index, model=None, show_progress: bool = False):
         self.index = index
         self.model = model
@@ -59,14 +64,26 @@ class TextIndex(FirstStage):
 
     def add(self, ids: Sequence[str], texts: Sequence[str]) -> None:
         items = texts
-        if self.model is not None:
-            items = self.model.encode_documents(list(texts), show_progress_bar=self.show_progress)
+        if not self.index.reads_texts:
+            encoder = self._encoder(None)
+            items = encoder.encode_documents(list(texts), show_progress_bar=self.show_progress)
         self.index.add(ids, items)
 
-    def search(self, queries: Sequence[str], k: int) -> SearchResult:
-        if self.model is not None:
-            queries = self.model.encode_queries(list(queries), show_progress_bar=self.show_progress)
-        return self.index.search(queries, k)
+    def search(
+        self, queries: Sequence[str], k: int, *, allowed: Collection[str] | None = None, model=None
+    ) -> SearchResult:
+        if not self.index.reads_texts:
+            encoder = self._encoder(model)
+            queries = encoder.encode_queries(list(queries), show_progress_bar=self.show_progress)
+        if allowed is None:
+            return self.index.search(queries, k)
+        return search_allowed(self.index, queries, k, allowed)
+
+    def _encoder(self, model):
+        encoder = self.model if model is None else model
+        if encoder is None:
+            raise ValueError(f"the {self.index.index_type} index needs a model to encode texts")
+        return encoder
 
 
 class FusedIndex(FirstStage):
@@ -85,8 +102,12 @@ class FusedIndex(FirstStage):
             self.first.delete(ids)  # both indexes hold the same documents, or neither does
             raise
 
-    def search(self, queries: Sequence[str], k: int) -> SearchResult:
+    def search(
+        self, queries: Sequence[str], k: int, *, allowed: Collection[str] | None = None, model=None
+    ) -> SearchResult:
         """The top k of each query after fusing both indexes' top k."""
-        first, second = (rankings(part.search(queries, k)) for part in self.parts)
+        first, second = (
+            rankings(part.search(queries, k, allowed=allowed, model=model)) for part in self.parts
+        )
         fused = [convex_fusion([a, b], self.weights)[:k] for a, b in zip(first, second)]
         return search_result(fused, min(k, len(self)))

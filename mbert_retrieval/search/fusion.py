@@ -5,10 +5,29 @@ fused score is itself a readable number in [0, 1]."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # The dense ranking's share in hybrid search, chosen on cosqa-dev and held-out sets of five languages
 # (benchmarks/results/default_model_eval.json): the hybrid never scores below the better of the two.
 DEFAULT_DENSE_WEIGHT = 0.7
+MODES = ("hybrid", "dense", "bm25")
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """How a hybrid search ranks: both rankings fused ("hybrid"), or one of them alone."""
+
+    mode: str = "hybrid"  # "hybrid" | "dense" | "bm25"
+    dense_weight: float = DEFAULT_DENSE_WEIGHT  # hybrid score: w * dense + (1 - w) * BM25, normalised
+    depth: int = 100  # candidates taken from each ranking before fusing
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"fusion mode must be one of {MODES}, got {self.mode!r}")
+        if self.depth <= 0:
+            raise ValueError("fusion depth must be positive")
+        if not 0 <= self.dense_weight <= 1:
+            raise ValueError(f"fusion dense_weight must be between 0 and 1, got {self.dense_weight}")
 
 
 def reciprocal_rank_fusion(

@@ -88,10 +88,16 @@ class Retriever:
         model_name: str | None = None,
         reranker_name: str | None = None,
         show_progress: bool = False,
+        first_stage: TextIndex | FusedIndex | None = None,
+        documents: dict[str, str] | None = None,
     ):
         """`model_name` / `reranker_name`: where the models load from, recorded by `save` so that
-        `Retriever.load` can bring them back (and refuse an index built by a different model)."""
-        check_first_stage(model, index, hybrid)
+        `Retriever.load` can bring them back (and refuse an index built by a different model).
+
+        `first_stage` and `documents`: indexes made already and the texts they hold (a code index's
+        snapshot, say), in place of an empty first stage of the kind `index` and `hybrid` name."""
+        if first_stage is None:
+            check_first_stage(model, index, hybrid)
         if first_stage_k <= 0:
             raise ValueError(f"first_stage_k must be positive, got {first_stage_k}")
         self.model = model
@@ -107,8 +113,8 @@ class Retriever:
         self.reranker_name = reranker_name
         self.show_progress = show_progress
         self.stats = EncodingStats()
-        self.documents: dict[str, str] = {}
-        self.index = new_first_stage(
+        self.documents: dict[str, str] = dict(documents or {})
+        self.index = first_stage or new_first_stage(
             model, index, hybrid, dense_weight, self.bm25_settings, model_name, show_progress
         )
 
@@ -186,18 +192,23 @@ class Retriever:
         return rankings(self.index.search(queries, depth))
 
     def rerank(
-        self, queries: list[str], candidates: list[list[tuple[str, float]]]
+        self,
+        queries: list[str],
+        candidates: list[list[tuple[str, float]]],
+        *,
+        reranker=None,
+        depth: int | None = None,
     ) -> list[list[tuple[str, float]]]:
-        """Re-score each query's first `first_stage_k` candidates with the reranker, best first. Deeper
-        candidates (when k > first_stage_k) follow in first-stage order, scored below every reranked one."""
-        heads = [ranking[: self.first_stage_k] for ranking in candidates]
-        if is_multi_vector(self.reranker):
-            scores = self._maxsim_rerank(queries, heads)
+        """Re-score each query's first `depth` candidates (`first_stage_k`) with `reranker` (the
+        retriever's), best first. Deeper candidates follow in first-stage order, scored below every
+        reranked one."""
+        reranker = self.reranker if reranker is None else reranker
+        heads = [ranking[: depth or self.first_stage_k] for ranking in candidates]
+        if is_multi_vector(reranker):
+            scores = self._maxsim_rerank(reranker, queries, heads)
         else:
             pairs = [(q, self.documents[i]) for q, ranking in zip(queries, heads) for i, _ in ranking]
-            flat = np.asarray(
-                self.reranker.predict(pairs, show_progress_bar=self.show_progress), dtype=np.float32
-            )
+            flat = np.asarray(reranker.predict(pairs, show_progress_bar=self.show_progress), dtype=np.float32)
             scores = np.split(flat.reshape(len(pairs), -1)[:, 0], np.cumsum([len(h) for h in heads])[:-1])
         reranked = []
         for ranking, head, row in zip(candidates, heads, scores):
@@ -208,17 +219,17 @@ class Retriever:
             reranked.append(result)
         return reranked
 
-    def _maxsim_rerank(self, queries, candidates) -> list[np.ndarray]:
+    def _maxsim_rerank(self, reranker, queries, candidates) -> list[np.ndarray]:
         """ColBERT MaxSim over the candidates; each distinct document is encoded once."""
         unique = list(dict.fromkeys(i for ranking in candidates for i, _ in ranking))
         position = {doc_id: n for n, doc_id in enumerate(unique)}
-        documents = self.reranker.encode_documents(
+        documents = reranker.encode_documents(
             [self.documents[i] for i in unique], show_progress_bar=self.show_progress
         )
-        encoded = self.reranker.encode_queries(queries, show_progress_bar=self.show_progress)
+        encoded = reranker.encode_queries(queries, show_progress_bar=self.show_progress)
         return [
             np.asarray(
-                self.reranker.score(encoded[q], [documents[position[i]] for i, _ in ranking]),
+                reranker.score(encoded[q], [documents[position[i]] for i, _ in ranking]),
                 dtype=np.float32,
             )
             for q, ranking in enumerate(candidates)

@@ -41,13 +41,13 @@ class Serialized:
         self._model = model
         self._lock = lock
 
-    def encode_queries(self, texts):
+    def encode_queries(self, texts, **options):
         with self._lock:
-            return self._model.encode_queries(texts)
+            return self._model.encode_queries(texts, **options)
 
-    def predict(self, pairs):
+    def predict(self, pairs, **options):
         with self._lock:
-            return self._model.predict(pairs)
+            return self._model.predict(pairs, **options)
 
 
 class CodeSearchService:
