@@ -179,14 +179,23 @@ class Ceiling:
         window = None if self.config.is_global(layer) else self.config.window_half
         q, k, v = qkv.unbind(1)
         if grad_out is None:
-            return packed_attention(q, k, v, cu, max_len, window, backend)
+            return packed_attention(q, k, v, cu, max_len, window, backend, sequence_ids=self.sequence_ids)
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        out = packed_attention(q, k, v, cu, max_len, window, backend)
+        out = packed_attention(q, k, v, cu, max_len, window, backend, sequence_ids=self.sequence_ids)
         torch.autograd.grad(out, (q, k, v), grad_out)
         return out.detach()
 
+    def pack(self, cu, tokens: int, backend: str) -> None:
+        """Per-batch index tensors, made once per forward as the model makes them."""
+        self.sequence_ids = None
+        if backend == "triton":
+            from mbert_retrieval.modeling.window_attention import sequence_ids
+
+            self.sequence_ids = sequence_ids(cu, tokens)
+
     def forward(self, x: torch.Tensor, cu, max_len: int, backend: str) -> torch.Tensor:
         tokens, heads = x.shape[0], self.config.num_attention_heads
+        self.pack(cu, tokens, backend)
         inter = self.config.intermediate_size
         for layer, (w_qkv, w_o, w_i, w_mlp_o) in enumerate(self.layers):
             qkv = F.linear(x, w_qkv).view(tokens, 3, heads, -1)
@@ -199,6 +208,7 @@ class Ceiling:
         """Forward GEMMs, attention forward + backward, and each GEMM's two backward products."""
         tokens, heads = x.shape[0], self.config.num_attention_heads
         inter = self.config.intermediate_size
+        self.pack(cu, tokens, backend)
         grad_hidden = torch.randn_like(x)
         for layer, (w_qkv, w_o, w_i, w_mlp_o) in enumerate(self.layers):
             qkv = F.linear(x, w_qkv)
@@ -361,6 +371,11 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
         row["speedup"] = row["ours_tok_s"] / row["hf_sdpa_tok_s"]
         if device.type == "cuda":
             add_ceiling(row, tokens, measure_ceiling(ceiling, tokens, cu, max_len, device, args, train=True))
+        if args.profile and device.type == "cuda" and workload is workloads[0]:
+            model = models[best]
+            print(f"\nprofile of one training step, {workload.name}, {best}:")
+            print(profile_calls(lambda: step(best, model), count=3), flush=True)
+            model.zero_grad(set_to_none=True)
         results[workload.name] = row
         print(
             f"  train {workload.name}: ours {row['ours_tok_s'] / 1e3:.0f} k tok/s ({best}, "
@@ -380,10 +395,8 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
     return results
 
 
-def profile_forward(forward, config, device, workload: Workload, rows: int = 18) -> str:
-    """The kernels that take the GPU's time in one forward, as a table."""
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_forward(forward, config, device, workload: Workload) -> str:
+    """The kernels that take the GPU's time in one forward (five forwards summed), as a table."""
     generator = torch.Generator().manual_seed(5)
     lengths = workload.lengths(generator)
     packed, cu, _, _ = make_batch(lengths, config.vocab_size, device, generator)
@@ -391,10 +404,16 @@ def profile_forward(forward, config, device, workload: Workload, rows: int = 18)
     with torch.inference_mode():
         for _ in range(3):
             forward(packed, cu, max(lengths), positions)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                forward(packed, cu, max(lengths), positions)
-            torch.cuda.synchronize()
+        return profile_calls(lambda: forward(packed, cu, max(lengths), positions), count=5)
+
+
+def profile_calls(fn, count: int, rows: int = 22) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(count):
+            fn()
+        torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 

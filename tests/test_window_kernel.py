@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mbert_retrieval.modeling.attention import reference_attention
+from mbert_retrieval.modeling.encoder import Rotary, apply_rotary, positions_from_cu_seqlens
 
 triton = pytest.importorskip("triton")
 ON_GPU = torch.cuda.is_available()
@@ -89,10 +90,30 @@ def test_every_output_row_is_written():
     lengths = [33, 1, 70]
     cu = cu_of(lengths)
     q, k, v = packed_qkv(lengths, generator)
-    out, lse = kernels.window_attention_fwd(q, k, v, cu, 8)
+    out, lse = kernels.window_attention_fwd(q, k, v, cu, kernels.sequence_ids(cu, sum(lengths)), 8)
     assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
     # a one-token sequence attends only to itself: its output is its own value
     torch.testing.assert_close(out[33].float(), v[33].float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("window", [2, 64])
+def test_rotary_inside_the_kernel_matches_rotating_first(window):
+    """Inference path: q and k rotated as the kernel loads them, against rotate-then-reference."""
+    generator = torch.Generator().manual_seed(5)
+    cu = cu_of(LENGTHS)
+    tokens = sum(LENGTHS)
+    qkv = torch.randn(tokens, 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
+    positions = positions_from_cu_seqlens(cu, tokens)
+    cos, sin = Rotary(DIM, 10_000.0, 1024).to(DEVICE)(positions)
+    got = kernels.window_attention_rotary(qkv, cos, sin, cu, kernels.sequence_ids(cu, tokens), window)
+    q, k = apply_rotary(qkv[:, :2], cos, sin).unbind(1)
+    expected = reference_attention(q.float(), k.float(), qkv[:, 2].float(), cu, window)
+    assert relative_error(got, expected) < TOLERANCE
+
+
+def test_sequence_ids():
+    cu = cu_of([3, 1, 2])
+    assert kernels.sequence_ids(cu, 6).tolist() == [0, 0, 0, 1, 2, 2]
 
 
 def test_bad_head_dim_is_a_clear_error():

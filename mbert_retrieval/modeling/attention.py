@@ -86,18 +86,22 @@ def packed_attention(
     window_half: int | None,
     backend: str,
     key_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sequence; `window_half` tokens each side if set.
 
     `key_mask` [N] (reference backend; packed_sdpa falls back to it) keeps tokens others may attend to; every token still
-    computes its own output. A token left with nothing to attend to gets zeros.
+    computes its own output. A token left with nothing to attend to gets zeros. `sequence_ids` [N]
+    int32 (`window_attention.sequence_ids`), for the triton backend, is made once per forward.
     """
     if backend == "triton":
-        if window_half is not None and max_seqlen > window_half + 1:
+        if uses_window_kernel(backend, window_half, max_seqlen, q.shape[-1]):
             from mbert_retrieval.modeling.window_attention import window_attention
 
-            return window_attention(q, k, v, cu_seqlens, window_half)
-        backend, window_half = "varlen", None  # a window wider than every sequence is no window
+            return window_attention(q, k, v, cu_seqlens, window_half, sequence_ids)
+        backend = "varlen"
+        if window_half is not None and max_seqlen <= window_half + 1:
+            window_half = None  # a window wider than every sequence is no window
     window = (window_half, window_half) if window_half is not None else (-1, -1)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
@@ -115,6 +119,18 @@ def packed_attention(
             return per_sequence_sdpa(q, k, v, cu_seqlens)
         return blocked_window_sdpa(q, k, v, cu_seqlens, window_half)
     return reference_attention(q, k, v, cu_seqlens, window_half, key_mask)
+
+
+def uses_window_kernel(backend: str, window_half: int | None, max_seqlen: int, head_dim: int) -> bool:
+    """Whether a layer runs our Triton window kernel: the triton backend, a window narrower than the
+    longest sequence, and a head size the kernel takes."""
+    return (
+        backend == "triton"
+        and window_half is not None
+        and max_seqlen > window_half + 1
+        and head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+    )
 
 
 @torch.compiler.disable  # a Python loop over the batch's lengths: compiled, it would recompile per batch

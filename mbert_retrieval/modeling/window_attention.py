@@ -6,11 +6,12 @@ same sequence and |i - j| <= window. Within one sequence, packed distance is pos
 a block of queries [m, m + block_m) needs only the keys [m - window, m + block_m + window), cut to
 the block's sequences: the kernels visit those key blocks alone and mask only inside them, where
 FlashAttention's windowed varlen kernel was measured slower on ~250-token documents than its
-global one (benchmarks/NOTES.md). Each program finds its tokens' sequences by a binary search over
-`cu_seqlens`, so no per-token tables are built.
+global one (benchmarks/NOTES.md). Tokens' sequence indices (`sequence_ids`, made once per forward)
+give the masks and, with `cu_seqlens`, each block's range of keys.
 
 `window_attention` is a `torch.library` custom op with its own backward, so `torch.compile`
-keeps it as one opaque call. Triton is imported here; callers check `available()` first.
+keeps it as one opaque call; `window_attention_rotary` (inference) also applies the rotary
+embedding to q and k as it loads them.
 On a CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before import): that
 is how the tests check them without a GPU.
 """
@@ -43,62 +44,63 @@ BACKWARD_DQ = Tiles()
 
 
 @triton.jit
-def _sequence_bounds(CU, tokens, n_tokens, n_seqs, SEARCH_STEPS: tl.constexpr):
-    """Start and end (packed indices) of each token's sequence: cu[s] <= token < cu[s + 1]."""
-    token = tl.minimum(tokens, n_tokens - 1)
-    lo = tl.zeros_like(token)
-    hi = tl.zeros_like(token) + n_seqs
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        go_right = tl.load(CU + mid) <= token
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    return tl.load(CU + lo), tl.load(CU + lo + 1)
-
-
-@triton.jit
-def _visible_range(CU, first, count, n_tokens, n_seqs, window, SEARCH_STEPS: tl.constexpr):
+def _visible_range(CU, SEQ, first, count, n_tokens, window):
     """[lo, hi): the tokens that tokens [first, first + count) can see. Both a token's sequence start
     and its window start grow with the token, so the first token sets lo and the last sets hi."""
     last = tl.minimum(first + count, n_tokens) - 1
-    first_start, _ = _sequence_bounds(CU, first, n_tokens, n_seqs, SEARCH_STEPS)
-    _, last_end = _sequence_bounds(CU, last, n_tokens, n_seqs, SEARCH_STEPS)
+    first_start = tl.load(CU + tl.load(SEQ + first))
+    last_end = tl.load(CU + tl.load(SEQ + last) + 1)
     return tl.maximum(first - window, first_start), tl.minimum(last + window + 1, last_end)
 
 
 @triton.jit
+def _load_halves(PTR, rows, ok, s_t, s_h, head, COS, SIN, HALF: tl.constexpr, ROTARY: tl.constexpr):
+    """Rows of one head as two [rows, HALF] tiles; with ROTARY, rotated by the rows' cos and sin
+    (rotate-half convention, in float32, rounded back to the input's dtype as the model does)."""
+    half = tl.arange(0, HALF)
+    base = PTR + rows[:, None] * s_t + head * s_h + half[None, :]
+    x1 = tl.load(base, mask=ok[:, None], other=0.0)
+    x2 = tl.load(base + HALF, mask=ok[:, None], other=0.0)
+    if ROTARY:
+        table = rows[:, None] * HALF + half[None, :]
+        cos = tl.load(COS + table, mask=ok[:, None], other=0.0)
+        sin = tl.load(SIN + table, mask=ok[:, None], other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        x1 = (a * cos - b * sin).to(PTR.dtype.element_ty)
+        x2 = (b * cos + a * sin).to(PTR.dtype.element_ty)
+    return x1, x2
+
+
+@triton.jit
 def _window_fwd(
-    Q, K, V, OUT, LSE, CU,
-    n_tokens, n_seqs, window, scale_log2,
+    Q, K, V, OUT, LSE, CU, SEQ, COS, SIN,
+    n_tokens, window, scale_log2,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-    SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):  # fmt: skip
+    HALF: tl.constexpr = HEAD_DIM // 2
     head = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < n_tokens
-    start, end = _sequence_bounds(CU, rows, n_tokens, n_seqs, SEARCH_STEPS)
-    key_lo, key_hi = _visible_range(
-        CU, tl.program_id(0) * BLOCK_M, BLOCK_M, n_tokens, n_seqs, window, SEARCH_STEPS
-    )
+    row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
+    key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q1, q2 = _load_halves(Q, rows, row_ok, sq_t, sq_h, head, COS, SIN, HALF, ROTARY)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for block in range(key_lo, key_hi, BLOCK_N):
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < key_hi
-        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+        k1, k2 = _load_halves(K, cols, col_ok, sk_t, sk_h, head, COS, SIN, HALF, ROTARY)
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = (tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))) * scale_log2
         distance = rows[:, None] - cols[None, :]
-        allowed = (
-            (cols[None, :] >= start[:, None])
-            & (cols[None, :] < end[:, None])
-            & (distance <= window)
-            & (distance >= -window)
-        )
+        allowed = (row_seq[:, None] == col_seq[None, :]) & (distance <= window) & (distance >= -window)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
@@ -113,7 +115,8 @@ def _window_fwd(
         out.to(OUT.dtype.element_ty),
         mask=row_ok[:, None],
     )
-    tl.store(LSE + head * n_tokens + rows, m_i + tl.log2(l_i), mask=row_ok)
+    if STORE_LSE:
+        tl.store(LSE + head * n_tokens + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -132,20 +135,19 @@ def _window_bwd_delta(
 
 @triton.jit
 def _window_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU,
-    n_tokens, n_seqs, window, scale_log2, scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEQ,
+    n_tokens, window, scale_log2, scale,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
-    SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """One block of keys: loop over the queries that can see them (the same window, mirrored)."""
     head = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(0) * BLOCK_N
+    cols = first + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     col_ok = cols < n_tokens
-    start, end = _sequence_bounds(CU, cols, n_tokens, n_seqs, SEARCH_STEPS)
-    query_lo, query_hi = _visible_range(
-        CU, tl.program_id(0) * BLOCK_N, BLOCK_N, n_tokens, n_seqs, window, SEARCH_STEPS
-    )
+    col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+    query_lo, query_hi = _visible_range(CU, SEQ, first, BLOCK_N, n_tokens, window)
 
     k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
@@ -160,15 +162,10 @@ def _window_bwd_dkdv(
         )
         lse = tl.load(LSE + head * n_tokens + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + head * n_tokens + rows, mask=row_ok, other=0.0)
+        row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
         s_t = tl.dot(k, tl.trans(q)) * scale_log2  # [keys, queries]
         distance = rows[None, :] - cols[:, None]
-        allowed = (
-            (rows[None, :] >= start[:, None])
-            & (rows[None, :] < end[:, None])
-            & (distance <= window)
-            & (distance >= -window)
-            & row_ok[None, :]
-        )
+        allowed = (col_seq[:, None] == row_seq[None, :]) & (distance <= window) & (distance >= -window)
         p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
@@ -189,19 +186,18 @@ def _window_bwd_dkdv(
 
 @triton.jit
 def _window_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU,
-    n_tokens, n_seqs, window, scale_log2, scale,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, SEQ,
+    n_tokens, window, scale_log2, scale,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
-    SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < n_tokens
-    start, end = _sequence_bounds(CU, rows, n_tokens, n_seqs, SEARCH_STEPS)
-    key_lo, key_hi = _visible_range(
-        CU, tl.program_id(0) * BLOCK_M, BLOCK_M, n_tokens, n_seqs, window, SEARCH_STEPS
-    )
+    row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
+    key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
     q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0)
@@ -213,15 +209,10 @@ def _window_bwd_dq(
         col_ok = cols < key_hi
         k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         distance = rows[:, None] - cols[None, :]
-        allowed = (
-            (cols[None, :] >= start[:, None])
-            & (cols[None, :] < end[:, None])
-            & (distance <= window)
-            & (distance >= -window)
-            & row_ok[:, None]
-        )
+        allowed = (row_seq[:, None] == col_seq[None, :]) & (distance <= window) & (distance >= -window)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -234,21 +225,14 @@ def _window_bwd_dq(
     )
 
 
-def available() -> bool:
-    """Whether the kernels can run here: a CUDA GPU, or Triton's CPU interpreter."""
-    import os
-
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _search_steps(cu_seqlens: torch.Tensor) -> int:
-    """Halvings that take the interval [0, B] down to one sequence; at least 10 (1024 sequences),
-    so that batches of different sizes share one compiled kernel (extra halvings change nothing)."""
-    return max(10, math.ceil(math.log2(max(cu_seqlens.numel() - 1, 1))) + 1)
+def sequence_ids(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each packed token's sequence index [N] int32, on the device without a host sync."""
+    index = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], index, right=True, out_int32=True)
 
 
 def _scales(head_dim: int) -> tuple[float, float]:
@@ -256,43 +240,81 @@ def _scales(head_dim: int) -> tuple[float, float]:
     return scale, scale * LOG2_E
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
     if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(
             f"q, k, v must share one [tokens, heads, dim] shape, got {q.shape}, {k.shape}, {v.shape}"
         )
-    dim = q.shape[-1]
-    if dim < 16 or dim & (dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16 for the window kernel, got {dim}")
+    if not supports_head_dim(q.shape[-1]):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the window kernel, got {q.shape[-1]}")
     if cu_seqlens.dtype != torch.int32:
         raise ValueError("cu_seqlens must be int32")
 
 
-@torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())
-def window_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
-    _check(q, k, v, cu_seqlens)
+def _launch_forward(q, k, v, cu_seqlens, seq_ids, window: int, cos=None, sin=None, store_lse=True):
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
-    lse = q.new_empty((heads, tokens), dtype=torch.float32)
-    _, scale_log2 = _scales(dim)
+    lse = q.new_empty((heads, tokens) if store_lse else (1,), dtype=torch.float32)
+    rotary = cos is not None
+    if not rotary:
+        cos = sin = lse  # unused by the kernel
     tiles = FORWARD
     _window_fwd[(triton.cdiv(tokens, tiles.block_m), heads)](
-        q, k, v, out, lse, cu_seqlens,
-        tokens, cu_seqlens.numel() - 1, window, scale_log2,
+        q, k, v, out, lse, cu_seqlens, seq_ids, cos, sin,
+        tokens, window, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        SEARCH_STEPS=_search_steps(cu_seqlens), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotary, STORE_LSE=store_lse,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out, lse
 
 
+@torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())
+def window_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    _check(q, k, v, cu_seqlens)
+    return _launch_forward(q, k, v, cu_seqlens, seq_ids, window)
+
+
 @window_attention_fwd.register_fake
-def _(q, k, v, cu_seqlens, window):
+def _(q, k, v, cu_seqlens, seq_ids, window):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mbert_retrieval::window_attention_rotary", mutates_args=())
+def window_attention_rotary(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """Inference only: qkv [N, 3, heads, dim] as the Wqkv projection gives it, q and k rotated inside
+    the kernel by the tokens' cos, sin [N, dim / 2] (float32), so no rotated copy is written."""
+    q, k, v = qkv.unbind(1)
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    _check(q, k, v, cu_seqlens)
+    half = q.shape[-1] // 2
+    cos, sin = (t.reshape(-1, half).float().contiguous() for t in (cos, sin))
+    return _launch_forward(q, k, v, cu_seqlens, seq_ids, window, cos, sin, store_lse=False)[0]
+
+
+@window_attention_rotary.register_fake
+def _(qkv, cos, sin, cu_seqlens, seq_ids, window):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[2], qkv.shape[3]))
 
 
 @torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())
@@ -304,13 +326,13 @@ def window_attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
     window: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each [N, heads, dim]."""
     grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
     tokens, heads, dim = q.shape
     scale, scale_log2 = _scales(dim)
-    steps, n_seqs = _search_steps(cu_seqlens), cu_seqlens.numel() - 1
     delta = torch.empty_like(lse)
     _window_bwd_delta[(triton.cdiv(tokens, 64), heads)](
         out, grad_out, delta, tokens, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
@@ -321,47 +343,56 @@ def window_attention_bwd(
     strides += (grad_out.stride(0), grad_out.stride(1))
     tiles = BACKWARD_DKDV
     _window_bwd_dkdv[(triton.cdiv(tokens, tiles.block_n), heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens,
-        tokens, n_seqs, window, scale_log2, scale,
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seq_ids,
+        tokens, window, scale_log2, scale,
         *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        SEARCH_STEPS=steps, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     tiles = BACKWARD_DQ
     _window_bwd_dq[(triton.cdiv(tokens, tiles.block_m), heads)](
-        q, k, v, grad_out, lse, delta, dq, cu_seqlens,
-        tokens, n_seqs, window, scale_log2, scale,
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens, seq_ids,
+        tokens, window, scale_log2, scale,
         *strides, dq.stride(0), dq.stride(1),
-        SEARCH_STEPS=steps, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return dq, dk, dv
 
 
 @window_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, window):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, window = inputs
+    q, k, v, cu_seqlens, seq_ids, window = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seq_ids)
     ctx.window = window
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = window_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, ctx.window)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, cu_seqlens, seq_ids = ctx.saved_tensors
+    dq, dk, dv = window_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, ctx.window)
+    return dq, dk, dv, None, None, None
 
 
 window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def window_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window: int,
+    seq_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each query attends to the keys of its own sequence at most `window` tokens away: [N, heads, dim]."""
-    return window_attention_fwd(q, k, v, cu_seqlens, window)[0]
+    """Each query attends to the keys of its own sequence at most `window` tokens away: [N, heads, dim].
+
+    `seq_ids` [N] int32 (`sequence_ids`), when the caller has it, saves computing it per call."""
+    if seq_ids is None:
+        seq_ids = sequence_ids(cu_seqlens, q.shape[0])
+    return window_attention_fwd(q, k, v, cu_seqlens, seq_ids, window)[0]
