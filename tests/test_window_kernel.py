@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mbert_retrieval import ModernBert
 from mbert_retrieval.modeling.attention import reference_attention
-from mbert_retrieval.modeling.encoder import Rotary, apply_rotary, positions_from_cu_seqlens
 
 triton = pytest.importorskip("triton")
 ON_GPU = torch.cuda.is_available()
@@ -96,24 +96,29 @@ def test_every_output_row_is_written():
     torch.testing.assert_close(out[33].float(), v[33].float(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("window", [2, 64])
-def test_rotary_inside_the_kernel_matches_rotating_first(window):
-    """Inference path: q and k rotated as the kernel loads them, against rotate-then-reference."""
-    generator = torch.Generator().manual_seed(5)
-    cu = cu_of(LENGTHS)
-    tokens = sum(LENGTHS)
-    qkv = torch.randn(tokens, 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
-    positions = positions_from_cu_seqlens(cu, tokens)
-    cos, sin = Rotary(DIM, 10_000.0, 1024).to(DEVICE)(positions)
-    got = kernels.window_attention_rotary(qkv, cos, sin, cu, kernels.sequence_ids(cu, tokens), window)
-    q, k = apply_rotary(qkv[:, :2], cos, sin).unbind(1)
-    expected = reference_attention(q.float(), k.float(), qkv[:, 2].float(), cu, window)
-    assert relative_error(got, expected) < TOLERANCE
-
-
 def test_sequence_ids():
     cu = cu_of([3, 1, 2])
     assert kernels.sequence_ids(cu, 6).tolist() == [0, 0, 0, 1, 2, 2]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
+def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
+    """The whole encoder (local layers on the window kernel) against the fp32 reference path."""
+    fast = ModernBert.from_pretrained(
+        hf_encoder_dir, dtype=torch.bfloat16, device="cuda", attn_backend="triton"
+    )
+    exact = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend="reference")
+    lengths = [300, 5, 40, 129]
+    ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
+    cu = cu_of(lengths)
+    got = fast.train().forward_packed(ids, cu, max(lengths))
+    expected = exact.train().forward_packed(ids, cu, max(lengths))
+    assert relative_error(got, expected) < 2e-2
+    got.float().square().mean().backward()
+    expected.square().mean().backward()
+    for name, param in exact.named_parameters():
+        fast_grad = dict(fast.named_parameters())[name].grad
+        assert relative_error(fast_grad, param.grad) < 5e-2, name
 
 
 def test_bad_head_dim_is_a_clear_error():

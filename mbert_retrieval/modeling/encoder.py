@@ -14,12 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbert_retrieval.modeling.attention import (
-    check_backend_name,
-    packed_attention,
-    resolve_backend,
-    uses_window_kernel,
-)
+from mbert_retrieval.modeling.attention import check_backend_name, packed_attention, resolve_backend
 from mbert_retrieval.modeling.config import ModernBertConfig
 from mbert_retrieval.modeling.io import (
     CheckpointError,
@@ -102,14 +97,6 @@ class Attention(nn.Module):
         self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
     ):
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
-        if not torch.is_grad_enabled() and uses_window_kernel(
-            backend, self.window_half, max_seqlen, self.head_dim
-        ):
-            # inference: the window kernel rotates q and k as it loads them (no rotated copy)
-            from mbert_retrieval.modeling.window_attention import window_attention_rotary
-
-            out = window_attention_rotary(qkv, *rope, cu_seqlens, sequence_ids, self.window_half)
-            return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
         # q and k rotated together into one buffer and passed on as views: one fused pass, and a
         # compiled training step of 43 ms instead of 58 ms on an H100 (benchmarks/NOTES.md, step 6).
         q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)

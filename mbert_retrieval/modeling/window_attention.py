@@ -10,8 +10,7 @@ global one (benchmarks/NOTES.md). Tokens' sequence indices (`sequence_ids`, made
 give the masks and, with `cu_seqlens`, each block's range of keys.
 
 `window_attention` is a `torch.library` custom op with its own backward, so `torch.compile`
-keeps it as one opaque call; `window_attention_rotary` (inference) also applies the rotary
-embedding to q and k as it loads them.
+keeps it as one opaque call.
 On a CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before import): that
 is how the tests check them without a GPU.
 """
@@ -38,9 +37,11 @@ class Tiles:
     stages: int = 2
 
 
+# Launch shapes chosen by benchmarks/window_kernel_sweep.py on an H200 (results/window_kernel_sweep.json):
+# the backward's dk/dv kernel takes 32 queries per step, its dq kernel 32 keys per step.
 FORWARD = Tiles()
-BACKWARD_DKDV = Tiles()
-BACKWARD_DQ = Tiles()
+BACKWARD_DKDV = Tiles(block_m=32, block_n=64)
+BACKWARD_DQ = Tiles(block_m=64, block_n=32)
 
 
 @triton.jit
@@ -54,32 +55,12 @@ def _visible_range(CU, SEQ, first, count, n_tokens, window):
 
 
 @triton.jit
-def _load_halves(PTR, rows, ok, s_t, s_h, head, COS, SIN, HALF: tl.constexpr, ROTARY: tl.constexpr):
-    """Rows of one head as two [rows, HALF] tiles; with ROTARY, rotated by the rows' cos and sin
-    (rotate-half convention, in float32, rounded back to the input's dtype as the model does)."""
-    half = tl.arange(0, HALF)
-    base = PTR + rows[:, None] * s_t + head * s_h + half[None, :]
-    x1 = tl.load(base, mask=ok[:, None], other=0.0)
-    x2 = tl.load(base + HALF, mask=ok[:, None], other=0.0)
-    if ROTARY:
-        table = rows[:, None] * HALF + half[None, :]
-        cos = tl.load(COS + table, mask=ok[:, None], other=0.0)
-        sin = tl.load(SIN + table, mask=ok[:, None], other=0.0)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        x1 = (a * cos - b * sin).to(PTR.dtype.element_ty)
-        x2 = (b * cos + a * sin).to(PTR.dtype.element_ty)
-    return x1, x2
-
-
-@triton.jit
 def _window_fwd(
-    Q, K, V, OUT, LSE, CU, SEQ, COS, SIN,
+    Q, K, V, OUT, LSE, CU, SEQ,
     n_tokens, window, scale_log2,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    HALF: tl.constexpr = HEAD_DIM // 2
     head = tl.program_id(1)
     first = tl.program_id(0) * BLOCK_M
     rows = first + tl.arange(0, BLOCK_M)
@@ -88,7 +69,7 @@ def _window_fwd(
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
     key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    q1, q2 = _load_halves(Q, rows, row_ok, sq_t, sq_h, head, COS, SIN, HALF, ROTARY)
+    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -96,9 +77,9 @@ def _window_fwd(
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < key_hi
         col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
-        k1, k2 = _load_halves(K, cols, col_ok, sk_t, sk_h, head, COS, SIN, HALF, ROTARY)
+        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
-        s = (tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))) * scale_log2
+        s = tl.dot(q, tl.trans(k)) * scale_log2
         distance = rows[:, None] - cols[None, :]
         allowed = (row_seq[:, None] == col_seq[None, :]) & (distance <= window) & (distance >= -window)
         s = tl.where(allowed, s, float("-inf"))
@@ -115,8 +96,7 @@ def _window_fwd(
         out.to(OUT.dtype.element_ty),
         mask=row_ok[:, None],
     )
-    if STORE_LSE:
-        tl.store(LSE + head * n_tokens + rows, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(LSE + head * n_tokens + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -255,24 +235,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must be int32")
 
 
-def _launch_forward(q, k, v, cu_seqlens, seq_ids, window: int, cos=None, sin=None, store_lse=True):
-    tokens, heads, dim = q.shape
-    out = q.new_empty(q.shape)
-    lse = q.new_empty((heads, tokens) if store_lse else (1,), dtype=torch.float32)
-    rotary = cos is not None
-    if not rotary:
-        cos = sin = lse  # unused by the kernel
-    tiles = FORWARD
-    _window_fwd[(triton.cdiv(tokens, tiles.block_m), heads)](
-        q, k, v, out, lse, cu_seqlens, seq_ids, cos, sin,
-        tokens, window, _scales(dim)[1],
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotary, STORE_LSE=store_lse,
-        num_warps=tiles.warps, num_stages=tiles.stages,
-    )  # fmt: skip
-    return out, lse
-
-
 @torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())
 def window_attention_fwd(
     q: torch.Tensor,
@@ -285,36 +247,23 @@ def window_attention_fwd(
     """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
-    return _launch_forward(q, k, v, cu_seqlens, seq_ids, window)
+    tokens, heads, dim = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((heads, tokens), dtype=torch.float32)
+    tiles = FORWARD
+    _window_fwd[(triton.cdiv(tokens, tiles.block_m), heads)](
+        q, k, v, out, lse, cu_seqlens, seq_ids,
+        tokens, window, _scales(dim)[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    return out, lse
 
 
 @window_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens, seq_ids, window):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("mbert_retrieval::window_attention_rotary", mutates_args=())
-def window_attention_rotary(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    seq_ids: torch.Tensor,
-    window: int,
-) -> torch.Tensor:
-    """Inference only: qkv [N, 3, heads, dim] as the Wqkv projection gives it, q and k rotated inside
-    the kernel by the tokens' cos, sin [N, dim / 2] (float32), so no rotated copy is written."""
-    q, k, v = qkv.unbind(1)
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
-    _check(q, k, v, cu_seqlens)
-    half = q.shape[-1] // 2
-    cos, sin = (t.reshape(-1, half).float().contiguous() for t in (cos, sin))
-    return _launch_forward(q, k, v, cu_seqlens, seq_ids, window, cos, sin, store_lse=False)[0]
-
-
-@window_attention_rotary.register_fake
-def _(qkv, cos, sin, cu_seqlens, seq_ids, window):
-    return qkv.new_empty((qkv.shape[0], qkv.shape[2], qkv.shape[3]))
 
 
 @torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())
