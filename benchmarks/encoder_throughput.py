@@ -7,7 +7,14 @@ Workloads count real tokens only. Prints a table and writes JSON:
     PYTHONPATH=. python3 benchmarks/encoder_throughput.py --small     # CPU smoke run, tiny shapes
 
 `--train` adds a forward + backward comparison (tokens/s, peak memory) and the largest batch of
-8192-token sequences each implementation can train on.
+8192-token sequences each implementation can train on (`--no-max-batch` leaves that search out).
+
+Each workload also gets its ceiling, timed in the same run: the same shapes through the model's
+GEMMs alone (cuBLAS, bf16: Wqkv, Wo, Wi, Wo per layer) and the attention kernel of each layer
+(global or sliding window, as the model has them), with nothing in between: `ceiling_tok_s` with
+varlen_attn (FlashAttention) in every layer, `ceiling_ours_attention_tok_s` with the attention
+backend the model runs; `ours_over_ceiling` is ours / ceiling_tok_s. For training the same
+GEMMs forward and backward (dX and dW) and the attention's forward and backward.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -145,8 +153,118 @@ def compiled_forward(model):
     return torch.compile(model.forward_packed, dynamic=True)
 
 
+class Ceiling:
+    """The model's GEMMs and attention kernels alone, on the model's shapes, nothing between them.
+
+    Random bf16 weights of the model's shapes (one set per layer, as in the model); activations
+    flow from GEMM to GEMM so every product reads data that was just written, as the model's do.
+    """
+
+    def __init__(self, config, device: torch.device, dtype: torch.dtype):
+        self.config = config  # our ModernBertConfig (is_global, window_half)
+        h, inter = config.hidden_size, config.intermediate_size
+        generator = torch.Generator().manual_seed(4)
+
+        def weight(rows: int, cols: int) -> torch.Tensor:
+            return (torch.randn(rows, cols, generator=generator) * cols**-0.5).to(device, dtype)
+
+        self.layers = [
+            (weight(3 * h, h), weight(h, h), weight(2 * inter, h), weight(h, inter))
+            for _ in range(config.num_hidden_layers)
+        ]
+
+    def attention(self, layer: int, qkv: torch.Tensor, cu, max_len: int, backend: str, grad_out=None):
+        from mbert_retrieval.modeling.attention import packed_attention
+
+        window = None if self.config.is_global(layer) else self.config.window_half
+        q, k, v = qkv.unbind(1)
+        if grad_out is None:
+            return packed_attention(q, k, v, cu, max_len, window, backend, sequence_ids=self.sequence_ids)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = packed_attention(q, k, v, cu, max_len, window, backend, sequence_ids=self.sequence_ids)
+        torch.autograd.grad(out, (q, k, v), grad_out)
+        return out.detach()
+
+    def pack(self, cu, tokens: int, backend: str) -> None:
+        """Per-batch index tensors, made once per forward as the model makes them."""
+        self.sequence_ids = None
+        if backend == "triton":
+            from mbert_retrieval.modeling.window_attention import sequence_ids
+
+            self.sequence_ids = sequence_ids(cu, tokens)
+
+    def forward(self, x: torch.Tensor, cu, max_len: int, backend: str) -> torch.Tensor:
+        tokens, heads = x.shape[0], self.config.num_attention_heads
+        self.pack(cu, tokens, backend)
+        inter = self.config.intermediate_size
+        for layer, (w_qkv, w_o, w_i, w_mlp_o) in enumerate(self.layers):
+            qkv = F.linear(x, w_qkv).view(tokens, 3, heads, -1)
+            attended = self.attention(layer, qkv, cu, max_len, backend).reshape(tokens, -1)
+            hidden = F.linear(attended, w_o)
+            x = F.linear(F.linear(hidden, w_i)[:, :inter], w_mlp_o)  # the GeGLU's input half
+        return x
+
+    def train_step(self, x: torch.Tensor, cu, max_len: int, backend: str) -> None:
+        """Forward GEMMs, attention forward + backward, and each GEMM's two backward products."""
+        tokens, heads = x.shape[0], self.config.num_attention_heads
+        inter = self.config.intermediate_size
+        self.pack(cu, tokens, backend)
+        grad_hidden = torch.randn_like(x)
+        for layer, (w_qkv, w_o, w_i, w_mlp_o) in enumerate(self.layers):
+            qkv = F.linear(x, w_qkv)
+            grad_attn = grad_hidden.view(tokens, heads, -1)
+            attended = self.attention(layer, qkv.view(tokens, 3, heads, -1), cu, max_len, backend, grad_attn)
+            attended = attended.reshape(tokens, -1)
+            hidden = F.linear(attended, w_o)
+            up = F.linear(hidden, w_i)
+            out = F.linear(up[:, :inter], w_mlp_o)
+            # backward: dX = dY W and dW = dY^T X for each linear (gradient values do not matter)
+            for grad_y, weight, inputs in (
+                (grad_hidden, w_mlp_o, up[:, :inter]),
+                (up, w_i, hidden),
+                (grad_hidden, w_o, attended),
+                (qkv, w_qkv, x),
+            ):
+                torch.mm(grad_y, weight)
+                torch.mm(grad_y.t(), inputs)
+            x = out
+
+
+def measure_ceiling(ceiling: Ceiling, packed_len: int, cu, max_len: int, device, args, train: bool) -> dict:
+    """Seconds per call of the GEMMs + attention skeleton, with FlashAttention and with our backend."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(packed_len, ceiling.config.hidden_size, generator=generator).to(device, torch.bfloat16)
+    step = ceiling.train_step if train else ceiling.forward
+    times = {}
+    for name, backend in (("varlen", "varlen"), ("ours", ours_attention_backend(device))):
+        if backend is None:
+            continue
+        with torch.inference_mode(not train):
+            times[name] = time_call(lambda b=backend: step(x, cu, max_len, b), device, 2, args.repeat)
+    return times
+
+
+def ours_attention_backend(device: torch.device) -> str | None:
+    from mbert_retrieval.modeling.attention import resolve_backend
+
+    try:
+        return resolve_backend("auto", device, torch.bfloat16)
+    except RuntimeError:
+        return None
+
+
+def add_ceiling(row: dict, tokens: int, times: dict) -> None:
+    if "varlen" in times:
+        row["ceiling_tok_s"] = tokens / times["varlen"]
+        row["ours_over_ceiling"] = row["ours_tok_s"] / row["ceiling_tok_s"]
+    if "ours" in times:
+        row["ceiling_ours_attention_tok_s"] = tokens / times["ours"]
+        row["ours_over_ceiling_ours_attention"] = row["ours_tok_s"] / row["ceiling_ours_attention_tok_s"]
+
+
 def measure_inference(args, config, ours, hf, device, workloads, variants):
     generator = torch.Generator().manual_seed(1)
+    ceiling = Ceiling(ours.config, device, torch.bfloat16) if device.type == "cuda" else None
     results, peak = {}, H100_BF16_DENSE_FLOPS
     for workload in workloads:
         lengths = workload.lengths(generator)
@@ -184,10 +302,13 @@ def measure_inference(args, config, ours, hf, device, workloads, variants):
             mfu=flops / seconds / peak,
             max_abs_diff=diff,
         )
+        if device.type == "cuda":
+            add_ceiling(row, tokens, measure_ceiling(ceiling, tokens, cu, max_len, device, args, train=False))
         results[workload.name] = row
         print(
             f"  {workload.name}: ours {row['ours_tok_s'] / 1e6:.3f} M tok/s ({name}), "
-            f"hf {row['hf_sdpa_tok_s'] / 1e6:.3f} M tok/s, x{row['speedup']:.2f}",
+            f"hf {row['hf_sdpa_tok_s'] / 1e6:.3f} M tok/s, x{row['speedup']:.2f}, "
+            f"ceiling {row.get('ceiling_tok_s', 0) / 1e6:.3f} M tok/s",
             flush=True,
         )
     return results
@@ -210,6 +331,8 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
     results = {}
     generator = torch.Generator().manual_seed(2)
     models = {**ours_models, "hf_sdpa": hf}
+    first = next(iter(ours_models.values()))
+    ceiling = Ceiling(first.config, device, torch.bfloat16) if device.type == "cuda" else None
     for model in models.values():
         model.train()
     for workload in workloads:
@@ -241,15 +364,26 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
             row[f"{name}_tok_s"] = tokens / seconds
             if device.type == "cuda":
                 row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["ours_tok_s"] = max(row.get(f"{name}_tok_s", 0.0) for name in ours_models)
+        best = max(ours_models, key=lambda name: row.get(f"{name}_tok_s", 0.0))
+        row["ours_variant"] = best
+        row["ours_tok_s"] = row.get(f"{best}_tok_s", 0.0)
+        row["ours_peak_gib"] = row.get(f"{best}_peak_gib")
         row["speedup"] = row["ours_tok_s"] / row["hf_sdpa_tok_s"]
+        if device.type == "cuda":
+            add_ceiling(row, tokens, measure_ceiling(ceiling, tokens, cu, max_len, device, args, train=True))
+        if args.profile and device.type == "cuda" and workload is workloads[0]:
+            model = models[best]
+            print(f"\nprofile of one training step, {workload.name}, {best}:")
+            print(profile_calls(lambda: step(best, model), count=3), flush=True)
+            model.zero_grad(set_to_none=True)
         results[workload.name] = row
         print(
-            f"  train {workload.name}: ours {row['ours_tok_s'] / 1e3:.0f} k tok/s, "
-            f"hf {row['hf_sdpa_tok_s'] / 1e3:.0f} k tok/s, x{row['speedup']:.2f}",
+            f"  train {workload.name}: ours {row['ours_tok_s'] / 1e3:.0f} k tok/s ({best}, "
+            f"peak {row['ours_peak_gib'] or 0:.1f} GiB), hf {row['hf_sdpa_tok_s'] / 1e3:.0f} k tok/s, "
+            f"x{row['speedup']:.2f}, ceiling {row.get('ceiling_tok_s', 0) / 1e3:.0f} k tok/s",
             flush=True,
         )
-    if device.type == "cuda" and not args.small:
+    if device.type == "cuda" and not args.small and args.max_batch:
         results["max_8192_batch"] = {
             name: largest_batch(lambda b, m=model, n=name: train_long(m, b, config, device, n != "hf_sdpa"))
             for name, model in models.items()
@@ -261,10 +395,8 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
     return results
 
 
-def profile_forward(forward, config, device, workload: Workload, rows: int = 18) -> str:
-    """The kernels that take the GPU's time in one forward, as a table."""
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_forward(forward, config, device, workload: Workload) -> str:
+    """The kernels that take the GPU's time in one forward (five forwards summed), as a table."""
     generator = torch.Generator().manual_seed(5)
     lengths = workload.lengths(generator)
     packed, cu, _, _ = make_batch(lengths, config.vocab_size, device, generator)
@@ -272,10 +404,16 @@ def profile_forward(forward, config, device, workload: Workload, rows: int = 18)
     with torch.inference_mode():
         for _ in range(3):
             forward(packed, cu, max(lengths), positions)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                forward(packed, cu, max(lengths), positions)
-            torch.cuda.synchronize()
+        return profile_calls(lambda: forward(packed, cu, max(lengths), positions), count=5)
+
+
+def profile_calls(fn, count: int, rows: int = 22) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(count):
+            fn()
+        torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 
@@ -339,9 +477,18 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="eager,compiled,compiled_layers",
-        help="comma list of: eager, compiled, compiled_layers, autotune_layers",
+        help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers "
+        "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
+    parser.add_argument(
+        "--train-variants",
+        default="eager,compiled_layers",
+        help="comma list of: eager, compiled_layers, compiled_layers_varlen",
+    )
+    parser.add_argument(
+        "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
+    )
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
@@ -351,24 +498,23 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, ours, hf = build_models(args.small, device, dtype, "auto")
     workloads = SMALL if args.small else FULL
-    variants, wanted = {}, args.variants.split(",")
-    if "eager" in wanted:
-        variants["eager"] = lambda *a: ours_forward(ours, *a)
-    if "compiled" in wanted:
-        compiled = compiled_forward(ours)
-        variants["compiled"] = lambda p, c, m, pos: compiled(p, c, m, position_ids=pos, check_inputs=False)
-    layer_compiled = copy.deepcopy(ours).compile_layers()
-    if "compiled_layers" in wanted:
-        variants["compiled_layers"] = lambda *a: ours_forward(layer_compiled, *a)
-    if "autotune_layers" in wanted:
-        autotuned = copy.deepcopy(ours).compile_layers(mode="max-autotune-no-cudagraphs")
-        variants["autotune_layers"] = lambda *a: ours_forward(autotuned, *a)
+    models = ModelVariants(ours)
+    variants = {}
+    for name in args.variants.split(","):
+        if name == "compiled":
+            compiled = compiled_forward(ours)
+            variants[name] = lambda p, c, m, pos, f=compiled: f(p, c, m, position_ids=pos, check_inputs=False)
+        else:
+            variants[name] = lambda *a, model=models.get(name): ours_forward(model, *a)
 
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "triton": triton_version(),
         "dtype": str(dtype),
         "shape": "small" if args.small else "base",
+        "command": "python3 " + " ".join(sys.argv),
+        "attn_backend": ours_attention_backend(device) if device.type == "cuda" else "packed_sdpa",
         "workloads": measure_inference(args, config, ours, hf, device, workloads, variants),
     }
     results["bf16_relative_error_vs_fp32"] = relative_error_vs_fp32(
@@ -382,9 +528,39 @@ def main() -> None:
         table = profile_forward(variants[best], config, device, workloads[0])
         print(f"\nprofile of {workloads[0].name}, {best}:\n{table}")
     if args.train:
-        ours_models = {"ours_eager": ours, "ours_compiled": layer_compiled}
+        ours_models = {f"ours_{name}": models.get(name) for name in args.train_variants.split(",")}
         results["training"] = measure_training(args, config, ours_models, hf, device, workloads)
         save(results, args.out)
+
+
+class ModelVariants:
+    """The benchmarked model (`eager`) and copies of it, made on first use: compiled layers, or
+    compiled layers with FlashAttention in every layer (`_varlen`)."""
+
+    def __init__(self, base):
+        self.base, self.made = base, {"eager": base}
+
+    def get(self, name: str):
+        if name not in self.made:
+            model = copy.deepcopy(self.base)
+            if name.endswith("_varlen"):
+                model.attn_backend = "varlen"
+            if name.startswith("compiled_layers"):
+                model.compile_layers()
+            elif name == "autotune_layers":
+                model.compile_layers(mode="max-autotune-no-cudagraphs")
+            else:
+                raise ValueError(f"unknown variant {name!r}")
+            self.made[name] = model
+        return self.made[name]
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def save(results: dict, path: Path) -> None:

@@ -1,6 +1,9 @@
 """Attention over packed sequences: q, k, v are [total_tokens, heads, head_dim] plus `cu_seqlens`.
 
 Backends:
+- "triton": our Triton sliding-window kernel (`window_attention.py`, forward and backward) for the
+  local layers, which visits only the key blocks inside each window, and varlen_attn for the global
+  layers (CUDA, fp16/bf16, needs the triton package);
 - "varlen": `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside PyTorch, CUDA, fp16/bf16);
 - "flash_attn": `flash_attn.flash_attn_varlen_func` from the flash-attn package;
 - "packed_sdpa": scaled_dot_product_attention on the packed tensors without re-padding, any device
@@ -8,7 +11,7 @@ Backends:
   sliding-window attention in blocks of queries against the keys around them;
 - "reference": scaled_dot_product_attention on the batch re-padded to [B, L] (one sequence at a
   time for very uneven batches), any device and dtype.
-"auto" picks the first of varlen and flash_attn that can run on the given tensors; otherwise
+"auto" picks the first of triton, varlen and flash_attn that can run on the given tensors; otherwise
 packed_sdpa for CPU inference without gradients (it scores no padding: on 16k-token batches of
 code of mixed lengths, 2.8x less time in global and 4x less in sliding-window attention than the
 re-padded reference) and reference elsewhere. With a `key_mask`, packed_sdpa hands over to reference.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "varlen", "flash_attn", "packed_sdpa", "reference")
+BACKENDS = ("auto", "triton", "varlen", "flash_attn", "packed_sdpa", "reference")
 _HALF = (torch.float16, torch.bfloat16)
 PADDED_SCORES_LIMIT = 2**26  # B x L x L mask entries the re-padded reference path may build
 WINDOW_BLOCK = 32  # queries per block of packed_sdpa's sliding-window attention
@@ -44,6 +47,12 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str 
         except ImportError:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (PyTorch >= 2.10 has it)"
         return None
+    if name == "triton":
+        try:
+            import mbert_retrieval.modeling.window_attention  # noqa: F401
+        except ImportError:
+            return "the triton package is not installed (pip install triton)"
+        return why_unavailable("varlen", device, dtype)  # the global layers
     if name == "flash_attn":
         try:
             import flash_attn  # noqa: F401
@@ -60,7 +69,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         if reason:
             raise RuntimeError(reason)
         return name
-    for candidate in ("varlen", "flash_attn"):
+    for candidate in ("triton", "varlen", "flash_attn"):
         if why_unavailable(candidate, device, dtype) is None:
             return candidate
     # CPU training keeps the reference path and its exact numerics; name packed_sdpa to train with it
@@ -77,12 +86,22 @@ def packed_attention(
     window_half: int | None,
     backend: str,
     key_mask: torch.Tensor | None = None,
+    sequence_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sequence; `window_half` tokens each side if set.
 
     `key_mask` [N] (reference backend; packed_sdpa falls back to it) keeps tokens others may attend to; every token still
-    computes its own output. A token left with nothing to attend to gets zeros.
+    computes its own output. A token left with nothing to attend to gets zeros. `sequence_ids` [N]
+    int32 (`window_attention.sequence_ids`), for the triton backend, is made once per forward.
     """
+    if backend == "triton":
+        if uses_window_kernel(backend, window_half, max_seqlen, q.shape[-1]):
+            from mbert_retrieval.modeling.window_attention import window_attention
+
+            return window_attention(q, k, v, cu_seqlens, window_half, sequence_ids)
+        backend = "varlen"
+        if window_half is not None and max_seqlen <= window_half + 1:
+            window_half = None  # a window wider than every sequence is no window
     window = (window_half, window_half) if window_half is not None else (-1, -1)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
@@ -100,6 +119,18 @@ def packed_attention(
             return per_sequence_sdpa(q, k, v, cu_seqlens)
         return blocked_window_sdpa(q, k, v, cu_seqlens, window_half)
     return reference_attention(q, k, v, cu_seqlens, window_half, key_mask)
+
+
+def uses_window_kernel(backend: str, window_half: int | None, max_seqlen: int, head_dim: int) -> bool:
+    """Whether a layer runs our Triton window kernel: the triton backend, a window narrower than the
+    longest sequence, and a head size the kernel takes."""
+    return (
+        backend == "triton"
+        and window_half is not None
+        and max_seqlen > window_half + 1
+        and head_dim >= 16
+        and head_dim & (head_dim - 1) == 0
+    )
 
 
 @torch.compiler.disable  # a Python loop over the batch's lengths: compiled, it would recompile per batch

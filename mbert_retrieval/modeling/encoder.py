@@ -93,13 +93,17 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None):
+    def forward(
+        self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
+    ):
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
         # q and k rotated together into one buffer and passed on as views: one fused pass, and a
         # compiled training step of 43 ms instead of 58 ms on an H100 (benchmarks/NOTES.md, step 6).
         q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
         v = qkv[:, 2]
-        out = packed_attention(q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask)
+        out = packed_attention(
+            q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
+        )
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
 
@@ -128,12 +132,23 @@ class Layer(nn.Module):
         self.mlp_norm = layer_norm(config)
         self.mlp = GeGLU(config)
 
-    def forward(self, x, pending, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None):
+    def forward(
+        self,
+        x,
+        pending,
+        rope: tuple,
+        cu_seqlens,
+        max_seqlen: int,
+        backend: str,
+        key_mask=None,
+        sequence_ids=None,
+    ):
         """Returns the residual stream and the MLP's output not yet added to it (`pending`): the next
         layer adds it as its first step, or the model before the final norm."""
         if pending is not None:
             x = add_before_norm(x, pending)
-        x = add_before_norm(x, self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask))
+        attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
+        x = add_before_norm(x, attended)
         return x, self.mlp(self.mlp_norm(x))
 
 
@@ -225,10 +240,15 @@ class ModernBert(nn.Module):
         if key_mask is not None:  # the packed kernels have no per-key mask
             backend = "reference"
         global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
+        sequence_ids = None
+        if backend == "triton":  # the window kernel's masks, made once for all layers
+            from mbert_retrieval.modeling.window_attention import sequence_ids as make_sequence_ids
+
+            sequence_ids = make_sequence_ids(cu_seqlens, input_ids.shape[0])
         x, pending = self.embeddings(input_ids), None
         for layer in self.layers:
             rope = global_rope if layer.is_global else local_rope
-            args = (rope, cu_seqlens, max_seqlen, backend, key_mask)
+            args = (rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
             if self.gradient_checkpointing and self.training:
                 x, pending = torch.utils.checkpoint.checkpoint(layer, x, pending, *args, use_reentrant=False)
             else:

@@ -1,0 +1,138 @@
+"""One local layer's attention alone: our Triton window kernel's launch shapes against varlen_attn.
+
+ModernBERT-base's shape (12 heads of 64, window 64 each side), bf16, on the encoder benchmark's
+short and long variable batches. Times (median of CUDA-graph replays, so launch overhead is left
+out) FlashAttention (varlen_attn) with the same window and with none, forward and forward +
+backward, and each launch shape (`Tiles`) of our forward and
+of our backward's two kernels (the bwd rows time the whole backward with one kernel's shape
+varied); prints a table and writes JSON:
+
+    PYTHONPATH=. python3 benchmarks/window_kernel_sweep.py --out benchmarks/results/window_kernel_sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.encoder_throughput import FULL
+from mbert_retrieval.modeling import window_attention as kernels
+
+HEADS, DIM, WINDOW = 12, 64, 64
+FORWARD_CANDIDATES = [
+    kernels.Tiles(64, 64, 4, 2),
+    kernels.Tiles(64, 32, 4, 2),
+    kernels.Tiles(128, 64, 8, 2),
+    kernels.Tiles(32, 32, 2, 2),
+]
+# dk/dv: block_m queries per step against block_n keys per program; dq: the other way round
+DKDV_CANDIDATES = [
+    kernels.Tiles(64, 64, 4, 2),
+    kernels.Tiles(64, 64, 8, 2),
+    kernels.Tiles(32, 64, 4, 2),
+    kernels.Tiles(32, 128, 8, 2),
+]
+DQ_CANDIDATES = [
+    kernels.Tiles(64, 64, 4, 2),
+    kernels.Tiles(64, 64, 8, 2),
+    kernels.Tiles(64, 32, 4, 2),
+]
+
+
+def varlen(q, k, v, cu, max_len, window):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(window, window))
+
+
+def fwd_bwd(attend, q, k, v, grad):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    torch.autograd.grad(attend(q, k, v), (q, k, v), grad)
+
+
+def microseconds(fn) -> float:
+    """Median GPU time of one call, from CUDA-graph replays (no launch overhead)."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
+
+
+def tiles_name(tiles) -> str:
+    return f"{tiles.block_m}x{tiles.block_n}_w{tiles.warps}_s{tiles.stages}"
+
+
+def measure(lengths: list[int]) -> dict:
+    device = torch.device("cuda")
+    tokens = sum(lengths)
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to(device)
+    seq = kernels.sequence_ids(cu, tokens)
+    qkv = torch.randn(tokens, 3, HEADS, DIM, device=device, dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(1)  # strided views, as the model passes them
+    grad = torch.randn(tokens, HEADS, DIM, device=device, dtype=torch.bfloat16)
+    max_len = max(lengths)
+    row = {"tokens": tokens}
+
+    def record(name, fn):
+        try:
+            row[name] = microseconds(fn)
+        except Exception as err:  # a launch shape that does not fit is reported, not fatal
+            row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:300]
+
+    for window, label in ((WINDOW, "varlen_window"), (-1, "varlen_global")):
+        with torch.inference_mode():
+            record(f"{label}_fwd_us", lambda w=window: varlen(q, k, v, cu, max_len, w))
+        record(
+            f"{label}_fwd_bwd_us",
+            lambda w=window: fwd_bwd(lambda *t: varlen(*t, cu, max_len, w), q, k, v, grad),
+        )
+
+    for tiles in FORWARD_CANDIDATES:
+        kernels.FORWARD = tiles
+        record(f"fwd_{tiles_name(tiles)}_us", lambda: kernels.window_attention_fwd(q, k, v, cu, seq, WINDOW))
+    kernels.FORWARD = FORWARD_CANDIDATES[0]
+    # our kernel as global attention (a window as long as the longest sequence), for comparison
+    record("fwd_as_global_us", lambda: kernels.window_attention_fwd(q, k, v, cu, seq, max_len))
+    out, lse = kernels.window_attention_fwd(q, k, v, cu, seq, WINDOW)
+
+    def backward():
+        return kernels.window_attention_bwd(grad, q, k, v, out, lse, cu, seq, WINDOW)
+
+    for tiles in DKDV_CANDIDATES:
+        kernels.BACKWARD_DKDV = tiles
+        record(f"bwd_dkdv_{tiles_name(tiles)}_us", backward)
+    kernels.BACKWARD_DKDV = DKDV_CANDIDATES[0]
+    for tiles in DQ_CANDIDATES:
+        kernels.BACKWARD_DQ = tiles
+        record(f"bwd_dq_{tiles_name(tiles)}_us", backward)
+    kernels.BACKWARD_DQ = DQ_CANDIDATES[0]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/window_kernel_sweep.json"))
+    args = parser.parse_args()
+    generator = torch.Generator().manual_seed(1)
+    results = {"device": torch.cuda.get_device_name(), "command": "python3 " + " ".join(sys.argv)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for workload in FULL:
+        if workload.mean is not None:
+            results[workload.name] = measure(workload.lengths(generator))
+            args.out.write_text(json.dumps(results, indent=2))  # after each workload
+    for name, row in results.items():
+        if isinstance(row, dict):
+            print(f"\n{name} ({row['tokens']} tokens), us per call (CUDA-graph replays):")
+            for key, value in row.items():
+                if key != "tokens":
+                    print(f"  {key:32s} {value if isinstance(value, str) else f'{value:8.1f}'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Sliding-window attention over packed sequences, as Triton kernels (forward and backward).
+
+q, k, v are [N, heads, head_dim] (any token and head strides, unit stride along head_dim) and
+`cu_seqlens` [B+1] marks where each sequence starts. Query i attends to key j when both are in the
+same sequence and |i - j| <= window. Within one sequence, packed distance is position distance, so
+a block of queries [m, m + block_m) needs only the keys [m - window, m + block_m + window), cut to
+the block's sequences: the kernels visit those key blocks alone and mask only inside them, where
+FlashAttention's windowed varlen kernel was measured slower on ~250-token documents than its
+global one (benchmarks/NOTES.md). Tokens' sequence indices (`sequence_ids`, made once per forward)
+give the masks and, with `cu_seqlens`, each block's range of keys.
+
+`window_attention` is a `torch.library` custom op with its own backward, so `torch.compile`
+keeps it as one opaque call.
+On a CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before import): that
+is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A kernel's launch shape: queries per block, keys per block, warps, pipeline stages."""
+
+    block_m: int = 64
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 2
+
+
+# Launch shapes chosen by benchmarks/window_kernel_sweep.py on an H200 (results/window_kernel_sweep.json):
+# the backward's dk/dv kernel takes 32 queries per step, its dq kernel 32 keys per step.
+FORWARD = Tiles()
+BACKWARD_DKDV = Tiles(block_m=32, block_n=64)
+BACKWARD_DQ = Tiles(block_m=64, block_n=32)
+
+
+@triton.jit
+def _visible_range(CU, SEQ, first, count, n_tokens, window):
+    """[lo, hi): the tokens that tokens [first, first + count) can see. Both a token's sequence start
+    and its window start grow with the token, so the first token sets lo and the last sets hi."""
+    last = tl.minimum(first + count, n_tokens) - 1
+    first_start = tl.load(CU + tl.load(SEQ + first))
+    last_end = tl.load(CU + tl.load(SEQ + last) + 1)
+    return tl.maximum(first - window, first_start), tl.minimum(last + window + 1, last_end)
+
+
+@triton.jit
+def _window_fwd(
+    Q, K, V, OUT, LSE, CU, SEQ,
+    n_tokens, window, scale_log2,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < n_tokens
+    row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
+    key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
+
+    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for block in range(key_lo, key_hi, BLOCK_N):
+        cols = block + tl.arange(0, BLOCK_N)
+        col_ok = cols < key_hi
+        col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        distance = rows[:, None] - cols[None, :]
+        allowed = (row_seq[:, None] == col_seq[None, :]) & (distance <= window) & (distance >= -window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(
+        OUT + rows[:, None] * so_t + head * so_h + dims[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+    tl.store(LSE + head * n_tokens + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _window_bwd_delta(
+    OUT, DO, DELTA, n_tokens, so_t, so_h, sdo_t, sdo_h, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    """delta[head, i] = <dO_i, O_i>, the softmax backward's row term."""
+    head = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = rows < n_tokens
+    o = tl.load(OUT + rows[:, None] * so_t + head * so_h + dims[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + head * n_tokens + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit
+def _window_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEQ,
+    n_tokens, window, scale_log2, scale,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """One block of keys: loop over the queries that can see them (the same window, mirrored)."""
+    head = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_N
+    cols = first + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    col_ok = cols < n_tokens
+    col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+    query_lo, query_hi = _visible_range(CU, SEQ, first, BLOCK_N, n_tokens, window)
+
+    k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for block in range(query_lo, query_hi, BLOCK_M):
+        rows = block + tl.arange(0, BLOCK_M)
+        row_ok = rows < query_hi
+        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(
+            DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0
+        )
+        lse = tl.load(LSE + head * n_tokens + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head * n_tokens + rows, mask=row_ok, other=0.0)
+        row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
+        s_t = tl.dot(k, tl.trans(q)) * scale_log2  # [keys, queries]
+        distance = rows[None, :] - cols[:, None]
+        allowed = (col_seq[:, None] == row_seq[None, :]) & (distance <= window) & (distance >= -window)
+        p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    dk = dk * scale
+    tl.store(
+        DK + cols[:, None] * sdk_t + head * sdk_h + dims[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+    tl.store(
+        DV + cols[:, None] * sdv_t + head * sdv_h + dims[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+
+
+@triton.jit
+def _window_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, CU, SEQ,
+    n_tokens, window, scale_log2, scale,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    head = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < n_tokens
+    row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
+    key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
+
+    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + head * n_tokens + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head * n_tokens + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for block in range(key_lo, key_hi, BLOCK_N):
+        cols = block + tl.arange(0, BLOCK_N)
+        col_ok = cols < key_hi
+        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        distance = rows[:, None] - cols[None, :]
+        allowed = (row_seq[:, None] == col_seq[None, :]) & (distance <= window) & (distance >= -window)
+        p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    dq = dq * scale
+    tl.store(
+        DQ + rows[:, None] * sdq_t + head * sdq_h + dims[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def sequence_ids(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each packed token's sequence index [N] int32, on the device without a host sync."""
+    index = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], index, right=True, out_int32=True)
+
+
+def _scales(head_dim: int) -> tuple[float, float]:
+    scale = 1.0 / math.sqrt(head_dim)
+    return scale, scale * LOG2_E
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must share one [tokens, heads, dim] shape, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if not supports_head_dim(q.shape[-1]):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the window kernel, got {q.shape[-1]}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError("cu_seqlens must be int32")
+
+
+@torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())
+def window_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    _check(q, k, v, cu_seqlens)
+    tokens, heads, dim = q.shape
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((heads, tokens), dtype=torch.float32)
+    tiles = FORWARD
+    _window_fwd[(triton.cdiv(tokens, tiles.block_m), heads)](
+        q, k, v, out, lse, cu_seqlens, seq_ids,
+        tokens, window, _scales(dim)[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    return out, lse
+
+
+@window_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens, seq_ids, window):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())
+def window_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, each [N, heads, dim]."""
+    grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
+    tokens, heads, dim = q.shape
+    scale, scale_log2 = _scales(dim)
+    delta = torch.empty_like(lse)
+    _window_bwd_delta[(triton.cdiv(tokens, 64), heads)](
+        out, grad_out, delta, tokens, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+        BLOCK_M=64, HEAD_DIM=dim, num_warps=4,
+    )  # fmt: skip
+    dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    strides += (grad_out.stride(0), grad_out.stride(1))
+    tiles = BACKWARD_DKDV
+    _window_bwd_dkdv[(triton.cdiv(tokens, tiles.block_n), heads)](
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seq_ids,
+        tokens, window, scale_log2, scale,
+        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    tiles = BACKWARD_DQ
+    _window_bwd_dq[(triton.cdiv(tokens, tiles.block_m), heads)](
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens, seq_ids,
+        tokens, window, scale_log2, scale,
+        *strides, dq.stride(0), dq.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@window_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, seq_ids, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seq_ids)
+    ctx.window = window
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens, seq_ids = ctx.saved_tensors
+    dq, dk, dv = window_attention_bwd(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, ctx.window)
+    return dq, dk, dv, None, None, None
+
+
+window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window: int,
+    seq_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each query attends to the keys of its own sequence at most `window` tokens away: [N, heads, dim].
+
+    `seq_ids` [N] int32 (`sequence_ids`), when the caller has it, saves computing it per call."""
+    if seq_ids is None:
+        seq_ids = sequence_ids(cu_seqlens, q.shape[0])
+    return window_attention_fwd(q, k, v, cu_seqlens, seq_ids, window)[0]

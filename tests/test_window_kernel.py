@@ -1,0 +1,127 @@
+"""The Triton sliding-window kernels against the reference attention, forward and backward.
+
+They run on a CUDA GPU, or on the CPU under Triton's interpreter:
+    TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_window_kernel.py
+Without either (or without Triton) the tests are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mbert_retrieval import ModernBert
+from mbert_retrieval.modeling.attention import reference_attention
+
+triton = pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the window kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from mbert_retrieval.modeling import window_attention as kernels  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+HEADS, DIM = (12, 64) if ON_GPU else (2, 16)
+LENGTHS = [300, 5, 129, 64, 200, 1, 130]
+
+
+def packed_qkv(lengths, generator, layout="separate"):
+    """q, k, v [N, heads, dim]; `qkv` layout: views into one [N, 3, heads, dim] buffer like the model's."""
+    tokens = sum(lengths)
+    if layout == "qkv":
+        buffer = torch.randn(tokens, 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
+        return buffer.unbind(1)
+    return [torch.randn(tokens, HEADS, DIM, generator=generator).to(DEVICE, DTYPE) for _ in range(3)]
+
+
+def cu_of(lengths):
+    return F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
+
+
+def relative_error(got, expected):
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+TOLERANCE = 1e-2 if ON_GPU else 1e-5  # bf16 operands on the GPU; float32 in the interpreter
+
+
+@pytest.mark.parametrize("window", [0, 3, 16, 64])
+@pytest.mark.parametrize("blocks", [(64, 64), (16, 32), (32, 16)])
+@pytest.mark.parametrize("lengths", [LENGTHS, [1], [7, 7, 7, 300, 1, 1, 40]])
+def test_forward_and_backward_match_reference(monkeypatch, window, blocks, lengths):
+    tiles = kernels.Tiles(block_m=blocks[0], block_n=blocks[1])
+    for name in ("FORWARD", "BACKWARD_DKDV", "BACKWARD_DQ"):
+        monkeypatch.setattr(kernels, name, tiles)
+    generator = torch.Generator().manual_seed(window * 7 + sum(blocks) + len(lengths))
+    cu = cu_of(lengths)
+    q, k, v = (t.requires_grad_() for t in packed_qkv(lengths, generator))
+    out = kernels.window_attention(q, k, v, cu, window)
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    expected = reference_attention(q32, k32, v32, cu, window)
+    assert relative_error(out, expected) < TOLERANCE
+
+    weights = torch.randn(out.shape, generator=generator).to(DEVICE, DTYPE)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights.float()).sum(), (q32, k32, v32))
+    # with window 0 a query sees itself alone and dq, dk are exactly zero: measure against dv's size
+    scale = expected_grads[2].norm()
+    for name, got, want in zip("qkv", grads, expected_grads):
+        assert torch.isfinite(got).all(), name
+        error = (got.float() - want).norm() / max(want.norm(), 0.1 * scale)
+        assert error < 2 * TOLERANCE, name
+
+
+def test_views_of_one_qkv_buffer_match_contiguous_copies():
+    generator = torch.Generator().manual_seed(3)
+    cu = cu_of(LENGTHS)
+    q, k, v = packed_qkv(LENGTHS, generator, layout="qkv")
+    strided = kernels.window_attention(q, k, v, cu, 16)
+    copied = kernels.window_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, 16)
+    torch.testing.assert_close(strided, copied, rtol=0, atol=0)
+
+
+def test_every_output_row_is_written():
+    generator = torch.Generator().manual_seed(4)
+    lengths = [33, 1, 70]
+    cu = cu_of(lengths)
+    q, k, v = packed_qkv(lengths, generator)
+    out, lse = kernels.window_attention_fwd(q, k, v, cu, kernels.sequence_ids(cu, sum(lengths)), 8)
+    assert torch.isfinite(out.float()).all() and torch.isfinite(lse).all()
+    # a one-token sequence attends only to itself: its output is its own value
+    torch.testing.assert_close(out[33].float(), v[33].float(), rtol=1e-2, atol=1e-2)
+
+
+def test_sequence_ids():
+    cu = cu_of([3, 1, 2])
+    assert kernels.sequence_ids(cu, 6).tolist() == [0, 0, 0, 1, 2, 2]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
+def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
+    """The whole encoder (local layers on the window kernel) against the fp32 reference path."""
+    fast = ModernBert.from_pretrained(
+        hf_encoder_dir, dtype=torch.bfloat16, device="cuda", attn_backend="triton"
+    )
+    exact = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend="reference")
+    lengths = [300, 5, 40, 129]
+    ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
+    cu = cu_of(lengths)
+    got = fast.train().forward_packed(ids, cu, max(lengths))
+    expected = exact.train().forward_packed(ids, cu, max(lengths))
+    assert relative_error(got, expected) < 2e-2
+    got.float().square().mean().backward()
+    expected.square().mean().backward()
+    for name, param in exact.named_parameters():
+        fast_grad = dict(fast.named_parameters())[name].grad
+        assert relative_error(fast_grad, param.grad) < 5e-2, name
+
+
+def test_bad_head_dim_is_a_clear_error():
+    x = torch.randn(10, 2, 24, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        kernels.window_attention(x, x, x, cu_of([10]), 4)
