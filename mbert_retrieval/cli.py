@@ -188,7 +188,7 @@ def search(
     if output is None:
         typer.echo(text, nl=False)
     else:
-        from mbert_retrieval.modeling.io import atomic_write_text
+        from mbert_retrieval.files import atomic_write_text
 
         atomic_write_text(output, text)
         typer.echo(f"wrote results of {len(named)} queries to {output}", err=True)

@@ -53,9 +53,9 @@ from mbert_retrieval.code.metadata import (
     write_pointer,
 )
 from mbert_retrieval.code.walk import SourceFile, scan_repository
+from mbert_retrieval.files import atomic_write_text
 from mbert_retrieval.index.faiss_index import FaissIndex
 from mbert_retrieval.index.storage import IndexFormatError
-from mbert_retrieval.modeling.io import atomic_write_text
 from mbert_retrieval.models.encoding import TRUNCATION_MESSAGE
 from mbert_retrieval.search.bm25 import BM25Index, top_k_indices
 from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT, convex_fusion

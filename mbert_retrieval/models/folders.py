@@ -19,10 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbert_retrieval.files import atomic_write_bytes, atomic_write_text
 from mbert_retrieval.modeling.io import (
     CheckpointError,
-    atomic_write_bytes,
-    atomic_write_text,
     find_weights,
     load_weights,
     read_json,

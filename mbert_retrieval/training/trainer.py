@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.files import atomic_write_text
 from mbert_retrieval.training import checkpoint
 from mbert_retrieval.training.batching import DataPosition, prefetch
 from mbert_retrieval.training.distributed import (
