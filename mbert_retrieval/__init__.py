@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mbert_retrieval._version import __version__ as __version__
 from mbert_retrieval.modeling import (
     CheckpointError,
     ConfigError,
@@ -21,8 +22,6 @@ from mbert_retrieval.modeling import (
     ModernBertForMaskedLM,
 )
 from mbert_retrieval.tokenization import load_tokenizer
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "DenseRetriever": "mbert_retrieval.models.dense",
