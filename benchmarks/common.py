@@ -1,9 +1,10 @@
-"""Pieces the benchmarks share: real Python sources to encode, and a random ModernBERT saved as a
-DenseRetriever folder."""
+"""Pieces the benchmarks share: real Python sources to encode, a random ModernBERT saved as a
+DenseRetriever folder, and writing a result."""
 
 from __future__ import annotations
 
 import ast
+import json
 import random
 import sysconfig
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mbert_retrieval import DenseRetriever
+from mbert_retrieval.files import atomic_write_text
 from mbert_retrieval.tokenization import train_tokenizer
 
 
@@ -68,3 +70,13 @@ def parsed_source_files(seed: int = 0) -> Iterator[tuple[list[str], ast.Module]]
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
             continue
         yield source.splitlines(), tree
+
+
+def write_result(result: dict, out: str | Path, table: str | None = None) -> None:
+    """The result as JSON at `out` and, when given, its table beside it as .md (printed first)."""
+    out = Path(out)
+    if table is not None:
+        print("\n" + table)
+        atomic_write_text(out.with_suffix(".md"), table + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if table is not None else ""), flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import platform
 import tempfile
 import textwrap
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import make_model_folder, parsed_source_files
+from benchmarks.common import make_model_folder, parsed_source_files, write_result
 from mbert_retrieval import DenseRetriever
 
 MAX_FUNCTIONS_PER_FILE = 25
@@ -179,10 +178,7 @@ def main() -> None:
         print(f"{name:24}{row['docs_per_s']:10.0f}{row['tokens_per_s'] / 1e6:10.3f}{row['speedup']:10.2f}")
     for name, values in agreement.items():
         print(f"{name} vs sentence-transformers: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import write_result
 from mbert_retrieval import ModernBert
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens
 
@@ -374,7 +374,7 @@ def main() -> None:
     results["bf16_relative_error_vs_fp32"] = relative_error_vs_fp32(
         args.small, ours, device, torch.Generator().manual_seed(3)
     )
-    save(results, args.out)  # after each phase, so a run cut short keeps what it measured
+    write_result(results, args.out)  # after each phase, so a run cut short keeps what it measured
     print_table(results)
     print(f"bf16 vs fp32 reference, relative error: {results['bf16_relative_error_vs_fp32']:.2e}")
     if args.profile and device.type == "cuda":
@@ -384,13 +384,7 @@ def main() -> None:
     if args.train:
         ours_models = {"ours_eager": ours, "ours_compiled": layer_compiled}
         results["training"] = measure_training(args, config, ours_models, hf, device, workloads)
-        save(results, args.out)
-
-
-def save(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}", flush=True)
+        write_result(results, args.out)
 
 
 if __name__ == "__main__":

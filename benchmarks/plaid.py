@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import write_result
 from mbert_retrieval.index.plaid import PlaidIndex
 
 OUR_SETTINGS = [  # (n_probe, n_query_probe, centroid_score_threshold, n_candidates), fastest first
@@ -393,15 +394,6 @@ def add_corpus_and_output_options(parser: argparse.ArgumentParser, name: str) ->
     )
 
 
-def write_results(result: dict, text: str, out: Path) -> None:
-    """Print the table; write the JSON to `out` and the table beside it as .md."""
-    print("\n" + text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
-
-
 def _setting(text: str) -> tuple[int, int, float, int]:
     n_probe, n_query_probe, threshold, n_candidates = text.split(",")
     return int(n_probe), int(n_query_probe), float(threshold), int(n_candidates)
@@ -491,7 +483,7 @@ def main() -> None:
         result["runs"].append(run)
         print(f"nbits={nbits} done")
 
-    write_results(result, table(result), args.out)
+    write_result(result, args.out, table(result))
 
 
 if __name__ == "__main__":

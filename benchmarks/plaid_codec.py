@@ -31,9 +31,9 @@ from plaid import (
     exhaustive_top_k,
     make_corpus,
     recall,
-    write_results,
 )
 
+from benchmarks.common import write_result
 from mbert_retrieval.index.codec import ResidualCodec, nearest_centroids
 from mbert_retrieval.index.kmeans import train_kmeans
 from mbert_retrieval.index.plaid import PlaidIndex
@@ -164,7 +164,7 @@ def main() -> None:
                 print(f"nbits={nbits} centroids={n_centroids} {name}: {run['codecs'][name]}", flush=True)
             result["runs"].append(run)
 
-    write_results(result, table(result), args.out)
+    write_result(result, args.out, table(result))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import secrets
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from benchmarks.common import write_result
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PACKAGES = ("json", "http", "concurrent")
@@ -297,11 +298,8 @@ def main() -> None:
         "note": args.note,
     }
     result["command"] = shlex.join(["python", *sys.argv])
-    text = table(result)
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print("\n" + table(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import make_model_folder, parsed_source_files
+from benchmarks.common import make_model_folder, parsed_source_files, write_result
 from mbert_retrieval import DenseRetriever
 from mbert_retrieval.training import DenseTask, JsonlExamples, Trainer, TrainingArguments
 
@@ -316,10 +316,7 @@ def main() -> None:
             f"{name:24}{row['steps_per_s']:9.2f}{row['tokens_per_s'] / 1e3:9.1f}{row['tokens_per_step']:10.0f}"
             f"{memory}{row['speedup_tokens']:10.2f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
