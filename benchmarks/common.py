@@ -14,7 +14,7 @@ import torch
 
 from mbert_retrieval import DenseRetriever
 from mbert_retrieval.files import atomic_write_text
-from mbert_retrieval.tokenization import train_tokenizer
+from mbert_retrieval.tokenization import special_token_ids, train_tokenizer
 
 
 def make_model_folder(texts: list[str], small: bool, max_length: int, directory: Path) -> Path:
@@ -24,10 +24,6 @@ def make_model_folder(texts: list[str], small: bool, max_length: int, directory:
     vocab = 4096 if small else 50368
     bare = directory / "bare"
     tokenizer = train_tokenizer(texts, vocab_size=vocab, save_directory=bare)
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"))
-    }
     shape = (
         dict(
             hidden_size=128,
@@ -42,11 +38,7 @@ def make_model_folder(texts: list[str], small: bool, max_length: int, directory:
     config = ModernBertConfig(
         vocab_size=vocab,
         max_position_embeddings=8192,
-        pad_token_id=ids["pad"],
-        cls_token_id=ids["cls"],
-        sep_token_id=ids["sep"],
-        bos_token_id=ids["cls"],
-        eos_token_id=ids["sep"],
+        **special_token_ids(tokenizer),
         **shape,
     )
     torch.manual_seed(0)
