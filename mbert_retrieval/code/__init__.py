@@ -11,29 +11,13 @@ Names are imported on first use, so the command line stays quick to start.
 
 from __future__ import annotations
 
-import importlib
+from mbert_retrieval.lazy import lazy_attributes
 
-_LAZY = {
-    "LANGUAGES": "mbert_retrieval.code.chunking",
-    "Chunk": "mbert_retrieval.code.chunking",
-    "ChunkSettings": "mbert_retrieval.code.chunking",
-    "chunk_file": "mbert_retrieval.code.chunking",
-    "ModelNotFoundError": "mbert_retrieval.code.encoders",
-    "load_encoder": "mbert_retrieval.code.encoders",
-    "load_reranker": "mbert_retrieval.code.encoders",
-    "CodeHit": "mbert_retrieval.code.index",
-    "CodeIndex": "mbert_retrieval.code.index",
-    "FusionSettings": "mbert_retrieval.code.index",
-    "IndexReport": "mbert_retrieval.code.index",
-    "build_code_index": "mbert_retrieval.code.index",
-    "Scan": "mbert_retrieval.code.walk",
-    "SourceFile": "mbert_retrieval.code.walk",
-    "scan_repository": "mbert_retrieval.code.walk",
+_NAMES = {
+    "chunking": ["LANGUAGES", "Chunk", "ChunkSettings", "chunk_file"],
+    "encoders": ["ModelNotFoundError", "load_encoder", "load_reranker"],
+    "index": ["CodeHit", "CodeIndex", "FusionSettings", "IndexReport", "build_code_index"],
+    "walk": ["Scan", "SourceFile", "scan_repository"],
 }
-__all__ = list(_LAZY)
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mbert_retrieval.code' has no attribute {name!r}")
+__all__ = [name for names in _NAMES.values() for name in names]
+__getattr__ = lazy_attributes(__name__, _NAMES)
