@@ -12,9 +12,11 @@ import json
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable
 from enum import Enum
+from operator import attrgetter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -382,20 +384,11 @@ def search_code_index(index_dir, named: dict[str, str], k, rerank, first_stage_k
         )
     except OSError as err:  # a model that is not there (transformers raises OSError)
         raise BadInput(str(err)) from err
-    lines = []
-    for (query_id, text), ranking in zip(named.items(), hits):
-        if output_format == OutputFormat.json:
-            row = {"query_id": query_id, "query": text, "hits": [hit_record(h) for h in ranking]}
-            lines.append(json.dumps(row))
-        elif output_format == OutputFormat.trec:
-            lines += [
-                f"{query_id} Q0 {h.path}:{h.start_line}-{h.end_line} {rank} {h.score:.6f} mbert-retrieval"
-                for rank, h in enumerate(ranking, 1)
-            ]
-        else:
-            lines.append(f"[{query_id}] {text}")
-            lines += [f"  {rank:>3}. {hit_line(h)}" for rank, h in enumerate(ranking, 1)]
-    return "\n".join(lines) + "\n"
+    return format_hits(named, hits, output_format, record=hit_record, trec_id=code_hit_id, line=hit_line)
+
+
+def code_hit_id(hit) -> str:
+    return f"{hit.path}:{hit.start_line}-{hit.end_line}"
 
 
 def check_output_folder(folder: Path, overwrite: bool, marker: str) -> None:
@@ -457,26 +450,37 @@ def read_text_file(path: Path) -> str:
         raise BadInput(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
-def format_hits(named: dict[str, str], hits, output_format: OutputFormat) -> str:
+def document_record(hit) -> dict:
+    return {"id": hit.id, "score": hit.score}
+
+
+def document_line(hit) -> str:
+    preview = " ".join(hit.text.split())[:80]
+    return f"{hit.score:9.4f}  {hit.id}  {preview}"
+
+
+def format_hits(
+    named: dict[str, str],
+    hits,
+    output_format: OutputFormat,
+    record: Callable[[Any], dict] = document_record,
+    trec_id: Callable[[Any], str] = attrgetter("id"),
+    line: Callable[[Any], str] = document_line,
+) -> str:
+    """The rankings as JSON lines (`record` of each hit), a TREC run or text (`line` of each hit)."""
     lines = []
     for (query_id, text), ranking in zip(named.items(), hits):
         if output_format == OutputFormat.json:
-            row = {
-                "query_id": query_id,
-                "query": text,
-                "hits": [{"id": h.id, "score": h.score} for h in ranking],
-            }
+            row = {"query_id": query_id, "query": text, "hits": [record(h) for h in ranking]}
             lines.append(json.dumps(row))
         elif output_format == OutputFormat.trec:
             lines += [
-                f"{query_id} Q0 {h.id} {rank} {h.score:.6f} mbert-retrieval"
+                f"{query_id} Q0 {trec_id(h)} {rank} {h.score:.6f} mbert-retrieval"
                 for rank, h in enumerate(ranking, 1)
             ]
         else:
             lines.append(f"[{query_id}] {text}")
-            for rank, h in enumerate(ranking, 1):
-                preview = " ".join(h.text.split())[:80]
-                lines.append(f"  {rank:>3}. {h.score:9.4f}  {h.id}  {preview}")
+            lines += [f"  {rank:>3}. {line(h)}" for rank, h in enumerate(ranking, 1)]
     return "\n".join(lines) + "\n"
 
 
