@@ -1,5 +1,5 @@
-"""Pieces the benchmarks share: real Python sources to encode, a random ModernBERT saved as a
-DenseRetriever folder, and writing a result."""
+"""Pieces the benchmarks share: real Python sources and samples of them, a random ModernBERT saved
+as a DenseRetriever folder, and writing a result."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import ast
 import json
 import random
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -62,6 +63,36 @@ def parsed_source_files(seed: int = 0) -> Iterator[tuple[list[str], ast.Module]]
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
             continue
         yield source.splitlines(), tree
+
+
+Item = TypeVar("Item")
+
+
+def sample_source_files(
+    extract: Callable[[ast.AST, list[str]], Item | None],
+    limit: int,
+    per_file: int,
+    seed: int = 0,
+    key: Callable[[Item], Hashable] = lambda item: item,
+) -> list[Item]:
+    """Up to `limit` distinct items (by `key`), at most `per_file` from any one source file;
+    `extract(node, lines)` makes an item of a syntax node, or None to pass over it."""
+    items: list[Any] = []
+    seen: set = set()
+    for lines, tree in parsed_source_files(seed):
+        taken = 0
+        for node in ast.walk(tree):
+            item = extract(node, lines)
+            if item is None or key(item) in seen:
+                continue
+            seen.add(key(item))
+            items.append(item)
+            taken += 1
+            if taken == per_file or len(items) == limit:
+                break
+        if len(items) == limit:
+            break
+    return items
 
 
 def write_result(result: dict, out: str | Path, table: str | None = None) -> None:
