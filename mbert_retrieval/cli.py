@@ -168,8 +168,6 @@ def search(
 ):
     """Search a saved index (or a code index) with one or more queries."""
     from mbert_retrieval.code.cli import is_code_index
-    from mbert_retrieval.search.models import canonical_name
-    from mbert_retrieval.search.retriever import Retriever
 
     if not index_dir.is_dir():
         problem = "is a file, not an index folder" if index_dir.exists() else "does not exist"
@@ -178,13 +176,7 @@ def search(
     if is_code_index(index_dir):
         text = search_code_index(index_dir, named, top_k, rerank, first_stage_k, output_format)
     else:
-        retriever = Retriever.load(
-            index_dir,
-            reranker_name=canonical_name(rerank) if rerank else None,
-            device=device,
-            show_progress=progress,
-        )
-        retriever.first_stage_k = first_stage_k
+        retriever = load_saved_retriever(index_dir, rerank, first_stage_k, device, progress)
         hits = retriever.search(list(named.values()), k=top_k)
         text = format_hits(named, hits, output_format)
     if output is None:
@@ -237,16 +229,7 @@ def evaluate(
     dataset = resolve_dataset(data, split)
     report_dataset(dataset)
     if (Path(system) / "retriever.json").is_file():
-        from mbert_retrieval.search.models import canonical_name
-        from mbert_retrieval.search.retriever import Retriever
-
-        retriever = Retriever.load(
-            system,
-            reranker_name=canonical_name(rerank) if rerank else None,
-            device=device,
-            show_progress=progress,
-        )
-        retriever.first_stage_k = first_stage_k
+        retriever = load_saved_retriever(Path(system), rerank, first_stage_k, device, progress)
     else:
         retriever = make_retriever(
             system, index_kind.value, rerank, first_stage_k, device, progress, split_identifiers
@@ -354,6 +337,21 @@ def build_code_dataset_command(
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def load_saved_retriever(folder: Path, rerank, first_stage_k, device, progress):
+    """A Retriever saved by `index`, with the reranker and first-stage depth of the options."""
+    from mbert_retrieval.search.models import canonical_name
+    from mbert_retrieval.search.retriever import Retriever
+
+    retriever = Retriever.load(
+        folder,
+        reranker_name=canonical_name(rerank) if rerank else None,
+        device=device,
+        show_progress=progress,
+    )
+    retriever.first_stage_k = first_stage_k
+    return retriever
 
 
 def make_retriever(system, index_kind, rerank, first_stage_k, device, progress, split_identifiers):
