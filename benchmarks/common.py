@@ -1,5 +1,5 @@
 """Pieces the benchmarks share: real Python sources and samples of them, a random ModernBERT saved
-as a DenseRetriever folder, and writing a result."""
+as a DenseRetriever folder, and writing a result and its table."""
 
 from __future__ import annotations
 
@@ -93,6 +93,15 @@ def sample_source_files(
         if len(items) == limit:
             break
     return items
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """The lines of a Markdown table: the header, its rule, then one line per row."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
 
 
 def write_result(result: dict, out: str | Path, table: str | None = None) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import markdown_table, write_result
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PACKAGES = ("json", "http", "concurrent")
@@ -228,17 +228,10 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 def table(result: dict) -> str:
-    rows = [
-        "| phase | requests | req/s | p50 ms | p99 ms | max ms | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for phase in ("steady", "during_reindex"):
-        r = result[phase]
-        rows.append(
-            f"| {phase} | {r['requests']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} "
-            f"| {r['errors']} |"
-        )
-    return "\n".join(rows)
+    header = ["phase", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors"]
+    keys = ["requests", "rps", "p50_ms", "p99_ms", "max_ms", "errors"]
+    phases = ("steady", "during_reindex")
+    return "\n".join(markdown_table(header, [[phase, *(result[phase][k] for k in keys)] for phase in phases]))
 
 
 def main() -> None:
