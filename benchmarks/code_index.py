@@ -12,7 +12,6 @@ function to one file, an update with nothing changed, and single-query search la
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import write_result
 from mbert_retrieval.code.index import CodeIndex, build_code_index
 from mbert_retrieval.models.dense import DenseRetriever
 from mbert_retrieval.tokenization import train_tokenizer
@@ -120,10 +120,7 @@ def main() -> None:
         "runs": [{"run": n, "seconds": s, "files_changed": f, "chunks_encoded": e} for n, s, f, e in rows],
         "search_latency": latency,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
-"""Pieces the benchmarks share: real Python sources to encode, and a random ModernBERT saved as a
-DenseRetriever folder."""
+"""Pieces the benchmarks share: real Python sources and samples of them, a random ModernBERT saved
+as a DenseRetriever folder, and writing a result and its table."""
 
 from __future__ import annotations
 
 import ast
+import json
 import random
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from mbert_retrieval import DenseRetriever
-from mbert_retrieval.tokenization import train_tokenizer
+from mbert_retrieval.files import atomic_write_text
+from mbert_retrieval.tokenization import special_token_ids, train_tokenizer
 
 
 def make_model_folder(texts: list[str], small: bool, max_length: int, directory: Path) -> Path:
@@ -22,10 +25,6 @@ def make_model_folder(texts: list[str], small: bool, max_length: int, directory:
     vocab = 4096 if small else 50368
     bare = directory / "bare"
     tokenizer = train_tokenizer(texts, vocab_size=vocab, save_directory=bare)
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]"))
-    }
     shape = (
         dict(
             hidden_size=128,
@@ -40,11 +39,7 @@ def make_model_folder(texts: list[str], small: bool, max_length: int, directory:
     config = ModernBertConfig(
         vocab_size=vocab,
         max_position_embeddings=8192,
-        pad_token_id=ids["pad"],
-        cls_token_id=ids["cls"],
-        sep_token_id=ids["sep"],
-        bos_token_id=ids["cls"],
-        eos_token_id=ids["sep"],
+        **special_token_ids(tokenizer),
         **shape,
     )
     torch.manual_seed(0)
@@ -68,3 +63,52 @@ def parsed_source_files(seed: int = 0) -> Iterator[tuple[list[str], ast.Module]]
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
             continue
         yield source.splitlines(), tree
+
+
+Item = TypeVar("Item")
+
+
+def sample_source_files(
+    extract: Callable[[ast.AST, list[str]], Item | None],
+    limit: int,
+    per_file: int,
+    seed: int = 0,
+    key: Callable[[Item], Hashable] = lambda item: item,
+) -> list[Item]:
+    """Up to `limit` distinct items (by `key`), at most `per_file` from any one source file;
+    `extract(node, lines)` makes an item of a syntax node, or None to pass over it."""
+    items: list[Any] = []
+    seen: set = set()
+    for lines, tree in parsed_source_files(seed):
+        taken = 0
+        for node in ast.walk(tree):
+            item = extract(node, lines)
+            if item is None or key(item) in seen:
+                continue
+            seen.add(key(item))
+            items.append(item)
+            taken += 1
+            if taken == per_file or len(items) == limit:
+                break
+        if len(items) == limit:
+            break
+    return items
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """The lines of a Markdown table: the header, its rule, then one line per row."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows),
+    ]
+
+
+def write_result(result: dict, out: str | Path, table: str | None = None) -> None:
+    """The result as JSON at `out` and, when given, its table beside it as .md (printed first)."""
+    out = Path(out)
+    if table is not None:
+        print("\n" + table)
+        atomic_write_text(out.with_suffix(".md"), table + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if table is not None else ""), flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import platform
 import tempfile
 import textwrap
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import make_model_folder, parsed_source_files
+from benchmarks.common import make_model_folder, sample_source_files, write_result
 from mbert_retrieval import DenseRetriever
 
 MAX_FUNCTIONS_PER_FILE = 25
@@ -38,25 +37,15 @@ MAX_FUNCTIONS_PER_FILE = 25
 def python_functions(limit: int, seed: int = 0) -> list[str]:
     """Source of distinct functions (2+ lines) from the stdlib and site-packages, files in a
     seeded random order so both places are represented."""
-    texts, seen = [], set()
-    for lines, tree in parsed_source_files(seed):
-        taken = 0
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.end_lineno is None:
-                continue
-            if node.end_lineno - node.lineno < 1:
-                continue
-            text = textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
-            if text in seen:
-                continue
-            seen.add(text)
-            texts.append(text)
-            taken += 1
-            if taken == MAX_FUNCTIONS_PER_FILE or len(texts) == limit:
-                break
-        if len(texts) == limit:
-            break
-    return texts
+    return sample_source_files(function_text, limit, MAX_FUNCTIONS_PER_FILE, seed)
+
+
+def function_text(node: ast.AST, lines: list[str]) -> str | None:
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.end_lineno is None:
+        return None
+    if node.end_lineno - node.lineno < 1:
+        return None
+    return textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno]))
 
 
 def timed(fn) -> tuple[float, object]:
@@ -179,10 +168,7 @@ def main() -> None:
         print(f"{name:24}{row['docs_per_s']:10.0f}{row['tokens_per_s'] / 1e6:10.3f}{row['speedup']:10.2f}")
     for name, values in agreement.items():
         print(f"{name} vs sentence-transformers: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import write_result
 from mbert_retrieval import ModernBert
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens
 
@@ -520,7 +520,7 @@ def main() -> None:
     results["bf16_relative_error_vs_fp32"] = relative_error_vs_fp32(
         args.small, ours, device, torch.Generator().manual_seed(3)
     )
-    save(results, args.out)  # after each phase, so a run cut short keeps what it measured
+    write_result(results, args.out)  # after each phase, so a run cut short keeps what it measured
     print_table(results)
     print(f"bf16 vs fp32 reference, relative error: {results['bf16_relative_error_vs_fp32']:.2e}")
     if args.profile and device.type == "cuda":
@@ -530,7 +530,7 @@ def main() -> None:
     if args.train:
         ours_models = {f"ours_{name}": models.get(name) for name in args.train_variants.split(",")}
         results["training"] = measure_training(args, config, ours_models, hf, device, workloads)
-        save(results, args.out)
+        write_result(results, args.out)
 
 
 class ModelVariants:
@@ -561,12 +561,6 @@ def triton_version() -> str | None:
     except ImportError:
         return None
     return triton.__version__
-
-
-def save(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

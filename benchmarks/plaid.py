@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import markdown_table, write_result
 from mbert_retrieval.index.plaid import PlaidIndex
 
 OUR_SETTINGS = [  # (n_probe, n_query_probe, centroid_score_threshold, n_candidates), fastest first
@@ -328,49 +329,57 @@ def compare(ours: dict, theirs: dict) -> list[dict]:
     return rows
 
 
+SEARCH_COLUMNS = [
+    "nbits",
+    "engine",
+    "n_probe / n_query_probe / threshold / candidates",
+    "recall@10",
+    "vs decompressed",
+    "probed / shortlisted",
+    "queries/s",
+    "p50 ms",
+    "p99 ms",
+]
+SIZE_COLUMNS = ["nbits", "engine", "build s", "bytes/token on disk", "bytes/token in memory"]
+
+
+def search_cells(s: dict) -> list[str]:
+    """The search table's cells after nbits and engine, for one setting's measurements."""
+    knobs = " / ".join(str(v) for k, v in s.items() if k.startswith(("n_", "centroid")))
+    versus = f"{s['recall_at_10_vs_decompressed']:.3f}" if "recall_at_10_vs_decompressed" in s else ""
+    stages = s.get("stages_vs_decompressed")
+    stages = f"{stages['probed_recall']:.3f} / {stages['shortlisted_recall']:.3f}" if stages else ""
+    speed = [f"{s['queries_per_s']:.0f}", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}"]
+    return [knobs, f"{s['recall_at_10']:.3f}", versus, stages, *speed]
+
+
 def table(result: dict) -> str:
     corpus = result["corpus"]
     lines = [
         f"PLAID search, {corpus['documents']} docs / {corpus['tokens']} tokens x {corpus['dim']} dims, "
         f"{corpus['queries']} queries x {corpus['query_tokens']} tokens, top 10, on {result['device']}",
         "",
-        "| nbits | engine | n_probe / n_query_probe / threshold / candidates | recall@10 | vs decompressed "
-        "| probed / shortlisted | queries/s | p50 ms | p99 ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    search_rows, size_rows = [], []
     for run in result["runs"]:
         for engine in ("ours", "fast_plaid"):
             block = run[engine]
             if "skipped" in block:
-                lines.append(f"| {run['nbits']} | {engine} | skipped: {block['skipped']} | | | | | | |")
+                search_rows.append([run["nbits"], engine, f"skipped: {block['skipped']}", *[""] * 6])
                 continue
-            for s in block["settings"]:
-                knobs = " / ".join(str(v) for k, v in s.items() if k.startswith(("n_", "centroid")))
-                versus = (
-                    f"{s['recall_at_10_vs_decompressed']:.3f}" if "recall_at_10_vs_decompressed" in s else ""
-                )
-                stages = s.get("stages_vs_decompressed")
-                stages = (
-                    f"{stages['probed_recall']:.3f} / {stages['shortlisted_recall']:.3f}" if stages else ""
-                )
-                lines.append(
-                    f"| {run['nbits']} | {engine} | {knobs} | {s['recall_at_10']:.3f} | {versus} | {stages} "
-                    f"| {s['queries_per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} |"
-                )
-    lines += [
-        "",
-        "| nbits | engine | build s | bytes/token on disk | bytes/token in memory |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for run in result["runs"]:
-        for engine in ("ours", "fast_plaid"):
-            block = run[engine]
-            if "skipped" not in block:
-                memory = f"{block['memory_bytes_per_token']:.1f}" if "memory_bytes_per_token" in block else ""
-                lines.append(
-                    f"| {run['nbits']} | {engine} | {block['build_s']:.1f} | "
-                    f"{block['disk_bytes_per_token']:.1f} | {memory} |"
-                )
+            search_rows += [[run["nbits"], engine, *search_cells(s)] for s in block["settings"]]
+            memory = f"{block['memory_bytes_per_token']:.1f}" if "memory_bytes_per_token" in block else ""
+            size_rows.append(
+                [
+                    run["nbits"],
+                    engine,
+                    f"{block['build_s']:.1f}",
+                    f"{block['disk_bytes_per_token']:.1f}",
+                    memory,
+                ]
+            )
+    lines += markdown_table(SEARCH_COLUMNS, search_rows)
+    lines += ["", *markdown_table(SIZE_COLUMNS, size_rows)]
     for run in result["runs"]:
         for row in run.get("comparison", []):
             their, our = row["fast_plaid"], row["ours_fastest_at_equal_or_better_recall"]
@@ -391,15 +400,6 @@ def add_corpus_and_output_options(parser: argparse.ArgumentParser, name: str) ->
     parser.add_argument(
         "--out", type=Path, default=None, help=f"default: benchmarks/results/{name}[_small].json"
     )
-
-
-def write_results(result: dict, text: str, out: Path) -> None:
-    """Print the table; write the JSON to `out` and the table beside it as .md."""
-    print("\n" + text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
 
 
 def _setting(text: str) -> tuple[int, int, float, int]:
@@ -491,7 +491,7 @@ def main() -> None:
         result["runs"].append(run)
         print(f"nbits={nbits} done")
 
-    write_results(result, table(result), args.out)
+    write_result(result, args.out, table(result))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ from plaid import (
     exhaustive_top_k,
     make_corpus,
     recall,
-    write_results,
 )
 
+from benchmarks.common import markdown_table, write_result
 from mbert_retrieval.index.codec import ResidualCodec, nearest_centroids
 from mbert_retrieval.index.kmeans import train_kmeans
 from mbert_retrieval.index.plaid import PlaidIndex
@@ -85,15 +85,30 @@ def table(result: dict) -> str:
         f"{result['corpus']['dim']} dims, {result['corpus']['queries']} queries, on {result['device']}",
         f"corpus: {result['corpus']['source']}",
         "",
-        "| nbits | centroids | buckets | squared error | cosine | ceiling recall@10 | recall@10 at defaults |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for run in result["runs"]:
-        for name, m in run["codecs"].items():
-            lines.append(
-                f"| {run['nbits']} | {run['n_centroids']} | {name} | {m['squared_error']:.5f} | "
-                f"{m['cosine']:.4f} | {m['ceiling_recall_at_10']:.3f} | {m['recall_at_10_default_settings']:.3f} |"
-            )
+    header = [
+        "nbits",
+        "centroids",
+        "buckets",
+        "squared error",
+        "cosine",
+        "ceiling recall@10",
+        "recall@10 at defaults",
+    ]
+    rows = [
+        [
+            run["nbits"],
+            run["n_centroids"],
+            name,
+            f"{m['squared_error']:.5f}",
+            f"{m['cosine']:.4f}",
+            f"{m['ceiling_recall_at_10']:.3f}",
+            f"{m['recall_at_10_default_settings']:.3f}",
+        ]
+        for run in result["runs"]
+        for name, m in run["codecs"].items()
+    ]
+    lines += markdown_table(header, rows)
     return "\n".join(lines)
 
 
@@ -164,7 +179,7 @@ def main() -> None:
                 print(f"nbits={nbits} centroids={n_centroids} {name}: {run['codecs'][name]}", flush=True)
             result["runs"].append(run)
 
-    write_results(result, table(result), args.out)
+    write_result(result, args.out, table(result))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import secrets
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+from benchmarks.common import markdown_table, write_result
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 PACKAGES = ("json", "http", "concurrent")
@@ -227,17 +228,10 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 def table(result: dict) -> str:
-    rows = [
-        "| phase | requests | req/s | p50 ms | p99 ms | max ms | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for phase in ("steady", "during_reindex"):
-        r = result[phase]
-        rows.append(
-            f"| {phase} | {r['requests']} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['max_ms']} "
-            f"| {r['errors']} |"
-        )
-    return "\n".join(rows)
+    header = ["phase", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors"]
+    keys = ["requests", "rps", "p50_ms", "p99_ms", "max_ms", "errors"]
+    phases = ("steady", "during_reindex")
+    return "\n".join(markdown_table(header, [[phase, *(result[phase][k] for k in keys)] for phase in phases]))
 
 
 def main() -> None:
@@ -297,11 +291,8 @@ def main() -> None:
         "note": args.note,
     }
     result["command"] = shlex.join(["python", *sys.argv])
-    text = table(result)
-    print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print("\n" + table(result))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import make_model_folder, parsed_source_files
+from benchmarks.common import make_model_folder, sample_source_files, write_result
 from mbert_retrieval import DenseRetriever
 from mbert_retrieval.training import DenseTask, JsonlExamples, Trainer, TrainingArguments
 
@@ -45,21 +45,7 @@ TEMPERATURE = 0.05  # MultipleNegativesRankingLoss's default scale of 20
 def docstring_pairs(limit: int, seed: int = 0) -> list[tuple[str, str]]:
     """(docstring first paragraph, function without its docstring) from the stdlib and site-packages,
     files in a seeded random order so both places are represented."""
-    pairs, seen = [], set()
-    for lines, tree in parsed_source_files(seed):
-        taken = 0
-        for node in ast.walk(tree):
-            pair = function_pair(node, lines)
-            if pair is None or pair[0] in seen:
-                continue
-            seen.add(pair[0])
-            pairs.append(pair)
-            taken += 1
-            if taken == MAX_PAIRS_PER_FILE or len(pairs) == limit:
-                break
-        if len(pairs) == limit:
-            break
-    return pairs
+    return sample_source_files(function_pair, limit, MAX_PAIRS_PER_FILE, seed, key=lambda pair: pair[0])
 
 
 def function_pair(node, lines: list[str]) -> tuple[str, str] | None:
@@ -316,10 +302,7 @@ def main() -> None:
             f"{name:24}{row['steps_per_s']:9.2f}{row['tokens_per_s'] / 1e3:9.1f}{row['tokens_per_step']:10.0f}"
             f"{memory}{row['speedup_tokens']:10.2f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

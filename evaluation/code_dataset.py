@@ -40,7 +40,7 @@ from mbert_retrieval.evaluation.data import DataFormatError, save_beir
 from mbert_retrieval.evaluation.doc_comments import Documented, documented_definitions
 from tqdm.auto import tqdm
 
-from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

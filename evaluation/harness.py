@@ -19,7 +19,7 @@ from mbert_retrieval.evaluation.data import RetrievalDataset
 from mbert_retrieval.evaluation.metrics import Run, evaluate_per_query, evaluate_run, write_trec_run
 from tqdm.auto import tqdm
 
-from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.files import atomic_write_text
 from mbert_retrieval.search.retriever import Retriever
 
 DEPTH = 100  # documents retrieved per query: enough for Recall@100

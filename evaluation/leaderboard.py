@@ -34,7 +34,7 @@ from mbert_retrieval.evaluation.data import DataFormatError
 from mbert_retrieval.evaluation.harness import evaluate_retriever, write_json
 from mbert_retrieval.evaluation.metrics import METRICS
 
-from mbert_retrieval.modeling.io import atomic_write, atomic_write_text
+from mbert_retrieval.files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

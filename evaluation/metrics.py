@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mbert_retrieval.evaluation.data import DataFormatError, Qrels
 
-from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.files import atomic_write_text
 
 Run = dict[str, dict[str, float]]
 METRICS = ("NDCG@10", "MRR@10", "Recall@100", "MAP")

@@ -28,7 +28,7 @@ from mbert_retrieval.evaluation.data import (
     save_beir,
 )
 
-from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

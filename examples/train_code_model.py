@@ -114,7 +114,7 @@ def prepare(work: Path, size: dict) -> None:
     from mbert_retrieval.evaluation.code_dataset import DEFAULT_EXCLUDED_DIRS, build_code_dataset
 
     from mbert_retrieval import ModernBertConfig, ModernBertForMaskedLM
-    from mbert_retrieval.tokenization import train_tokenizer
+    from mbert_retrieval.tokenization import special_token_ids, train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     # The pair sets are parsed in other processes while this one trains the tokenizer.
@@ -149,7 +149,6 @@ def prepare(work: Path, size: dict) -> None:
 
     init = work / "init"
     tokenizer = train_tokenizer(texts, vocab_size=size["vocab"], save_directory=init)
-    ids = {name: tokenizer.convert_tokens_to_ids(f"[{name.upper()}]") for name in ("cls", "sep", "pad")}
     config = ModernBertConfig(
         vocab_size=len(tokenizer),
         hidden_size=size["hidden"],
@@ -157,11 +156,7 @@ def prepare(work: Path, size: dict) -> None:
         num_hidden_layers=size["layers"],
         num_attention_heads=size["heads"],
         max_position_embeddings=8192,
-        pad_token_id=ids["pad"],
-        cls_token_id=ids["cls"],
-        sep_token_id=ids["sep"],
-        bos_token_id=ids["cls"],
-        eos_token_id=ids["sep"],
+        **special_token_ids(tokenizer),
     )
     ModernBertForMaskedLM(config).save_pretrained(init)
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mbert_retrieval._version import __version__ as __version__
+from mbert_retrieval.lazy import lazy_attributes
 from mbert_retrieval.modeling import (
     CheckpointError,
     ConfigError,
@@ -22,16 +24,17 @@ from mbert_retrieval.modeling import (
 )
 from mbert_retrieval.tokenization import load_tokenizer
 
-__version__ = "0.1.0"
-
-_LAZY = {
-    "DenseRetriever": "mbert_retrieval.models.dense",
-    "ColBERT": "mbert_retrieval.models.colbert",
-    "CrossEncoder": "mbert_retrieval.models.cross_encoder",
-    "FaissIndex": "mbert_retrieval.index.faiss_index",
-    "PlaidIndex": "mbert_retrieval.index.plaid",
-    "Retriever": "mbert_retrieval.search.retriever",
-}
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "models.dense": ["DenseRetriever"],
+        "models.colbert": ["ColBERT"],
+        "models.cross_encoder": ["CrossEncoder"],
+        "index.faiss_index": ["FaissIndex"],
+        "index.plaid": ["PlaidIndex"],
+        "search.retriever": ["Retriever"],
+    },
+)
 
 __all__ = [
     "CheckpointError",
@@ -55,12 +58,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from mbert_retrieval.models.cross_encoder import CrossEncoder
     from mbert_retrieval.models.dense import DenseRetriever
     from mbert_retrieval.search.retriever import Retriever
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mbert_retrieval' has no attribute {name!r}")
 
 
 class _CheckoutHarnesses(importlib.abc.MetaPathFinder):

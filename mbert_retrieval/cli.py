@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
+from operator import attrgetter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -195,8 +197,6 @@ def search(
 ):
     """Search a saved index (or a code index) with one or more queries."""
     from mbert_retrieval.code.cli import is_code_index
-    from mbert_retrieval.search.models import canonical_name
-    from mbert_retrieval.search.retriever import Retriever
 
     if not index_dir.is_dir():
         problem = "is a file, not an index folder" if index_dir.exists() else "does not exist"
@@ -205,19 +205,13 @@ def search(
     if is_code_index(index_dir):
         text = search_code_index(index_dir, named, top_k, rerank, first_stage_k, output_format)
     else:
-        retriever = Retriever.load(
-            index_dir,
-            reranker_name=canonical_name(rerank) if rerank else None,
-            device=device,
-            show_progress=progress,
-        )
-        retriever.first_stage_k = first_stage_k
+        retriever = load_saved_retriever(index_dir, rerank, first_stage_k, device, progress)
         hits = retriever.search(list(named.values()), k=top_k)
         text = format_hits(named, hits, output_format)
     if output is None:
         typer.echo(text, nl=False)
     else:
-        from mbert_retrieval.modeling.io import atomic_write_text
+        from mbert_retrieval.files import atomic_write_text
 
         atomic_write_text(output, text)
         typer.echo(f"wrote results of {len(named)} queries to {output}", err=True)
@@ -264,16 +258,7 @@ def evaluate(
     dataset = resolve_dataset(data, split)
     report_dataset(dataset)
     if (Path(system) / "retriever.json").is_file():
-        from mbert_retrieval.search.models import canonical_name
-        from mbert_retrieval.search.retriever import Retriever
-
-        retriever = Retriever.load(
-            system,
-            reranker_name=canonical_name(rerank) if rerank else None,
-            device=device,
-            show_progress=progress,
-        )
-        retriever.first_stage_k = first_stage_k
+        retriever = load_saved_retriever(Path(system), rerank, first_stage_k, device, progress)
     else:
         retriever = make_retriever(
             system, index_kind.value, rerank, first_stage_k, device, progress, split_identifiers
@@ -383,6 +368,21 @@ def build_code_dataset_command(
 # ------------------------------------------------------------------------------------------- helpers
 
 
+def load_saved_retriever(folder: Path, rerank, first_stage_k, device, progress):
+    """A Retriever saved by `index`, with the reranker and first-stage depth of the options."""
+    from mbert_retrieval.search.models import canonical_name
+    from mbert_retrieval.search.retriever import Retriever
+
+    retriever = Retriever.load(
+        folder,
+        reranker_name=canonical_name(rerank) if rerank else None,
+        device=device,
+        show_progress=progress,
+    )
+    retriever.first_stage_k = first_stage_k
+    return retriever
+
+
 def make_retriever(system, index_kind, rerank, first_stage_k, device, progress, split_identifiers):
     """A Retriever for the options; option combinations that do not fit are bad input."""
     from mbert_retrieval.search.models import build_retriever
@@ -411,20 +411,11 @@ def search_code_index(index_dir, named: dict[str, str], k, rerank, first_stage_k
         )
     except OSError as err:  # a model that is not there (transformers raises OSError)
         raise BadInput(str(err)) from err
-    lines = []
-    for (query_id, text), ranking in zip(named.items(), hits):
-        if output_format == OutputFormat.json:
-            row = {"query_id": query_id, "query": text, "hits": [hit_record(h) for h in ranking]}
-            lines.append(json.dumps(row))
-        elif output_format == OutputFormat.trec:
-            lines += [
-                f"{query_id} Q0 {h.path}:{h.start_line}-{h.end_line} {rank} {h.score:.6f} mbert-retrieval"
-                for rank, h in enumerate(ranking, 1)
-            ]
-        else:
-            lines.append(f"[{query_id}] {text}")
-            lines += [f"  {rank:>3}. {hit_line(h)}" for rank, h in enumerate(ranking, 1)]
-    return "\n".join(lines) + "\n"
+    return format_hits(named, hits, output_format, record=hit_record, trec_id=code_hit_id, line=hit_line)
+
+
+def code_hit_id(hit) -> str:
+    return f"{hit.path}:{hit.start_line}-{hit.end_line}"
 
 
 def check_output_folder(folder: Path, overwrite: bool, marker: str, allowed: tuple[str, ...] = ()) -> None:
@@ -591,26 +582,37 @@ def read_text_file(path: Path) -> str:
         raise BadInput(f"{path}: not UTF-8 text (byte {err.start})") from None
 
 
-def format_hits(named: dict[str, str], hits, output_format: OutputFormat) -> str:
+def document_record(hit) -> dict:
+    return {"id": hit.id, "score": hit.score}
+
+
+def document_line(hit) -> str:
+    preview = " ".join(hit.text.split())[:80]
+    return f"{hit.score:9.4f}  {hit.id}  {preview}"
+
+
+def format_hits(
+    named: dict[str, str],
+    hits,
+    output_format: OutputFormat,
+    record: Callable[[Any], dict] = document_record,
+    trec_id: Callable[[Any], str] = attrgetter("id"),
+    line: Callable[[Any], str] = document_line,
+) -> str:
+    """The rankings as JSON lines (`record` of each hit), a TREC run or text (`line` of each hit)."""
     lines = []
     for (query_id, text), ranking in zip(named.items(), hits):
         if output_format == OutputFormat.json:
-            row = {
-                "query_id": query_id,
-                "query": text,
-                "hits": [{"id": h.id, "score": h.score} for h in ranking],
-            }
+            row = {"query_id": query_id, "query": text, "hits": [record(h) for h in ranking]}
             lines.append(json.dumps(row))
         elif output_format == OutputFormat.trec:
             lines += [
-                f"{query_id} Q0 {h.id} {rank} {h.score:.6f} mbert-retrieval"
+                f"{query_id} Q0 {trec_id(h)} {rank} {h.score:.6f} mbert-retrieval"
                 for rank, h in enumerate(ranking, 1)
             ]
         else:
             lines.append(f"[{query_id}] {text}")
-            for rank, h in enumerate(ranking, 1):
-                preview = " ".join(h.text.split())[:80]
-                lines.append(f"  {rank:>3}. {h.score:9.4f}  {h.id}  {preview}")
+            lines += [f"  {rank:>3}. {line(h)}" for rank, h in enumerate(ranking, 1)]
     return "\n".join(lines) + "\n"
 
 

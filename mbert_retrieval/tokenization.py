@@ -68,3 +68,16 @@ def train_tokenizer(
     if save_directory is not None:
         fast.save_pretrained(str(save_directory))
     return fast
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The special token ids a ModernBERT config records, for a tokenizer made by `train_tokenizer`:
+    ModernBERT begins a sequence with [CLS] and ends it with [SEP]."""
+    cls_id, sep_id, pad_id = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "[PAD]"])
+    return {
+        "pad_token_id": pad_id,
+        "cls_token_id": cls_id,
+        "sep_token_id": sep_id,
+        "bos_token_id": cls_id,
+        "eos_token_id": sep_id,
+    }

@@ -9,9 +9,6 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-import pytest
-import torch
-
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 OUTSIDE_WORD = "zyxwvoutsider"  # appears only in a file outside the repository
 
@@ -49,15 +46,6 @@ func (p Point) Distance(q Point) float64 {
 	return math.Hypot(p.X-q.X, p.Y-q.Y)
 }
 """
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; several threads per call thrash on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_repository(root: Path, packages: tuple[str, ...] = ("json", "email")) -> Path:

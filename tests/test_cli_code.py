@@ -10,7 +10,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from code_search_repo import one_torch_thread  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 from mbert_retrieval.cli import app

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from code_search_repo import OUTSIDE_WORD, make_repository, one_torch_thread  # noqa: F401 (fixture)
+from code_search_repo import OUTSIDE_WORD, make_repository
 
 from mbert_retrieval.code.chunking import chunk_file
 from mbert_retrieval.code.encoders import ModelNotFoundError, has_default_model, load_encoder

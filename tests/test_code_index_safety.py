@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from code_search_repo import STDLIB, one_torch_thread  # noqa: F401 (fixture)
+from code_search_repo import STDLIB
 
 from mbert_retrieval.code import index as code_index
 from mbert_retrieval.code.chunking import chunk_file

@@ -15,13 +15,7 @@ from mbert_retrieval.index.plaid import PlaidIndex
 F = torch.nn.functional
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: one thread is faster than several fighting over a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def colbert_like(n_docs, n_queries, dim=128, mean_len=40, vocab=2048, seed=0):

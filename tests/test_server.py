@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from code_search_repo import OUTSIDE_WORD, documented_functions, make_repository, one_torch_thread  # noqa: F401
+from code_search_repo import OUTSIDE_WORD, documented_functions, make_repository
 
 from mbert_retrieval.code.encoders import has_default_model, load_encoder
 from mbert_retrieval.code.index import build_code_index

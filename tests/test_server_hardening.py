@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from code_search_repo import make_repository, one_torch_thread  # noqa: F401 (fixture)
+from code_search_repo import make_repository
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from code_search_repo import make_repository, one_torch_thread  # noqa: F401 (fixture)
+from code_search_repo import make_repository
 
 from mbert_retrieval.code.encoders import load_encoder
 from mbert_retrieval.code.index import build_code_index

@@ -11,20 +11,13 @@ Names are imported on first use, so the command line stays quick to start.
 
 from __future__ import annotations
 
-from mbert_retrieval.lazy_imports import lazy_attributes
+from mbert_retrieval.lazy import lazy_attributes
 
-_LAZY = {
-    "mbert_retrieval.code.chunking": ["LANGUAGES", "Chunk", "ChunkSettings", "chunk_file"],
-    "mbert_retrieval.code.encoders": ["ModelNotFoundError", "load_encoder", "load_reranker"],
-    "mbert_retrieval.code.index": [
-        "CodeHit",
-        "CodeIndex",
-        "FusionSettings",
-        "IndexReport",
-        "build_code_index",
-    ],
-    "mbert_retrieval.code.walk": ["Scan", "SourceFile", "scan_repository"],
+_NAMES = {
+    "chunking": ["LANGUAGES", "Chunk", "ChunkSettings", "chunk_file"],
+    "encoders": ["ModelNotFoundError", "load_encoder", "load_reranker"],
+    "index": ["CodeHit", "CodeIndex", "FusionSettings", "IndexReport", "build_code_index"],
+    "walk": ["Scan", "SourceFile", "scan_repository"],
 }
-__all__ = [name for names in _LAZY.values() for name in names]
-
-__getattr__ = lazy_attributes(__name__, _LAZY)
+__all__ = [name for names in _NAMES.values() for name in names]
+__getattr__ = lazy_attributes(__name__, _NAMES)

@@ -19,6 +19,9 @@ import ast
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from mbert_retrieval.code.spans import Span
+from mbert_retrieval.code.treesitter import treesitter_spans
+
 EXTENSION_LANGUAGES = {
     ".py": "python",
     ".pyi": "python",
@@ -98,16 +101,6 @@ class Chunk:
 
 
 @dataclass(frozen=True)
-class Span:
-    """A definition found by a parser, before it is turned into text: 0-based inclusive lines."""
-
-    start: int
-    end: int
-    symbol: str | None
-    kind: str
-
-
-@dataclass(frozen=True)
 class ChunkSettings:
     max_lines: int = 150  # longer definitions are cut into windows
     window_lines: int = 60  # text files and module code: window size ...
@@ -164,8 +157,6 @@ def definition_spans(path: str, language: str, text: str) -> list[Span] | None:
     if language == "python":
         return python_spans(text)
     if language in PARSED_LANGUAGES:
-        from mbert_retrieval.code.treesitter import treesitter_spans
-
         return treesitter_spans(path, language, text)
     return None
 

@@ -54,6 +54,7 @@ from mbert_retrieval.code.metadata import (
     write_pointer,
 )
 from mbert_retrieval.code.walk import SourceFile, scan_repository
+from mbert_retrieval.files import atomic_write_text
 from mbert_retrieval.index.base import rankings
 from mbert_retrieval.index.bm25 import BM25Index
 from mbert_retrieval.index.faiss_index import FaissIndex
@@ -65,7 +66,6 @@ from mbert_retrieval.index.storage import (
     folder_lock,
     publish_folder,
 )
-from mbert_retrieval.modeling.io import atomic_write_text
 from mbert_retrieval.models.base import TruncationCount
 from mbert_retrieval.search.first_stage import FusedIndex, TextIndex
 from mbert_retrieval.search.fusion import MODES, FusionSettings

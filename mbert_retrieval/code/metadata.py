@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mbert_retrieval.code.chunking import LANGUAGES, Chunk, ChunkSettings
-from mbert_retrieval.index.storage import IndexFormatError, file_sha256
-from mbert_retrieval.modeling.io import atomic_write_text
+from mbert_retrieval.files import atomic_write_text, file_sha256
+from mbert_retrieval.index.storage import IndexFormatError
 from mbert_retrieval.search.fusion import FusionSettings
 
 FORMAT_VERSION = 2  # 1: the release before checksums

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from mbert_retrieval.code.chunking import Span
+from mbert_retrieval.code.spans import Span
 
 logger = logging.getLogger(__name__)
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from mbert_retrieval.index.base import Index
 from mbert_retrieval.index.storage import IndexFormatError
-from mbert_retrieval.lazy_imports import lazy_attributes
+from mbert_retrieval.lazy import lazy_attributes
 
-_LAZY = {  # imported on first use: faiss, torch and bm25s are heavy or optional
-    "mbert_retrieval.index.faiss_index": ["FaissIndex"],
-    "mbert_retrieval.index.plaid": ["PlaidIndex"],
-    "mbert_retrieval.index.maxsim": ["MaxSimIndex"],
-    "mbert_retrieval.index.bm25": ["BM25Index"],
-}
+# imported on first use: faiss, torch and bm25s are heavy or optional
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "faiss_index": ["FaissIndex"],
+        "plaid": ["PlaidIndex"],
+        "maxsim": ["MaxSimIndex"],
+        "bm25": ["BM25Index"],
+    },
+)
 
 __all__ = ["BM25Index", "FaissIndex", "Index", "IndexFormatError", "MaxSimIndex", "PlaidIndex"]
-
-__getattr__ = lazy_attributes(__name__, _LAZY)

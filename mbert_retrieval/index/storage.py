@@ -20,7 +20,6 @@ save, or by the next load when no save holds the lock.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mbert_retrieval.modeling.io import atomic_write, atomic_write_text, fsync_dir
+from mbert_retrieval.files import atomic_write, atomic_write_text, file_sha256, fsync_dir, read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -110,19 +109,17 @@ def clean_interrupted_saves(directory: Path) -> None:
         return
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
+def read_manifest(directory: Path, name: str = MANIFEST, saved: str = "index") -> dict[str, Any]:
+    """The JSON object in `directory / name`, the manifest of a saved `saved` (an index, a retriever)."""
+    path = directory / name
     if not directory.is_dir():
-        raise IndexFormatError(f"index folder {directory} does not exist")
+        raise IndexFormatError(f"{saved} folder {directory} does not exist")
     if not path.is_file():
-        raise IndexFormatError(f"{directory} has no {MANIFEST}: it is not a saved index")
+        raise IndexFormatError(f"{directory} has no {name}: it is not a saved {saved}")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise IndexFormatError(f"{path} is not valid JSON (corrupt manifest): {err}") from err
-    if not isinstance(manifest, dict):
-        raise IndexFormatError(f"{path} is not a JSON object (corrupt manifest)")
-    return manifest
+        return read_json(path, IndexFormatError)
+    except IndexFormatError as err:
+        raise IndexFormatError(f"{err} (corrupt manifest)") from None
 
 
 def check_file(path: Path, entry: dict[str, Any], verify_checksum: bool) -> None:
@@ -136,14 +133,6 @@ def check_file(path: Path, entry: dict[str, Any], verify_checksum: bool) -> None
         )
     if verify_checksum and file_sha256(path) != entry.get("sha256"):
         raise IndexFormatError(f"index file {path} does not match its sha256 checksum: the file is corrupt")
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def publish_folder(

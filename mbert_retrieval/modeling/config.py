@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mbert_retrieval.files import atomic_write_text, read_json
+
 GLOBAL = "full_attention"
 LOCAL = "sliding_attention"
 SIZES = (
@@ -168,14 +170,7 @@ class ModernBertConfig:
     def from_json_file(cls, path: str | Path) -> ModernBertConfig:
         """Read a config.json; every problem is a ConfigError that names the file."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        except OSError as err:
-            raise ConfigError(f"{path} cannot be read: {err.strerror or err}") from None
+        raw = read_json(path, ConfigError, expect=object)  # from_dict names what is wrong with it
         try:
             return cls.from_dict(raw)
         except ConfigError as err:
@@ -202,8 +197,6 @@ class ModernBertConfig:
         return 1
 
     def save(self, path: str | Path, architectures: list[str] | None = None) -> None:
-        from mbert_retrieval.modeling.io import atomic_write_text
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(architectures), indent=2, sort_keys=True))
 
 

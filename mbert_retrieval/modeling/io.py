@@ -1,15 +1,14 @@
-"""Files: resolving a local folder or hub id, reading weights, and atomic writes."""
+"""Checkpoint folders: resolving a local folder or hub id, reading and writing weights."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mbert_retrieval import files
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -51,20 +50,7 @@ def _download(hub_id: str) -> Path:
 
 def read_json(path: Path, expect: type = dict) -> Any:
     """The JSON value in `path`, which must be of type `expect`; CheckpointError naming the file if not."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path} is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
-    except OSError as err:
-        raise CheckpointError(f"{path} cannot be read: {err.strerror or err}") from None
-    if not isinstance(value, expect):
-        wanted = "an object" if expect is dict else "a list"
-        raise CheckpointError(f"{path} must hold {wanted}, not {json.dumps(value)[:60]}")
-    return value
+    return files.read_json(path, CheckpointError, expect)
 
 
 def find_weights(model_dir: Path) -> Path:
@@ -113,45 +99,10 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source
     module.load_state_dict({k: state[k] for k in expected}, strict=True)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through `write(tmp_path)` to a temp file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"}))
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside `directory` durable."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems refuse to open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    files.atomic_write(
+        Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {"format": "pt"})
+    )

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mbert_retrieval._version import __version__
+from mbert_retrieval.files import atomic_write_bytes, atomic_write_text
 from mbert_retrieval.modeling.io import (
     CheckpointError,
-    atomic_write_bytes,
-    atomic_write_text,
     find_weights,
     load_weights,
     read_json,
@@ -232,13 +232,7 @@ def versions() -> dict[str, str]:
     import transformers
 
     return {
-        "mbert_retrieval": _own_version(),
+        "mbert_retrieval": __version__,
         "transformers": transformers.__version__,
         "pytorch": torch.__version__,
     }
-
-
-def _own_version() -> str:
-    from mbert_retrieval import __version__
-
-    return __version__

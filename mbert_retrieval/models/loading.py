@@ -12,12 +12,11 @@ model shipped inside the package (mbert_retrieval/default_model), never a hub id
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from mbert_retrieval.modeling.io import CheckpointError, resolve_model_dir
+from mbert_retrieval.modeling.io import CheckpointError, read_json, resolve_model_dir
 
 KINDS = ("dense", "colbert", "st", "cross")
 DEFAULT_MODEL = "default"
@@ -88,10 +87,7 @@ def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    return read_json(path)
 
 
 def resolve(spec: str) -> tuple[str, Path]:

@@ -30,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mbert_retrieval.files import atomic_write_text
+from mbert_retrieval.index import storage
 from mbert_retrieval.index.base import Index, rankings
 from mbert_retrieval.index.bm25 import BM25Index
 from mbert_retrieval.index.faiss_index import FaissIndex
 from mbert_retrieval.index.maxsim import MaxSimIndex
 from mbert_retrieval.index.plaid import PlaidIndex
 from mbert_retrieval.index.storage import IndexFormatError
-from mbert_retrieval.modeling.io import atomic_write_text
 from mbert_retrieval.models.loading import load_reranker, load_search_model
 from mbert_retrieval.search.first_stage import FusedIndex, TextIndex
 from mbert_retrieval.search.fusion import DEFAULT_DENSE_WEIGHT
@@ -368,12 +369,7 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
-    if not path.is_file():
-        raise IndexFormatError(f"{directory} has no {MANIFEST}: it is not a saved retriever")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise IndexFormatError(f"{path} is not valid JSON (corrupt manifest): {err}") from err
+    manifest = storage.read_manifest(directory, MANIFEST, "retriever")
     missing = {"index", "hybrid", "model", "first_stage_k", "bm25_settings", "n_documents"} - set(manifest)
     if missing:
         raise IndexFormatError(f"{path} lacks {', '.join(sorted(missing))} (corrupt manifest)")

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mbert_retrieval.index.storage import IndexFormatError, file_sha256
-from mbert_retrieval.modeling.io import atomic_write, atomic_write_text, fsync_dir
+from mbert_retrieval.files import atomic_write, atomic_write_text, file_sha256, fsync_dir
+from mbert_retrieval.index.storage import IndexFormatError
 
 SHARD_FORMAT = 1
 SHARD_MANIFEST = "shard.json"

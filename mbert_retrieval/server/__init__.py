@@ -5,12 +5,12 @@ Names are imported on first use: the `serve` command (server/cli.py) registers w
 
 from __future__ import annotations
 
-from mbert_retrieval.lazy_imports import lazy_attributes
+from mbert_retrieval.lazy import lazy_attributes
 
 _LAZY = {
-    "mbert_retrieval.server.app": ["Limits", "create_app"],
-    "mbert_retrieval.server.run": ["BackgroundServer", "serve", "start_in_thread"],
-    "mbert_retrieval.server.service": ["CodeSearchService", "ReindexRunning"],
+    "app": ["Limits", "create_app"],
+    "run": ["BackgroundServer", "serve", "start_in_thread"],
+    "service": ["CodeSearchService", "ReindexRunning"],
 }
 __all__ = [name for names in _LAZY.values() for name in names]
 

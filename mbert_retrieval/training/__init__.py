@@ -13,35 +13,32 @@ Names are imported on first use, so the command line starts without loading torc
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-_LAZY = {
-    "ContrastiveBatch": "batching",
-    "DataPosition": "batching",
-    "Sequences": "batching",
-    "BeirExamples": "data",
-    "Example": "data",
-    "HFExamples": "data",
-    "JsonlExamples": "data",
-    "TextCorpus": "data",
-    "TrainingDataError": "data",
-    "load_examples": "data",
-    "DevSet": "evaluate",
-    "evaluate_task": "evaluate",
-    "mine_hard_negatives": "mining",
-    "MLMTask": "mlm",
-    "mask_tokens": "mlm",
-    "BatchSizeWarmup": "optim",
-    "StableAdamW": "optim",
-    "WarmupStableDecay": "optim",
-    "ColBERTTask": "tasks",
-    "CrossEncoderTask": "tasks",
-    "DenseTask": "tasks",
-    "Trainer": "trainer",
-    "TrainingArguments": "trainer",
-    "TrainingResult": "trainer",
-}
+from mbert_retrieval.lazy import lazy_attributes
+
+__getattr__ = lazy_attributes(
+    __name__,
+    {
+        "arguments": ["TrainingArguments"],
+        "batching": ["ContrastiveBatch", "DataPosition", "Sequences"],
+        "data": [
+            "BeirExamples",
+            "Example",
+            "HFExamples",
+            "JsonlExamples",
+            "TextCorpus",
+            "TrainingDataError",
+            "load_examples",
+        ],
+        "evaluate": ["DevSet", "evaluate_task"],
+        "mining": ["mine_hard_negatives"],
+        "mlm": ["MLMTask", "mask_tokens"],
+        "optim": ["BatchSizeWarmup", "StableAdamW", "WarmupStableDecay"],
+        "tasks": ["ColBERTTask", "CrossEncoderTask", "DenseTask"],
+        "trainer": ["Trainer", "TrainingResult"],
+    },
+)
 
 __all__ = [
     "BatchSizeWarmup",
@@ -71,6 +68,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from mbert_retrieval.training.arguments import TrainingArguments
     from mbert_retrieval.training.batching import ContrastiveBatch, DataPosition, Sequences
     from mbert_retrieval.training.data import (
         BeirExamples,
@@ -86,10 +84,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from mbert_retrieval.training.mlm import MLMTask, mask_tokens
     from mbert_retrieval.training.optim import BatchSizeWarmup, StableAdamW, WarmupStableDecay
     from mbert_retrieval.training.tasks import ColBERTTask, CrossEncoderTask, DenseTask
-    from mbert_retrieval.training.trainer import Trainer, TrainingArguments, TrainingResult
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"mbert_retrieval.training.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'mbert_retrieval.training' has no attribute {name!r}")
+    from mbert_retrieval.training.trainer import Trainer, TrainingResult

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mbert_retrieval.modeling.io import CheckpointError, atomic_write_bytes, atomic_write_text
+from mbert_retrieval.files import atomic_write_bytes, atomic_write_text
+from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.training.distributed import World, barrier
 
 PATTERN = re.compile(r"^step-(\d+)$")

@@ -104,7 +104,7 @@ class RunOptions:
 
     def training_arguments(self, **more):
         """The trainer's arguments: the options that are `TrainingArguments` fields, and `more`."""
-        from mbert_retrieval.training.trainer import TrainingArguments
+        from mbert_retrieval.training.arguments import TrainingArguments
 
         accepted = {f.name for f in fields(TrainingArguments)}
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in accepted} | more

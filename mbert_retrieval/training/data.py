@@ -23,7 +23,7 @@ import csv
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,29 +208,32 @@ class BeirExamples(ExampleSource):
 
     def _scan_corpus(self) -> dict[str, int]:
         offsets: dict[str, int] = {}
-        for offset, line in scan_lines(self.folder / "corpus.jsonl", "indexing corpus"):
-            row = decode_json(line)
-            if not isinstance(row, dict) or not isinstance(row.get("_id"), str | int):
-                self.problems["corpus lines without an '_id'"] += 1
-            elif not document_text(row).strip():
+        for offset, doc_id, row in self._rows_with_ids("corpus.jsonl", "indexing corpus", "corpus"):
+            if not document_text(row).strip():
                 self.problems["documents with empty text"] += 1
-            elif str(row["_id"]) in offsets:
+            elif doc_id in offsets:
                 self.problems["duplicate document ids"] += 1
             else:
-                offsets[str(row["_id"])] = offset
+                offsets[doc_id] = offset
         return offsets
 
     def _read_queries(self) -> dict[str, str]:
         queries: dict[str, str] = {}
-        for _, line in scan_lines(self.folder / "queries.jsonl", "reading queries"):
-            row = decode_json(line)
-            if not isinstance(row, dict) or not isinstance(row.get("_id"), str | int):
-                self.problems["query lines without an '_id'"] += 1
-            elif not isinstance(row.get("text"), str) or not row["text"].strip():
+        for _, query_id, row in self._rows_with_ids("queries.jsonl", "reading queries", "query"):
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
                 self.problems["queries with empty text"] += 1
             else:
-                queries.setdefault(str(row["_id"]), row["text"])
+                queries.setdefault(query_id, row["text"])
         return queries
+
+    def _rows_with_ids(self, name: str, desc: str, kind: str) -> Iterator[tuple[int, str, dict]]:
+        """(byte offset, id, row) of each line of a BEIR .jsonl file; lines without an id are counted."""
+        for offset, line in scan_lines(self.folder / name, desc):
+            row = decode_json(line)
+            if isinstance(row, dict) and isinstance(row.get("_id"), str | int):
+                yield offset, str(row["_id"]), row
+            else:
+                self.problems[f"{kind} lines without an '_id'"] += 1
 
     def _read_qrels(self, path: Path) -> list[tuple[str, str]]:
         if not path.is_file():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mbert_retrieval.modeling.io import atomic_write
+from mbert_retrieval.files import atomic_write
 from mbert_retrieval.models.dense import DenseRetriever
 from mbert_retrieval.training.data import BeirExamples, ExampleSource
 

@@ -27,7 +27,7 @@ from mbert_retrieval.training.distributed import current_world
 from mbert_retrieval.training.optim import BatchSizeWarmup
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mbert_retrieval.training.trainer import TrainingArguments
+    from mbert_retrieval.training.arguments import TrainingArguments
 
 IGNORE = -100  # label of a token that is not predicted
 

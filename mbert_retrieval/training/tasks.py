@@ -31,7 +31,7 @@ from mbert_retrieval.training.distributed import all_gather_with_grad, all_reduc
 from mbert_retrieval.training.gradcache import forward_backward
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mbert_retrieval.training.trainer import TrainingArguments
+    from mbert_retrieval.training.arguments import TrainingArguments
 
 
 class RetrievalTask:
