@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from mbert_retrieval.models.base import Devices, EncoderModel, as_output, grow_e
 from mbert_retrieval.models.encoding import (
     Chunking,
     PackedBatch,
+    PackedEmbeddings,
     check_texts,
     l2_normalize,
 )
@@ -43,24 +43,6 @@ PYLATE_SETTINGS = (
     "attend_to_expansion_tokens",
     "skiplist_words",
 )
-
-
-@dataclass
-class PackedEmbeddings:
-    """Token vectors of many documents in one array: document i is
-    `embeddings[offsets[i]:offsets[i + 1]]`."""
-
-    embeddings: np.ndarray | torch.Tensor
-    offsets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int):
-        return self.embeddings[self.offsets[i] : self.offsets[i + 1]]
-
-    def to_list(self) -> list:
-        return [self[i] for i in range(len(self))]
 
 
 class ColBERT(EncoderModel):

@@ -544,3 +544,21 @@ def run_batches(
     if errors:
         raise errors[0]
     return results
+
+
+@dataclass
+class PackedEmbeddings:
+    """Token vectors of many documents in one array: document i is
+    `embeddings[offsets[i]:offsets[i + 1]]`."""
+
+    embeddings: np.ndarray | torch.Tensor
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int):
+        return self.embeddings[self.offsets[i] : self.offsets[i + 1]]
+
+    def to_list(self) -> list:
+        return [self[i] for i in range(len(self))]

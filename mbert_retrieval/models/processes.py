@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mbert_retrieval.models.encoding import PackedEmbeddings
+
 PROCESS_MIN_TEXTS = 50_000
 PROCESS_MAX_TOKENS_PER_BATCH = 65536  # per CUDA device, when the caller gives no batch size
 RESULT_POLL_SECONDS = 1.0
@@ -189,8 +191,6 @@ def _serve(rank, device, model, tasks, results, cpu_threads):
 
 def _packable(output):
     """An output in a form that crosses processes cheaply (tensors go through shared memory)."""
-    from mbert_retrieval.models.colbert import PackedEmbeddings
-
     if isinstance(output, PackedEmbeddings):
         return ("packed", _as_tensor(output.embeddings), output.offsets, torch.is_tensor(output.embeddings))
     if isinstance(output, list):
@@ -246,8 +246,6 @@ def _in_input_order(parts: list, shares: list[np.ndarray], num_texts: int):
         items = [item.numpy() for item in items]
     if kind == "list":
         return items
-    from mbert_retrieval.models.colbert import PackedEmbeddings
-
     offsets = np.zeros(num_texts + 1, dtype=np.int64)
     np.cumsum([len(item) for item in items], out=offsets[1:])
     joined = torch.cat([_as_tensor(item) for item in items]) if items else torch.zeros(0)
