@@ -1,7 +1,8 @@
 """mbert-retrieval: dense, multi-vector and cross-encoder retrieval on a native, unpadded ModernBERT.
 
-Heavy parts (models, indexes, the pipeline) are imported on first use, so `import mbert_retrieval`
-stays fast and optional dependencies (faiss, fastapi) are only needed by what uses them.
+Every public name is imported on first use (torch, transformers, faiss and fastapi load only when
+something needs them), so `import mbert_retrieval` and `mbert-retrieval --help` start in well under
+a second.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mbert_retrieval.modeling import (
-    CheckpointError,
-    ConfigError,
-    ModernBert,
-    ModernBertConfig,
-    ModernBertForMaskedLM,
-)
-from mbert_retrieval.tokenization import load_tokenizer
-
 __version__ = "0.1.0"
 
 _LAZY = {
+    "CheckpointError": "mbert_retrieval.modeling.io",
+    "ConfigError": "mbert_retrieval.modeling.config",
+    "ModernBert": "mbert_retrieval.modeling.encoder",
+    "ModernBertConfig": "mbert_retrieval.modeling.config",
+    "ModernBertForMaskedLM": "mbert_retrieval.modeling.encoder",
+    "load_tokenizer": "mbert_retrieval.tokenization",
     "DenseRetriever": "mbert_retrieval.models.dense",
     "ColBERT": "mbert_retrieval.models.colbert",
     "CrossEncoder": "mbert_retrieval.models.cross_encoder",
@@ -51,16 +49,24 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from mbert_retrieval.index.faiss_index import FaissIndex
     from mbert_retrieval.index.plaid import PlaidIndex
+    from mbert_retrieval.modeling.config import ConfigError, ModernBertConfig
+    from mbert_retrieval.modeling.encoder import ModernBert, ModernBertForMaskedLM
+    from mbert_retrieval.modeling.io import CheckpointError
     from mbert_retrieval.models.colbert import ColBERT
     from mbert_retrieval.models.cross_encoder import CrossEncoder
     from mbert_retrieval.models.dense import DenseRetriever
     from mbert_retrieval.search.retriever import Retriever
+    from mbert_retrieval.tokenization import load_tokenizer
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'mbert_retrieval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 class _CheckoutHarnesses(importlib.abc.MetaPathFinder):
