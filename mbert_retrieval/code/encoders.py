@@ -11,9 +11,14 @@ class ModelNotFoundError(ValueError):
     """No model was given and no default model is installed."""
 
 
-def load_encoder(model: str | None = None):
-    """A `DenseRetriever` from a folder or hub id, or the default model when `model` is None."""
-    from mbert_retrieval.models.dense import DenseRetriever
+def load_encoder(model: str | None = None, cpu_backend: str = "auto"):
+    """A `DenseRetriever` from a folder or hub id, or the default model when `model` is None.
+
+    `cpu_backend` picks how it runs on a machine without a GPU: "torch", "onnx" (onnxruntime with
+    int8 weights, exported on first use) or "auto" (onnx when an exported file is there and
+    onnxruntime is installed); see mbert_retrieval.models.onnx_backend.
+    """
+    from mbert_retrieval.models.onnx_backend import load_dense_encoder
 
     if model is None or model == DEFAULT_MODEL:
         if not has_default_model():
@@ -21,8 +26,8 @@ def load_encoder(model: str | None = None):
                 "no default code search model is installed: pass --model with a dense model folder "
                 "(a DenseRetriever / sentence-transformers folder of a ModernBERT model) or a hub id"
             )
-        return DenseRetriever.from_pretrained()
-    return DenseRetriever.from_pretrained(model)
+        return load_dense_encoder(None, cpu_backend=cpu_backend)
+    return load_dense_encoder(model, cpu_backend=cpu_backend)
 
 
 def has_default_model() -> bool:
