@@ -20,10 +20,12 @@ Needs the `onnx` extra: `pip install mbert-retrieval[onnx]`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +142,6 @@ def export_onnx(
 def _trace(model: DenseRetriever, path: Path) -> None:
     sample = model.tokenize(["def example(x):\n    return x + 1", "class Example:\n    pass"])
     input_ids, attention_mask = pad_numpy(sample, model.encoder.config.pad_token_id)
-    dynamic = {"batch": 0, "length": 1}
     with torch.no_grad(), _quiet_export():
         torch.onnx.export(
             PaddedDenseGraph(model),
@@ -158,14 +159,11 @@ def _trace(model: DenseRetriever, path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
 def _quiet_export():
-    import contextlib
-    import warnings
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-    return stack
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        yield
 
 
 def _quantize(source: Path, target: Path) -> None:
