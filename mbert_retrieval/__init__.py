@@ -1,7 +1,8 @@
 """mbert-retrieval: dense, multi-vector and cross-encoder retrieval on a native, unpadded ModernBERT.
 
-Heavy parts (models, indexes, the pipeline) are imported on first use, so `import mbert_retrieval`
-stays fast and optional dependencies (faiss, fastapi) are only needed by what uses them.
+Every public name is imported on first use (torch, transformers, faiss and fastapi load only when
+something needs them), so `import mbert_retrieval` and `mbert-retrieval --help` start in well under
+a second.
 """
 
 from __future__ import annotations
@@ -15,18 +16,15 @@ from typing import TYPE_CHECKING
 
 from mbert_retrieval._version import __version__ as __version__
 from mbert_retrieval.lazy import lazy_attributes
-from mbert_retrieval.modeling import (
-    CheckpointError,
-    ConfigError,
-    ModernBert,
-    ModernBertConfig,
-    ModernBertForMaskedLM,
-)
-from mbert_retrieval.tokenization import load_tokenizer
 
+# imported on first use, so that `import mbert_retrieval` and the CLI's --help load no torch
 __getattr__ = lazy_attributes(
     __name__,
     {
+        "modeling.io": ["CheckpointError"],
+        "modeling.config": ["ConfigError", "ModernBertConfig"],
+        "modeling.encoder": ["ModernBert", "ModernBertForMaskedLM"],
+        "tokenization": ["load_tokenizer"],
         "models.dense": ["DenseRetriever"],
         "models.colbert": ["ColBERT"],
         "models.cross_encoder": ["CrossEncoder"],
@@ -54,10 +52,18 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from mbert_retrieval.index.faiss_index import FaissIndex
     from mbert_retrieval.index.plaid import PlaidIndex
+    from mbert_retrieval.modeling.config import ConfigError, ModernBertConfig
+    from mbert_retrieval.modeling.encoder import ModernBert, ModernBertForMaskedLM
+    from mbert_retrieval.modeling.io import CheckpointError
     from mbert_retrieval.models.colbert import ColBERT
     from mbert_retrieval.models.cross_encoder import CrossEncoder
     from mbert_retrieval.models.dense import DenseRetriever
     from mbert_retrieval.search.retriever import Retriever
+    from mbert_retrieval.tokenization import load_tokenizer
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 class _CheckoutHarnesses(importlib.abc.MetaPathFinder):

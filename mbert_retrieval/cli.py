@@ -365,6 +365,34 @@ def build_code_dataset_command(
     typer.echo(f"{output}: {counts} query-function pairs from {summary.files_read} files{problems}")
 
 
+@app.command("export-onnx")
+@reports_errors
+def export_onnx_command(
+    model: Annotated[
+        str, typer.Argument(help="Dense model folder or hub id; 'default' for the shipped model.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            help="ONNX file to write. Saved as MODEL/onnx/model.onnx, index-code, search-code and serve "
+            "use it on machines without a GPU."
+        ),
+    ],
+    quantize: Annotated[
+        bool, typer.Option("--quantize/--no-quantize", help="int8 weights for the linear layers.")
+    ] = True,
+):
+    """Export a dense model to ONNX for onnxruntime on the CPU (needs mbert-retrieval[onnx])."""
+    from mbert_retrieval.models.onnx_backend import export_onnx
+
+    if out.is_dir():
+        raise BadInput(f"{out} is a folder; give the path of the .onnx file to write")
+    export_onnx(None if model == "default" else model, out, quantize=quantize)
+    typer.echo(
+        f"{out}: {out.stat().st_size / 2**20:.1f} MB ({'int8' if quantize else 'float32'} linear layers)"
+    )
+
+
 # ------------------------------------------------------------------------------------------- helpers
 
 

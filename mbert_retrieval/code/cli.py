@@ -17,6 +17,15 @@ import typer
 from mbert_retrieval.cli_errors import command_app, reports_errors
 from mbert_retrieval.code.encoders import load_encoder, load_reranker, model_name
 
+CPU_BACKEND_HELP = (
+    "How the dense model runs without a GPU: torch, onnx (onnxruntime, int8 weights; exported once "
+    "into the user cache, needs mbert-retrieval[onnx]) or auto (onnx when an export exists)"
+)
+
+
+def cpu_backend_option():
+    return typer.Option("auto", "--cpu-backend", help=CPU_BACKEND_HELP)
+
 
 @reports_errors
 def index_code(
@@ -32,11 +41,12 @@ def index_code(
         "--include-secrets",
         help="Also index secret-looking files (.env, private keys, .netrc, credentials, ...), skipped by default",
     ),
+    cpu_backend: str = cpu_backend_option(),
 ) -> None:
     """Index a repository's functions, classes and methods for code search (incremental)."""
     from mbert_retrieval.code.index import build_code_index
 
-    encoder = load_encoder(model)
+    encoder = load_encoder(model, cpu_backend=cpu_backend)
     report = build_code_index(
         repo,
         index,
@@ -63,10 +73,18 @@ def search_code(
     model: str | None = typer.Option(
         None, "--model", help="Dense model (default: the one the index was built with)"
     ),
+    cpu_backend: str = cpu_backend_option(),
 ) -> None:
     """Search a code index from the command line, without starting the server."""
     [hits] = run_code_search(
-        index, [" ".join(query)], k, mode=mode, path=path, language=language, model=model
+        index,
+        [" ".join(query)],
+        k,
+        mode=mode,
+        path=path,
+        language=language,
+        model=model,
+        cpu_backend=cpu_backend,
     )
     if as_json:
         typer.echo(json.dumps([hit_record(hit) for hit in hits], indent=1))
@@ -94,6 +112,7 @@ def run_code_search(
     model: str | None = None,
     reranker: str | None = None,
     rerank_depth: int = 50,
+    cpu_backend: str = "auto",
 ) -> list:
     """The hits of each query in a code index; the dense model is loaded only when the mode needs it."""
     from mbert_retrieval.code.index import MODES, CodeIndex
@@ -103,7 +122,7 @@ def run_code_search(
     if mode is not None and mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     index = CodeIndex.load(index_dir)
-    encoder = LazyEncoder(lambda: encoder_for(index, model))
+    encoder = LazyEncoder(lambda: encoder_for(index, model, cpu_backend))
     rerank_model = load_reranker(reranker) if reranker else None
     return [
         index.search(
@@ -133,9 +152,9 @@ class LazyEncoder:
         return self._model.encode_queries(texts, **kwargs)
 
 
-def encoder_for(index, model: str | None):
+def encoder_for(index, model: str | None, cpu_backend: str = "auto"):
     """The index's dense model (or `model`), refused when its vectors do not fit the index."""
-    encoder = load_encoder(model_name(model) if model is not None else index.model_name)
+    encoder = load_encoder(model_name(model) if model is not None else index.model_name, cpu_backend)
     dim = encoder.encode_queries(["dimension check"]).shape[-1]
     if dim != index.meta["dim"]:
         raise ValueError(

@@ -16,9 +16,16 @@ class ModelNotFoundError(ValueError):
     """No model was given and no default model is installed."""
 
 
-def load_encoder(model: str | None = None):
+def load_encoder(model: str | None = None, cpu_backend: str = "auto"):
     """A single-vector model (a `DenseRetriever` for our folders) from a folder or hub id, or the
-    default model when `model` is None."""
+    default model when `model` is None.
+
+    `cpu_backend` picks how our models run on a machine without a GPU: "torch", "onnx" (onnxruntime
+    with int8 weights, exported on first use) or "auto" (onnx when an exported file is there and
+    onnxruntime is installed); see mbert_retrieval.models.onnx_backend.
+    """
+    from mbert_retrieval.models.onnx_backend import load_dense_encoder, uses_onnx
+
     if model is None or model == DEFAULT_MODEL:
         if not has_default_model():
             raise ModelNotFoundError(
@@ -26,6 +33,9 @@ def load_encoder(model: str | None = None):
                 "(a DenseRetriever / sentence-transformers folder of a ModernBERT model) or a hub id"
             )
         model = DEFAULT_MODEL
+    folder = None if model == DEFAULT_MODEL else model
+    if uses_onnx(folder, cpu_backend):
+        return load_dense_encoder(folder, cpu_backend="onnx")
     encoder = load_search_model(model)
     if is_multi_vector(encoder):
         raise CheckpointError(f"{model} is a ColBERT model: code search needs a single-vector (dense) model")

