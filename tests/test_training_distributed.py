@@ -21,7 +21,7 @@ from mbert_retrieval.models.dense import DenseRetriever
 from mbert_retrieval.tokenization import load_tokenizer
 from mbert_retrieval.training.batching import DataPosition, collate
 from mbert_retrieval.training.data import Example
-from mbert_retrieval.training.distributed import all_reduce_gradients, all_reduce_sum
+from mbert_retrieval.training.distributed import GradientSync, all_reduce_sum
 from mbert_retrieval.training.mlm import MLMTask
 from mbert_retrieval.training.tasks import ColBERTTask, CrossEncoderTask, DenseTask
 
@@ -84,8 +84,7 @@ def ddp_worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: s
         for name in TASKS:
             task = build_task(name, Path(model_dir))
             task.model.train()
-            loss = task.step(global_batch(task).shard(rank, world))
-            all_reduce_gradients(task.model.parameters())
+            loss = task.step(global_batch(task).shard(rank, world), sync=GradientSync.wrap(task.model))
             total = all_reduce_sum(loss)
             if rank == 0:
                 torch.save({"loss": total, "grads": gradients(task.model)}, Path(out_dir) / f"{name}.pt")
