@@ -61,6 +61,12 @@ def init_distributed(device: str | None = None) -> tuple[World, torch.device]:
     return World(), device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group (every rank, once training is done), if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def current_world() -> World:
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
