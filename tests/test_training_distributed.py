@@ -260,3 +260,54 @@ def test_the_trainer_under_two_processes_follows_the_single_process_run(hf_mlm_d
         "step-00000003",
     ]
     assert (tmp_path / "plain" / "checkpoints" / "step-00000002" / "rng-rank1.pt").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_trains_from_the_command_line_like_one_process(hf_mlm_dir, tmp_path):
+    """`torchrun --standalone --nproc-per-node 2 -m mbert_retrieval.cli train dense ...` (gloo on
+    the CPU, c10d rendezvous) logs the losses of the same command run in one process, with tokens/s,
+    and saves the same final model."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    import mbert_retrieval
+    from mbert_retrieval.cli import app
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"query": e.query, "positive": e.documents[0]}) + "\n" for e in examples())
+    )
+    command = ["train", "dense", str(hf_mlm_dir), str(data), "--max-steps", "2", "--batch-size", "4"]
+    command += ["--lr", "1e-3", "--logging-steps", "1", "--device", "cpu", "--max-length", "40"]
+    repo = str(Path(mbert_retrieval.__file__).parents[1])
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    launched = subprocess.run(
+        [*torchrun, "-m", "mbert_retrieval.cli", *command, "-o", str(tmp_path / "ddp")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = CliRunner().invoke(app, [*command, "-o", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+
+    def records(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    assert [r["step"] for r in records("ddp")] == [1, 2]
+    assert all(r["tokens_per_second"] > 0 for r in records("ddp"))
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in records("ddp")]),
+        torch.tensor([r["loss"] for r in records("single")]),
+    )
+    ddp_model = DenseRetriever.from_pretrained(tmp_path / "ddp" / "final", device="cpu")
+    single_model = DenseRetriever.from_pretrained(tmp_path / "single" / "final", device="cpu")
+    for (name, value), other in zip(ddp_model.state_dict().items(), single_model.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=0, atol=1e-4, msg=name)
