@@ -18,7 +18,6 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch.nn.parallel import DistributedDataParallel
 
 T = TypeVar("T")
@@ -129,7 +128,8 @@ class GradientSync:
 
     def all_reduce_if(self, condition: bool) -> contextlib.AbstractContextManager:
         """Passes (forward and backward) run inside all-reduce gradients only when `condition`;
-        otherwise they accumulate locally until a pass that does. Nested: the outer one wins a no."""
+        otherwise they accumulate locally until a pass that does. Inside an enclosing
+        `all_reduce_if(False)` nothing all-reduces, whatever `condition` is."""
         if self.ddp is None or condition:
             return contextlib.nullcontext()
         return self.ddp.no_sync()
@@ -138,16 +138,35 @@ class GradientSync:
 # -- collectives -------------------------------------------------------------------------------------
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's tensor along dim 0 (sizes may differ); gradients flow back to each
+    rank's own part, summed over every rank's use of it. (Our own: torch.distributed.nn's gather
+    is deprecated in favour of private functional collectives that change between releases.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        sizes = _gather_sizes(tensor.shape[0], tensor.device)
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Every rank's `tensor` concatenated along dim 0, in rank order (other dims must match; dim 0
-    may differ). Gradients flow back to each rank's own part, summed over every rank's use of it.
-    A single process gets its tensor back."""
+    may differ). A single process gets its tensor back."""
     if not current_world().distributed:
         return tensor
-    sizes = _gather_sizes(tensor.shape[0], tensor.device)
-    padding = tensor.new_zeros((max(sizes) - tensor.shape[0], *tensor.shape[1:]))
-    parts = dist_nn.all_gather(torch.cat([tensor, padding]))
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+    return _GatherWithGrad.apply(tensor)
 
 
 def _gather_sizes(size: int, device: torch.device) -> list[int]:
