@@ -188,6 +188,7 @@ TRAINER_RUNS = {  # TrainingArguments beyond the common ones
     "plain": {},
     "accumulated-gradcache": {"gradient_accumulation_steps": 2, "chunk_tokens": 60},
 }
+RESUMED = "plain/checkpoints/step-00000002"  # the plain run again, from its checkpoint at step 2
 
 
 def trainer_run(model_dir: Path, data: Path, output_dir: Path, **settings):
@@ -227,6 +228,13 @@ def trainer_worker(rank: int, world: int, port: int, model_dir: str, data: str, 
             if rank == 0:
                 state = {"losses": result.losses, "weights": trainer.task.model.state_dict()}
                 torch.save(state, Path(out_dir) / f"{name}.pt")
+        resume_from = str(Path(out_dir) / RESUMED)
+        resumed, trainer = trainer_run(
+            Path(model_dir), Path(data), Path(out_dir) / "plain", resume_from=resume_from
+        )
+        if rank == 0:
+            state = {"losses": resumed.losses, "weights": trainer.task.model.state_dict()}
+            torch.save(state, Path(out_dir) / "resumed.pt")
     finally:
         dist.destroy_process_group()
 
@@ -234,7 +242,8 @@ def trainer_worker(rank: int, world: int, port: int, model_dir: str, data: str, 
 @pytest.mark.slow
 def test_the_trainer_under_two_processes_follows_the_single_process_run(hf_mlm_dir, tmp_path):
     """Same losses and weights after three optimizer steps, plain and with two accumulated batches
-    run in GradCache chunks; checkpoints hold every rank's random state."""
+    run in GradCache chunks; checkpoints hold every rank's random state, and resuming one under two
+    processes finishes the run as if uninterrupted."""
     import json
     import socket
 
@@ -255,6 +264,9 @@ def test_the_trainer_under_two_processes_follows_the_single_process_run(hf_mlm_d
             torch.testing.assert_close(
                 shared["weights"][param], value, rtol=0, atol=1e-4, msg=f"{name}: {param}"
             )
+    plain, resumed = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "resumed.pt")
+    torch.testing.assert_close(resumed["losses"], plain["losses"][2:])
+    torch.testing.assert_close(resumed["weights"], plain["weights"])
     assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == [
         "step-00000002",
         "step-00000003",

@@ -198,6 +198,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_object(value) -> list | None:
+    """Every rank's value, in rank order, on rank 0 (None elsewhere)."""
+    if not current_world().distributed:
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def broadcast_object(value):
     """Rank 0's value on every rank."""
     if not current_world().distributed:
