@@ -7,9 +7,9 @@ Per optimizer step: `gradient_accumulation_steps` global batches; each rank take
 each, runs forward + backward (bf16 autocast on CUDA, GradCache when `chunk_tokens` is set);
 under torchrun DistributedDataParallel sums gradients over ranks during the last backward of the
 step (the others accumulate locally); gradients are clipped, and the optimizer steps at the
-learning rate of the warmup-stable-decay schedule. Losses go to `metrics.jsonl` (and TensorBoard), the dev metric
-every `eval_steps`, checkpoints every `save_steps`, and the final model to `output_dir/final`
-in its ecosystem's folder format. `resume_from` continues a run exactly as if never stopped.
+learning rate of the warmup-stable-decay schedule. Losses and tokens/s go to `metrics.jsonl` (and
+TensorBoard), the dev metric every `eval_steps`, checkpoints every `save_steps`, and the final
+model to `output_dir/final` in its ecosystem's folder format. `resume_from` continues a run exactly as if never stopped.
 """
 
 from __future__ import annotations
