@@ -227,23 +227,27 @@ def main() -> None:
         docs = [d for _, d in pairs]
         docs = (docs * (s["encode_docs"] // len(docs) + 1))[: s["encode_docs"]]
 
-        train = train_part(model_dir, pairs_file, work, s, args.quick)
-        encode = encode_part(model_dir, docs, args.quick)
+        result = {
+            "device": "cpu (quick check)" if args.quick else torch.cuda.get_device_name(0),
+            "gpus": 2 if args.quick else gpus,
+            "command": "PYTHONPATH=. python3 " + " ".join(["benchmarks/multi_gpu.py", *sys.argv[1:]]),
+        }
+        # written after each part, so a run cut short keeps what it measured
+        result["train"] = train_part(model_dir, pairs_file, work, s, args.quick)
+        write_json(result, out)
+        result["encode"] = encode_part(model_dir, docs, args.quick)
+        write_json(result, out)
         sharded = sharded_index_part(model_dir, pairs, work, s, args.index, args.quick)
+        result["sharded_index"] = {k: sharded[k] for k in ("docs", "seconds", "recall_vs_single_process")}
+        write_json(result, out)
 
-    device = "cpu (quick check)" if args.quick else torch.cuda.get_device_name(0)
-    result = {
-        "device": device,
-        "gpus": 2 if args.quick else gpus,
-        "train": train,
-        "encode": encode,
-        "sharded_index": {k: sharded[k] for k in ("docs", "seconds", "recall_vs_single_process")},
-        "command": "PYTHONPATH=. python3 " + " ".join(["benchmarks/multi_gpu.py", *sys.argv[1:]]),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result, sharded["index"], time.perf_counter() - started)
     print(f"wrote {out}")
+
+
+def write_json(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def print_table(result: dict, index_kind: str, seconds: float) -> None:
