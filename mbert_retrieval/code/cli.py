@@ -15,7 +15,6 @@ from pathlib import Path
 import typer
 
 from mbert_retrieval.cli_errors import command_app, reports_errors
-from mbert_retrieval.code.encoders import load_encoder, load_reranker, model_name
 
 CPU_BACKEND_HELP = (
     "How the dense model runs without a GPU: torch, onnx (onnxruntime, int8 weights; exported once "
@@ -44,6 +43,7 @@ def index_code(
     cpu_backend: str = cpu_backend_option(),
 ) -> None:
     """Index a repository's functions, classes and methods for code search (incremental)."""
+    from mbert_retrieval.code.encoders import load_encoder, model_name
     from mbert_retrieval.code.index import build_code_index
 
     encoder = load_encoder(model, cpu_backend=cpu_backend)
@@ -115,6 +115,7 @@ def run_code_search(
     cpu_backend: str = "auto",
 ) -> list:
     """The hits of each query in a code index; the dense model is loaded only when the mode needs it."""
+    from mbert_retrieval.code.encoders import load_reranker
     from mbert_retrieval.code.index import MODES, CodeIndex
 
     if not Path(index_dir).is_dir():
@@ -154,6 +155,8 @@ class LazyEncoder:
 
 def encoder_for(index, model: str | None, cpu_backend: str = "auto"):
     """The index's dense model (or `model`), refused when its vectors do not fit the index."""
+    from mbert_retrieval.code.encoders import load_encoder, model_name
+
     encoder = load_encoder(model_name(model) if model is not None else index.model_name, cpu_backend)
     dim = encoder.encode_queries(["dimension check"]).shape[-1]
     if dim != index.meta["dim"]:
