@@ -360,8 +360,18 @@ def export(work: Path, target: Path) -> None:
 
 
 def evaluation_sets(datasets: Path, cosqa: Path | None, scratch: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (BEIR folder, split): cosqa-dev, the held-out stdlib packages, and each language's
-    held-out packages under `datasets/heldout/<language>`."""
+    """name -> (BEIR folder, split): the `held_out_sets`, and each language's held-out packages
+    under `datasets/heldout/<language>`."""
+    sets = held_out_sets(cosqa, scratch)
+    for folder in sorted((datasets / "heldout").glob("*")) if (datasets / "heldout").exists() else []:
+        if (folder / "qrels" / "test.tsv").exists():
+            sets[folder.name] = (folder, "test")
+    return sets
+
+
+def held_out_sets(cosqa: Path | None, scratch: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (BEIR folder, split): cosqa-dev (when there), and the stdlib packages left out of
+    training, built as a code search set under `scratch`."""
     from mbert_retrieval.evaluation.code_dataset import build_code_dataset
 
     sets = {}
@@ -374,9 +384,6 @@ def evaluation_sets(datasets: Path, cosqa: Path | None, scratch: Path) -> dict[s
         scratch / "stdlib", scratch / "stdlib-set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
     )
     sets["python-stdlib"] = (scratch / "stdlib-set", "test")
-    for folder in sorted((datasets / "heldout").glob("*")) if (datasets / "heldout").exists() else []:
-        if (folder / "qrels" / "test.tsv").exists():
-            sets[folder.name] = (folder, "test")
     return sets
 
 
