@@ -5,7 +5,7 @@ Data: docstring -> function pairs cut out with `ast` from the installed Python's
 site-packages (benchmarks/train_throughput.py). Model: ModernBERT-base shape with random weights and a
 BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GPUs.
 
-- train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense`, global
+- train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense --compile`, global
   batch 256, max length 256, the same seed; after `--warmup-steps` logged steps, tokens/s over the next
   `--steps` from the trainer's metrics.jsonl, and the largest difference between the two runs' per-step
   losses.
@@ -14,7 +14,7 @@ BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GP
 - sharded_index: `torchrun --nproc-per-node 2 -m mbert_retrieval.cli index` (two shards, then rank 0
   merges) against `mbert-retrieval index` in one process, same settings: seconds of the sharded run and
   the recall of its top 10 against the single-process index's top 10. The index is FAISS IVF-PQ when
-  faiss is installed, else PLAID over a ColBERT head on the same encoder (the JSON says which).
+  faiss is installed, else PLAID over a ColBERT head (the JSON says which), on the shipped model's encoder.
 
     PYTHONPATH=. python3 benchmarks/multi_gpu.py            # 2 GPUs -> benchmarks/results/multi_gpu.json
     PYTHONPATH=. python3 benchmarks/multi_gpu.py --quick    # CPU check: tiny model, 2 CPU processes
@@ -50,7 +50,7 @@ def settings(quick: bool) -> dict:
         max_length=MAX_LENGTH,
         warmup=10,
         steps=60,
-        encode_docs=30000,
+        encode_docs=120000,
         index_docs=10000,
         queries=200,
     )
@@ -87,7 +87,7 @@ def train_run(
         "--max-steps", str(s["warmup"] + s["steps"]), "--seed", "0", "--logging-steps", "1",
         "--warmup-steps", "0", "--decay", "none",
     ]  # fmt: skip
-    command += ["--device", "cpu", "--no-bf16"] if quick else ["--bf16"]
+    command += ["--device", "cpu", "--no-bf16"] if quick else ["--bf16", "--compile"]
     run(command, quick)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r and "tokens_per_second" in r]
@@ -153,10 +153,14 @@ def has_faiss() -> bool:
 
 
 def sharded_index_part(model_dir: Path, pairs, work: Path, s: dict, kind: str, quick: bool) -> dict:
+    from mbert_retrieval.models.dense import default_model_dir
     from mbert_retrieval.search.retriever import Retriever
 
     if kind == "auto":
         kind = "ivfpq" if has_faiss() else "plaid"
+    # the shipped (trained) encoder where there is one: a random model's rankings are near-ties, which
+    # the bf16 noise between any two encodings of the corpus reorders
+    model_dir = default_model_dir() or model_dir
     system = str(model_dir)
     if kind == "plaid":
         from mbert_retrieval.models.colbert import ColBERT
@@ -185,6 +189,7 @@ def sharded_index_part(model_dir: Path, pairs, work: Path, s: dict, kind: str, q
     recall = overlap / sum(len(b) for b in found["single"])
     return {
         "index": kind,
+        "model": Path(model_dir).name,
         "docs": len(docs),
         "seconds": round(seconds, 1),
         "recall_vs_single_process": recall,
@@ -227,23 +232,27 @@ def main() -> None:
         docs = [d for _, d in pairs]
         docs = (docs * (s["encode_docs"] // len(docs) + 1))[: s["encode_docs"]]
 
-        train = train_part(model_dir, pairs_file, work, s, args.quick)
-        encode = encode_part(model_dir, docs, args.quick)
+        result = {
+            "device": "cpu (quick check)" if args.quick else torch.cuda.get_device_name(0),
+            "gpus": 2 if args.quick else gpus,
+            "command": "PYTHONPATH=. python3 " + " ".join(["benchmarks/multi_gpu.py", *sys.argv[1:]]),
+        }
+        # written after each part, so a run cut short keeps what it measured
+        result["train"] = train_part(model_dir, pairs_file, work, s, args.quick)
+        write_json(result, out)
+        result["encode"] = encode_part(model_dir, docs, args.quick)
+        write_json(result, out)
         sharded = sharded_index_part(model_dir, pairs, work, s, args.index, args.quick)
+        result["sharded_index"] = sharded
+        write_json(result, out)
 
-    device = "cpu (quick check)" if args.quick else torch.cuda.get_device_name(0)
-    result = {
-        "device": device,
-        "gpus": 2 if args.quick else gpus,
-        "train": train,
-        "encode": encode,
-        "sharded_index": {k: sharded[k] for k in ("docs", "seconds", "recall_vs_single_process")},
-        "command": "PYTHONPATH=. python3 " + " ".join(["benchmarks/multi_gpu.py", *sys.argv[1:]]),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result, sharded["index"], time.perf_counter() - started)
     print(f"wrote {out}")
+
+
+def write_json(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def print_table(result: dict, index_kind: str, seconds: float) -> None:

@@ -664,9 +664,7 @@ def register_train_command() -> None:
         import_error = err
     else:
         train_app = getattr(training_cli, "app", None) or training_cli.train_app
-        app.add_typer(
-            train_app, name="train", help="Train retrieval models (see `mbert-retrieval train --help`)."
-        )
+        app.add_typer(train_app, name="train", help=train_app.info.help)
         return
 
     @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from code_search_repo import one_torch_thread  # noqa: F401 (fixture)
 from typer.testing import CliRunner
 
 pytest.importorskip("onnxruntime")

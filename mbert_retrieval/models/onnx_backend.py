@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mbert_retrieval.modeling.io import CheckpointError, atomic_write, find_weights
+from mbert_retrieval.files import atomic_write
+from mbert_retrieval.modeling.io import CheckpointError, find_weights
 from mbert_retrieval.models.dense import DenseRetriever, default_model_dir
 
 logger = logging.getLogger("mbert_retrieval")

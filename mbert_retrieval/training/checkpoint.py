@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `step-00001000/` holding the model and optimizer state (`state.pt`), the
 trainer's state (step, data position; also as readable `trainer_state.json`) and, per rank, the
-random number generator states (`rng-rank0.pt`, ...). It is written under a temporary name and
-renamed when complete, so a crash never leaves a half-written checkpoint under a real name.
+random number generator states (`rng-rank0.pt`, ...). Rank 0 writes it all, so the machines of a
+multi-node run need not share a disk. It is written under a temporary name and renamed when
+complete, so a crash never leaves a half-written checkpoint under a real name.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from mbert_retrieval.files import atomic_write_bytes, atomic_write_text
 from mbert_retrieval.modeling.io import CheckpointError
-from mbert_retrieval.training.distributed import World, barrier
+from mbert_retrieval.training.distributed import World, barrier, gather_object
 
 PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -61,13 +62,12 @@ def save_checkpoint(
     root = Path(root)
     final = root / checkpoint_name(step)
     partial = root / f".{checkpoint_name(step)}.partial"
+    rng_states = gather_object(rng_state())  # rank 0 writes them all: machines need not share a disk
     if world.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    barrier()
-    atomic_write_bytes(partial / f"rng-rank{world.rank}.pt", _torch_bytes(rng_state()))
-    barrier()
-    if world.is_main:
+        for rank, rng in enumerate(rng_states):
+            atomic_write_bytes(partial / f"rng-rank{rank}.pt", _torch_bytes(rng))
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "trainer": trainer_state}
         atomic_write_bytes(partial / "state.pt", _torch_bytes(state))
         atomic_write_text(partial / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")

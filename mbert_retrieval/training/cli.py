@@ -3,7 +3,7 @@
 Data is a BEIR folder (its train qrels), a JSONL file of examples, or `hf:<dataset>`; see
 `mbert_retrieval.training.data`. Every run writes `metrics.jsonl`, checkpoints (with
 `--save-steps`) and the final model to `<output-dir>/final`. Under `torchrun` each process takes
-its share of every batch.
+its share of every batch and DistributedDataParallel all-reduces the gradients (see `TORCHRUN_HELP`).
 
 The options every command shares are declared once, as the fields of `RunOptions` (and
 `ExampleOptions` for the heads that train on examples); `with_options` adds them to a command after
@@ -25,8 +25,24 @@ import typer
 
 from mbert_retrieval.cli_errors import command_app, reports_errors
 
+# Each line a paragraph: the help keeps line breaks.
+TORCHRUN_HELP = "\n\n".join(
+    [
+        "Several GPUs: one process per GPU under torchrun; --batch-size and --max-tokens-per-batch "
+        "stay global (all processes together); DistributedDataParallel all-reduces the gradients.",
+        "One machine, 2 GPUs:",
+        "torchrun --standalone --nproc-per-node 2 -m mbert_retrieval.cli train dense MODEL DATA -o runs/dense",
+        "Two machines of 8 GPUs (the same command on each; HOST:29500 a free port on one of them, "
+        "reachable from both):",
+        "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 "
+        "-m mbert_retrieval.cli train dense MODEL DATA -o runs/dense",
+    ]
+)
+
 train_app = command_app(
-    "Train dense, ColBERT and cross-encoder models, pretrain with MLM, mine hard negatives.", name="train"
+    "Train dense, ColBERT and cross-encoder models, pretrain with MLM, mine hard negatives.\n\n"
+    + TORCHRUN_HELP,
+    name="train",
 )
 
 
@@ -179,11 +195,13 @@ def with_options(options_type: type[RunOptions], **defaults):
 
 def train_and_report(task, data, args, dev=None) -> None:
     """Train, then (on the main process) print the data report and a JSON summary."""
-    from mbert_retrieval.training.distributed import current_world
+    from mbert_retrieval.training.distributed import shutdown_distributed
     from mbert_retrieval.training.trainer import Trainer
 
-    result = Trainer(task, data, args, dev=dev).train()
-    if not current_world().is_main:
+    trainer = Trainer(task, data, args, dev=dev)
+    result = trainer.train()
+    shutdown_distributed()
+    if not trainer.world.is_main:
         return
     typer.echo(data.report())
     summary = {"steps": result.steps, "final_model": str(result.final_model)}

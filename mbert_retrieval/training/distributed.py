@@ -1,20 +1,26 @@
-"""Several processes (torchrun): setup, gradient-correct all-gather, and gradient all-reduce.
+"""Several processes (torchrun): setup, gradient synchronisation through DistributedDataParallel,
+and the all-gather with gradients used for cross-device negatives.
 
 Each rank computes its share of the loss, scaled so the shares add up to the global batch's mean
-loss. Gradients are therefore summed across ranks, not averaged. The all-gather used for
-cross-device negatives passes gradients back correctly: every rank's loss depends on every rank's
+loss. Gradients are therefore summed across ranks, not averaged: DDP's all-reduce is given a hook
+that sums. The all-gather passes gradients back correctly: every rank's loss depends on every rank's
 embeddings, so the backward sums the gathered gradient over ranks before taking the local slice.
+Together they give the gradients of one process on the whole batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-REDUCE_BUCKET_ELEMENTS = 1 << 25  # gradients are all-reduced in flat buckets of this many elements
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,30 +60,98 @@ def init_distributed(device: str | None = None) -> tuple[World, torch.device]:
     return World(), device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group (every rank, once training is done), if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def current_world() -> World:
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return World()
 
 
+# -- gradients: DistributedDataParallel --------------------------------------------------------------
+
+
+class _ModelPass(torch.nn.Module):
+    """The model as DDP's module. Its forward runs whatever function of the model a task calls
+    (`forward_packed`, `encoder.forward_packed` then `project`, ...), so every pass goes through
+    DDP's forward, which is what arms the all-reduce of the following backward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, function: Callable[..., T], *args, **kwargs) -> T:
+        return function(*args, **kwargs)
+
+
+def _sum_gradients(_state, bucket):  # DDP checks the annotations, which are strings in this module
+    """DDP's communication hook: all-reduce a bucket of gradients (a `dist.GradBucket`) as a sum
+    (DDP's own averages over ranks); returns a future of the reduced bucket."""
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda done: done.value()[0])
+
+
+class GradientSync:
+    """Runs a task's forward passes and decides which backward passes all-reduce gradients.
+
+    Under torchrun the model is wrapped in `DistributedDataParallel`: gradients are all-reduced in
+    buckets while the backward still runs. A step with several backward passes (GradCache chunks,
+    accumulated batches) runs all but its last under `all_reduce_if(False)`, so they accumulate
+    locally and the last backward all-reduces the sum once. A single process runs passes plainly.
+
+    The synced backward must reach every trained parameter (DDP waits for each bucket to fill).
+    """
+
+    def __init__(self, ddp: DistributedDataParallel | None = None):
+        self.ddp = ddp
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module) -> GradientSync:
+        """DDP around `model` (on its device) when several processes train, else plain passes.
+        DDP starts every rank from rank 0's weights (new heads are random)."""
+        if not current_world().distributed:
+            return cls()
+        # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy and their memory
+        ddp = DistributedDataParallel(_ModelPass(model), gradient_as_bucket_view=True)
+        ddp.register_comm_hook(None, _sum_gradients)
+        return cls(ddp)
+
+    def __call__(self, function: Callable[..., T], *args, **kwargs) -> T:
+        """`function(*args, **kwargs)`: a forward pass of the model whose backward DDP all-reduces."""
+        if self.ddp is None:
+            return function(*args, **kwargs)
+        return self.ddp(function, *args, **kwargs)
+
+    def all_reduce_if(self, condition: bool) -> contextlib.AbstractContextManager:
+        """Passes (forward and backward) run inside all-reduce gradients only when `condition`;
+        otherwise they accumulate locally until a pass that does. Inside an enclosing
+        `all_reduce_if(False)` nothing all-reduces, whatever `condition` is."""
+        if self.ddp is None or condition:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
+
+
+# -- collectives -------------------------------------------------------------------------------------
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """Concatenate every rank's tensor along dim 0 (sizes may differ); gradients flow back to each
-    rank's own part, summed over every rank's use of it."""
+    rank's own part, summed over every rank's use of it. (Our own: torch.distributed.nn's gather
+    is deprecated in favour of private functional collectives that change between releases.)"""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        size = torch.tensor([tensor.shape[0]], device=tensor.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        sizes = [int(s) for s in sizes]
-        longest = max(sizes)
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        sizes = _gather_sizes(tensor.shape[0], tensor.device)
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
         ctx.sizes, ctx.rank = sizes, dist.get_rank()
-        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -88,11 +162,18 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's `tensor` concatenated along dim 0, in rank order (other dims must match).
-    A single process gets its tensor back."""
+    """Every rank's `tensor` concatenated along dim 0, in rank order (other dims must match; dim 0
+    may differ). A single process gets its tensor back."""
     if not current_world().distributed:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+def _gather_sizes(size: int, device: torch.device) -> list[int]:
+    mine = torch.tensor([size], device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, mine)
+    return [int(s) for s in sizes]
 
 
 def all_reduce_max(value: int, device: torch.device) -> int:
@@ -112,39 +193,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_gradients(parameters) -> None:
-    """Sum every parameter's gradient over ranks, a few large flat buckets at a time."""
-    if not current_world().distributed:
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for grad in grads:
-        by_dtype.setdefault(grad.dtype, []).append(grad)
-    for group in by_dtype.values():
-        bucket: list[torch.Tensor] = []
-        filled = 0
-        for grad in group:
-            bucket.append(grad)
-            filled += grad.numel()
-            if filled >= REDUCE_BUCKET_ELEMENTS:
-                _reduce_bucket(bucket)
-                bucket, filled = [], 0
-        if bucket:
-            _reduce_bucket(bucket)
-
-
-def _reduce_bucket(grads: list[torch.Tensor]) -> None:
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
-
-
 def barrier() -> None:
     if current_world().distributed:
         dist.barrier()
+
+
+def gather_object(value) -> list | None:
+    """Every rank's value, in rank order, on rank 0 (None elsewhere)."""
+    if not current_world().distributed:
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def broadcast_object(value):

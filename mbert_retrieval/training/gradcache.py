@@ -6,6 +6,7 @@ split into independent micro-batches. GradCache (Gao et al., 2021) makes a large
 2. compute the loss on the detached representations and backpropagate to them alone;
 3. encode each chunk again with a graph and backpropagate its slice of those gradients.
 The gradients equal those of the whole batch at once; memory holds one chunk's activations.
+Under several processes only the last chunk's backward all-reduces (the sum of all chunks').
 """
 
 from __future__ import annotations
@@ -14,33 +15,43 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from mbert_retrieval.training.distributed import GradientSync
+
 Encoder = Callable[[object], torch.Tensor]
+Inputs = Sequence[tuple[Encoder, Sequence]]
 
 
 def forward_backward(
-    inputs: Sequence[tuple[Encoder, Sequence]],
+    inputs: Inputs,
     loss_fn: Callable[[list[torch.Tensor]], torch.Tensor],
     cached: bool,
+    sync: GradientSync | None = None,
 ) -> torch.Tensor:
     """Run the loss over `inputs`, one `(encode, chunks)` per kind of text (e.g. queries and
     documents), and backpropagate. `encode(chunk)` gives representations whose dim 0 counts the
-    chunk's texts; a kind's representations are its chunks' concatenated. Returns the loss, detached.
+    chunk's texts; a kind's representations are its chunks' concatenated. `sync` runs the passes
+    (through DDP under torchrun). Returns the loss, detached.
     """
+    sync = sync or GradientSync()
     if not cached:
-        representations = [torch.cat([encode(chunk) for chunk in chunks]) for encode, chunks in inputs]
-        loss = loss_fn(representations)
+        loss = loss_fn(sync(_encode_all, inputs))  # one forward pass, one backward
         loss.backward()
         return loss.detach()
 
     with torch.no_grad():
-        representations = [torch.cat([encode(chunk) for chunk in chunks]) for encode, chunks in inputs]
-    representations = [r.detach().requires_grad_() for r in representations]
+        per_chunk = [[encode(chunk) for chunk in chunks] for encode, chunks in inputs]
+    representations = [torch.cat(reps).requires_grad_() for reps in per_chunk]
     loss = loss_fn(representations)
     loss.backward()
-    for (encode, chunks), cached_rep in zip(inputs, representations):
-        start = 0
-        for chunk in chunks:
-            rep = encode(chunk)
-            rep.backward(cached_rep.grad[start : start + rep.shape[0]])
-            start += rep.shape[0]
+    passes = []  # (encode, chunk, the gradient of its representations)
+    for (encode, chunks), reps, whole in zip(inputs, per_chunk, representations):
+        grads = whole.grad.split([rep.shape[0] for rep in reps])
+        passes += zip([encode] * len(chunks), chunks, grads)
+    for number, (encode, chunk, grad) in enumerate(passes):
+        with sync.all_reduce_if(number == len(passes) - 1):
+            sync(encode, chunk).backward(grad)
     return loss.detach()
+
+
+def _encode_all(inputs: Inputs) -> list[torch.Tensor]:
+    return [torch.cat([encode(chunk) for chunk in chunks]) for encode, chunks in inputs]

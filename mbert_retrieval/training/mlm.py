@@ -23,7 +23,7 @@ from mbert_retrieval.models.encoding import TextTokenizer
 from mbert_retrieval.training import losses
 from mbert_retrieval.training.batching import TOKENIZE_CHUNK, DataPosition, Sequences, shuffled_order
 from mbert_retrieval.training.data import TextCorpus
-from mbert_retrieval.training.distributed import current_world
+from mbert_retrieval.training.distributed import GradientSync, current_world
 from mbert_retrieval.training.optim import BatchSizeWarmup
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -219,26 +219,44 @@ class MLMTask:
             sequences = replace(sequences, input_ids=masked, per_token={"labels": labels})
             yield MLMBatch(sequences, position)
 
-    def step(self, batch: MLMBatch, chunk_tokens: int | None = None) -> torch.Tensor:
+    def step(
+        self, batch: MLMBatch, chunk_tokens: int | None = None, sync: GradientSync | None = None
+    ) -> torch.Tensor:
         """Forward and backward, a chunk at a time (the loss is a sum over tokens, so chunks are
-        independent); returns this rank's share of the mean loss, detached."""
+        independent; under torchrun only the last chunk's backward all-reduces); returns this
+        rank's share of the mean loss, detached."""
+        sync = sync or GradientSync()
+        passes = self._predicted_chunks(batch.sequences, chunk_tokens)
         total = torch.zeros((), device=batch.sequences.input_ids.device)
-        for chunk in batch.sequences.chunks(chunk_tokens):
-            labels = chunk.per_token["labels"]
-            positions = (labels != IGNORE).nonzero().flatten()
-            if not len(positions):
-                continue
-            logits = self.model.forward_packed(
-                chunk.input_ids,
-                chunk.cu_seqlens,
-                chunk.max_seqlen,
-                predict_positions=positions,
-                check_inputs=False,
-            )
-            loss = losses.masked_lm(logits, labels[positions]) / batch.global_predictions
-            loss.backward()
+        for number, (chunk, positions, weight) in enumerate(passes):
+            with sync.all_reduce_if(number == len(passes) - 1):
+                logits = sync(
+                    self.model.forward_packed,
+                    chunk.input_ids,
+                    chunk.cu_seqlens,
+                    chunk.max_seqlen,
+                    predict_positions=positions,
+                    check_inputs=False,
+                )
+                loss = weight * losses.masked_lm(logits, chunk.per_token["labels"][positions])
+                loss = loss / batch.global_predictions
+                loss.backward()
             total += loss.detach()
         return total
+
+    @staticmethod
+    def _predicted_chunks(sequences: Sequences, chunk_tokens: int | None) -> list:
+        """(chunk, masked positions, loss weight) for the chunks that predict tokens. A share with
+        none still runs one pass, weighted 0, so that every rank joins the gradient all-reduce."""
+        passes = []
+        for chunk in sequences.chunks(chunk_tokens):
+            positions = (chunk.per_token["labels"] != IGNORE).nonzero().flatten()
+            if len(positions):
+                passes.append((chunk, positions, 1.0))
+        if not passes:
+            chunk = sequences.chunks(chunk_tokens)[0]
+            passes.append((chunk, torch.zeros(1, dtype=torch.long, device=chunk.input_ids.device), 0.0))
+        return passes
 
     def save(self, directory) -> None:
         """A `transformers` ModernBertForMaskedLM folder with the tokenizer."""

@@ -4,6 +4,7 @@ A task wraps a model from `mbert_retrieval.models` and reuses its tokenization (
 markers and query expansion, cross-encoder pairs) and its `forward_packed`. The trainer calls
 `batches` for global batches and `step` on its rank's share of one; `step` runs forward and
 backward, whole or with GradCache (`chunk_tokens`), and returns the loss share of this rank.
+Under torchrun the trainer's `GradientSync` runs the passes through DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ from mbert_retrieval.training.batching import (
     example_batches,
 )
 from mbert_retrieval.training.data import Example, ExampleSource
-from mbert_retrieval.training.distributed import all_gather_with_grad, all_reduce_max, current_world
+from mbert_retrieval.training.distributed import (
+    GradientSync,
+    all_gather_with_grad,
+    all_reduce_max,
+    current_world,
+)
 from mbert_retrieval.training.gradcache import forward_backward
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,10 +104,16 @@ class RetrievalTask:
             start=start,
         )
 
-    def step(self, batch: ContrastiveBatch, chunk_tokens: int | None = None) -> torch.Tensor:
-        """Forward and backward of this rank's share of the loss; returns that share, detached."""
+    def step(
+        self, batch: ContrastiveBatch, chunk_tokens: int | None = None, sync: GradientSync | None = None
+    ) -> torch.Tensor:
+        """Forward and backward of this rank's share of the loss, its passes run by `sync` (DDP
+        under torchrun); returns that share, detached."""
         return forward_backward(
-            self.inputs(batch, chunk_tokens), lambda reps: self.loss(reps, batch), chunk_tokens is not None
+            self.inputs(batch, chunk_tokens),
+            lambda reps: self.loss(reps, batch),
+            chunk_tokens is not None,
+            sync,
         )
 
     def save(self, directory) -> None:

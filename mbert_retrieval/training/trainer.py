@@ -5,10 +5,11 @@
 
 Per optimizer step: `gradient_accumulation_steps` global batches; each rank takes its share of
 each, runs forward + backward (bf16 autocast on CUDA, GradCache when `chunk_tokens` is set);
-gradients are summed over ranks, clipped, and the optimizer steps at the learning rate of the
-warmup-stable-decay schedule. Losses go to `metrics.jsonl` (and TensorBoard), the dev metric
-every `eval_steps`, checkpoints every `save_steps`, and the final model to `output_dir/final`
-in its ecosystem's folder format. `resume_from` continues a run exactly as if never stopped.
+under torchrun DistributedDataParallel sums gradients over ranks during the last backward of the
+step (the others accumulate locally); gradients are clipped, and the optimizer steps at the
+learning rate of the warmup-stable-decay schedule. Losses and tokens/s go to `metrics.jsonl` (and
+TensorBoard), the dev metric every `eval_steps`, checkpoints every `save_steps`, and the final
+model to `output_dir/final` in its ecosystem's folder format. `resume_from` continues a run exactly as if never stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mbert_retrieval.files import atomic_write_text
@@ -34,8 +34,8 @@ from mbert_retrieval.training import checkpoint
 from mbert_retrieval.training.arguments import TrainingArguments
 from mbert_retrieval.training.batching import DataPosition, prefetch
 from mbert_retrieval.training.distributed import (
+    GradientSync,
     World,
-    all_reduce_gradients,
     all_reduce_max,
     all_reduce_sum,
     barrier,
@@ -106,7 +106,9 @@ class TrainingTask(Protocol):
 
     def training_batches(self, data, args: TrainingArguments, start: DataPosition) -> Iterator: ...
 
-    def step(self, batch, chunk_tokens: int | None = None) -> torch.Tensor: ...
+    def step(
+        self, batch, chunk_tokens: int | None = None, sync: GradientSync | None = None
+    ) -> torch.Tensor: ...
 
     def save(self, directory) -> None: ...
 
@@ -116,6 +118,7 @@ class _Run:
     """A run in progress: what it trains and where it stands."""
 
     model: torch.nn.Module
+    sync: GradientSync  # runs the model's passes: through DDP under torchrun
     parameters: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     schedule: WarmupStableDecay
@@ -141,6 +144,7 @@ class Trainer:
         self.output_dir = Path(args.output_dir)
         self.world = World()
         self.device = torch.device("cpu")
+        self.gradient_sync = GradientSync()
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -165,9 +169,6 @@ class Trainer:
         self.task.encoder.gradient_checkpointing = self.args.gradient_checkpointing
         if self.args.compile:
             self.task.encoder.compile_layers()
-        if self.world.distributed:  # start every rank from rank 0's weights (new heads are random)
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
         return model
 
     def _start(self) -> _Run:
@@ -178,10 +179,11 @@ class Trainer:
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
         model = self._prepare_model()
+        self.gradient_sync = GradientSync.wrap(model)  # DDP: every rank starts from rank 0's weights
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(model, args.optimizer, args.learning_rate, args.weight_decay)
         total = self.total_steps()
-        run = _Run(model, parameters, optimizer, self.schedule(total), total)
+        run = _Run(model, self.gradient_sync, parameters, optimizer, self.schedule(total), total)
         if args.resume_from:
             path = checkpoint.resolve_checkpoint(args.resume_from, self.output_dir / "checkpoints")
             state = checkpoint.load_checkpoint(path, model, optimizer, self.world)
@@ -252,11 +254,12 @@ class Trainer:
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         loss = torch.zeros((), device=self.device)
-        for _ in range(args.gradient_accumulation_steps):
+        for number in range(args.gradient_accumulation_steps):
             batch = next(batches)
             local = batch.shard(self.world.rank, self.world.size).to(self.device)
-            with self._autocast():
-                loss += self.task.step(local, args.chunk_tokens)
+            last = number == args.gradient_accumulation_steps - 1
+            with self._autocast(), run.sync.all_reduce_if(last):
+                loss += self.task.step(local, args.chunk_tokens, run.sync)
             run.window_tokens += batch.num_tokens
             run.position = batch.position
         grad_norm = self._finish_gradients(run.parameters)
@@ -331,8 +334,8 @@ class Trainer:
         return bool(all_reduce_max(int(late), self.device))
 
     def _finish_gradients(self, parameters) -> float | None:
-        """Sum over ranks, average over accumulated batches, clip; returns the norm when clipping."""
-        all_reduce_gradients(parameters)
+        """Average over accumulated batches (DDP has summed them over ranks), clip; returns the
+        norm when clipping."""
         if self.args.gradient_accumulation_steps > 1:
             for param in parameters:
                 if param.grad is not None:
