@@ -21,10 +21,8 @@ import json
 import logging
 import platform
 import random
-import shutil
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -36,23 +34,12 @@ COSQA = Path("/work/shared/data/cosqa-dev")
 
 
 def held_out_sets(cosqa: Path, scratch: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (BEIR folder, split): cosqa-dev, and the stdlib packages the shipped model never saw."""
-    from mbert_retrieval.evaluation.code_dataset import build_code_dataset
-
+    """name -> (BEIR folder, split): the held-out sets of examples/train_code_model.py's evaluate
+    stage, without its per-language ones."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-    from train_code_model import HELD_OUT
+    from train_code_model import held_out_sets
 
-    sets = {}
-    if cosqa.exists():
-        sets["cosqa-dev"] = (cosqa, "dev")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in HELD_OUT:
-        shutil.copytree(stdlib / name, scratch / "stdlib" / name, dirs_exist_ok=True)
-    build_code_dataset(
-        scratch / "stdlib", scratch / "stdlib-set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
-    )
-    sets["python-stdlib"] = (scratch / "stdlib-set", "test")
-    return sets
+    return held_out_sets(cosqa, scratch)
 
 
 def subset(dataset, max_queries: int | None, max_documents: int | None, seed: int = 0):

@@ -53,42 +53,27 @@ HELD_OUT = ("email", "json", "http", "logging", "xml", "urllib", "asyncio", "con
 SOURCE_ROOTS = (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"])
 DOC_SUFFIXES = (".rst", ".md", ".txt")
 
-FULL = dict(
-    vocab=16384,
-    hidden=384,
-    layers=8,
-    heads=6,
-    intermediate=576,
-    max_length=512,
-    corpus_mb=400,
-    mlm_steps=3000,
-    mlm_tokens=131072,
-    dense_steps=600,
-    dense_batch=512,
-    negatives_steps=800,
-    negatives_batch=256,
-    colbert_steps=1000,
-    colbert_batch=128,
-    max_pairs=None,
-)
-SMALL = dict(
-    vocab=2048,
-    hidden=64,
-    layers=3,
-    heads=2,
-    intermediate=96,
-    max_length=128,
-    corpus_mb=2,
-    mlm_steps=30,
-    mlm_tokens=8192,
-    dense_steps=30,
-    dense_batch=16,
-    negatives_steps=20,
-    negatives_batch=8,
-    colbert_steps=20,
-    colbert_batch=8,
-    max_pairs=1000,
-)
+# Each setting's value for the full run and for the --small smoke run, side by side.
+SIZES = {
+    "vocab": (16384, 2048),
+    "hidden": (384, 64),
+    "layers": (8, 3),
+    "heads": (6, 2),
+    "intermediate": (576, 96),
+    "max_length": (512, 128),
+    "corpus_mb": (400, 2),
+    "mlm_steps": (3000, 30),
+    "mlm_tokens": (131072, 8192),
+    "dense_steps": (600, 30),
+    "dense_batch": (512, 16),
+    "negatives_steps": (800, 20),
+    "negatives_batch": (256, 8),
+    "colbert_steps": (1000, 20),
+    "colbert_batch": (128, 8),
+    "max_pairs": (None, 1000),
+}
+FULL = {name: full for name, (full, _) in SIZES.items()}
+SMALL = {name: small for name, (_, small) in SIZES.items()}
 NUM_NEGATIVES = 3
 
 LANGUAGES = ("python", "java", "javascript", "typescript", "go")
@@ -360,8 +345,18 @@ def export(work: Path, target: Path) -> None:
 
 
 def evaluation_sets(datasets: Path, cosqa: Path | None, scratch: Path) -> dict[str, tuple[Path, str]]:
-    """name -> (BEIR folder, split): cosqa-dev, the held-out stdlib packages, and each language's
-    held-out packages under `datasets/heldout/<language>`."""
+    """name -> (BEIR folder, split): the `held_out_sets`, and each language's held-out packages
+    under `datasets/heldout/<language>`."""
+    sets = held_out_sets(cosqa, scratch)
+    for folder in sorted((datasets / "heldout").glob("*")) if (datasets / "heldout").exists() else []:
+        if (folder / "qrels" / "test.tsv").exists():
+            sets[folder.name] = (folder, "test")
+    return sets
+
+
+def held_out_sets(cosqa: Path | None, scratch: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (BEIR folder, split): cosqa-dev (when there), and the stdlib packages left out of
+    training, built as a code search set under `scratch`."""
     from mbert_retrieval.evaluation.code_dataset import build_code_dataset
 
     sets = {}
@@ -374,9 +369,6 @@ def evaluation_sets(datasets: Path, cosqa: Path | None, scratch: Path) -> dict[s
         scratch / "stdlib", scratch / "stdlib-set", test_fraction=0.9, dev_fraction=0.05, show_progress=False
     )
     sets["python-stdlib"] = (scratch / "stdlib-set", "test")
-    for folder in sorted((datasets / "heldout").glob("*")) if (datasets / "heldout").exists() else []:
-        if (folder / "qrels" / "test.tsv").exists():
-            sets[folder.name] = (folder, "test")
     return sets
 
 

@@ -16,10 +16,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import Enum
 from operator import attrgetter
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -31,17 +30,8 @@ app = command_app(
 )
 
 
-class IndexKind(str, Enum):
-    flat = "flat"
-    hnsw = "hnsw"
-    ivfpq = "ivfpq"
-    plaid = "plaid"
-
-
-class OutputFormat(str, Enum):
-    text = "text"
-    json = "json"
-    trec = "trec"
+IndexKind = Literal["flat", "hnsw", "ivfpq", "plaid"]
+OutputFormat = Literal["text", "json", "trec"]
 
 
 @app.callback()
@@ -118,7 +108,7 @@ def index(
     ],
     system: SystemOption,
     output: Annotated[Path, typer.Option("--output", help="Folder to save the index in.")],
-    index_kind: IndexOption = IndexKind.flat,
+    index_kind: IndexOption = "flat",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an index already saved in --output.")
     ] = False,
@@ -151,11 +141,11 @@ def index(
     command again with --merge). Finished shards are kept: re-running redoes only the missing ones."""
     position = shard_position(rank, world_size)
     if merge or position.world_size > 1:
-        index_in_shards(data, system, output, index_kind.value, overwrite, device, progress, position, merge)
+        index_in_shards(data, system, output, index_kind, overwrite, device, progress, position, merge)
         return
     check_output_folder(output, overwrite, marker="retriever.json")
     corpus = read_documents(data)
-    retriever = make_retriever(system, index_kind.value, None, 100, device, progress, split_identifiers)
+    retriever = make_retriever(system, index_kind, None, 100, device, progress, split_identifiers)
     retriever.add(list(corpus), list(corpus.values()))
     retriever.save(output)
     rate = retriever.stats.documents_per_second
@@ -188,7 +178,7 @@ def search(
     output_format: Annotated[
         OutputFormat,
         typer.Option("--format", help="text (readable), json (one line per query) or trec (a run file)."),
-    ] = OutputFormat.text,
+    ] = "text",
     output: Annotated[
         Path | None, typer.Option("--output", help="Write the results to this file instead of stdout.")
     ] = None,
@@ -239,7 +229,7 @@ def evaluate(
         Path,
         typer.Option("--output", help="Folder for metrics.json, run.trec, per_query.json and info.json."),
     ],
-    index_kind: IndexOption = IndexKind.flat,
+    index_kind: IndexOption = "flat",
     rerank: RerankOption = None,
     split: Annotated[str, typer.Option("--split", help="Which qrels to score: qrels/<split>.tsv.")] = "test",
     top_k: Annotated[
@@ -261,7 +251,7 @@ def evaluate(
         retriever = load_saved_retriever(Path(system), rerank, first_stage_k, device, progress)
     else:
         retriever = make_retriever(
-            system, index_kind.value, rerank, first_stage_k, device, progress, split_identifiers
+            system, index_kind, rerank, first_stage_k, device, progress, split_identifiers
         )
     result = evaluate_retriever(
         retriever, dataset, k=top_k, batch_size=batch_size, output_dir=output, show_progress=progress
@@ -630,10 +620,10 @@ def format_hits(
     """The rankings as JSON lines (`record` of each hit), a TREC run or text (`line` of each hit)."""
     lines = []
     for (query_id, text), ranking in zip(named.items(), hits):
-        if output_format == OutputFormat.json:
+        if output_format == "json":
             row = {"query_id": query_id, "query": text, "hits": [record(h) for h in ranking]}
             lines.append(json.dumps(row))
-        elif output_format == OutputFormat.trec:
+        elif output_format == "trec":
             lines += [
                 f"{query_id} Q0 {trec_id(h)} {rank} {h.score:.6f} mbert-retrieval"
                 for rank, h in enumerate(ranking, 1)

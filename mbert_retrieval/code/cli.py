@@ -172,16 +172,7 @@ def hit_line(hit) -> str:
 
 
 def hit_record(hit) -> dict:
-    return {
-        "path": hit.path,
-        "start_line": hit.start_line,
-        "end_line": hit.end_line,
-        "symbol": hit.symbol,
-        "kind": hit.kind,
-        "language": hit.language,
-        "score": hit.score,
-        "snippet": hit.text,
-    }
+    return hit.record()
 
 
 def register(app: typer.Typer) -> None:

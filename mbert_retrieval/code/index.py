@@ -89,6 +89,14 @@ class CodeHit:
     score: float
     text: str = field(repr=False)
 
+    def record(self, snippet_lines: int | None = None) -> dict:
+        """The hit as JSON (search-code --json, the HTTP API): its text as `snippet`, the first
+        `snippet_lines` lines of it when given."""
+        record = dataclasses.asdict(self)
+        text = record.pop("text")
+        record["snippet"] = text if snippet_lines is None else "\n".join(text.splitlines()[:snippet_lines])
+        return record
+
 
 @dataclass
 class IndexReport:

@@ -89,6 +89,28 @@ class Index(ABC):
         """The ids of the documents, in the order they were added."""
 
 
+class ListedIds:
+    """For an index that keeps its documents in a list, in the order they were added: the ids and
+    each one's position in that list, which `_set_ids` keeps in step."""
+
+    _ids: list[str]
+    _position: dict[str, int]
+
+    def _set_ids(self, ids: list[str]) -> None:
+        self._ids = ids
+        self._position = {doc_id: n for n, doc_id in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._position
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+
 def as_id_list(ids) -> list[str]:
     if isinstance(ids, str):
         raise TypeError("ids must be a sequence of strings, not one string")

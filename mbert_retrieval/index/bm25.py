@@ -25,6 +25,7 @@ import numpy as np
 
 from mbert_retrieval.index.base import (
     Index,
+    ListedIds,
     SearchResult,
     best_per_query,
     check_k,
@@ -45,7 +46,7 @@ def import_bm25s():
     return bm25s
 
 
-class BM25Index(Index):
+class BM25Index(ListedIds, Index):
     """`split_identifiers` also splits snake_case and camelCase words (useful for code), and
     `stopwords` is a bm25s stopword language ("en") or None."""
 
@@ -66,7 +67,7 @@ class BM25Index(Index):
             k1=k1, b=b, method=method, stopwords=stopwords, split_identifiers=split_identifiers
         )
         self._bm25 = bm25s.BM25(k1=k1, b=b, method=method)
-        self._ids: list[str] = []
+        self._set_ids([])
         # Each document's terms as ids into `_vocabulary`, end to end; None in an index saved before
         # they were kept, which can search but not change.
         self._vocabulary: dict[str, int] | None = {}
@@ -84,18 +85,11 @@ class BM25Index(Index):
         index.add(ids, texts, show_progress=show_progress)
         return index
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
     # -------------------------------------------------------------------------------------- contents
 
     def add(self, ids: Sequence[str], texts: Sequence[str], show_progress: bool = False) -> None:
         """Add documents (one text each) and rebuild the scores over the whole corpus."""
-        ids, texts = check_new_ids(ids, existing=set(self._ids)), list(texts)
+        ids, texts = check_new_ids(ids, existing=self._position), list(texts)
         if len(ids) != len(texts):
             raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
         if not all(isinstance(t, str) for t in texts):
@@ -108,16 +102,16 @@ class BM25Index(Index):
             np.array([self._vocabulary.setdefault(t, len(self._vocabulary)) for t in doc], dtype=np.int32)
             for doc in terms
         ]
-        self._ids += ids
+        self._set_ids(self._ids + ids)
         self._rebuild(show_progress)
 
     def delete(self, ids: Sequence[str]) -> None:
-        ids = set(check_known_ids(ids, set(self._ids)))
+        ids = set(check_known_ids(ids, self._position))
         if not ids:
             return
         self._check_changeable()
         keep = [n for n, doc_id in enumerate(self._ids) if doc_id not in ids]
-        self._ids = [self._ids[n] for n in keep]
+        self._set_ids([self._ids[n] for n in keep])
         self._terms = [self._terms[n] for n in keep]
         self._rebuild()
 
@@ -201,7 +195,7 @@ class BM25Index(Index):
         directory = data_dir.parent
         index = cls(**{key: manifest[key] for key in SETTINGS})
         try:
-            index._ids = json.loads((data_dir / "ids.json").read_text())
+            index._set_ids(json.loads((data_dir / "ids.json").read_text()))
             if index._ids:
                 index._bm25 = bm25s.BM25.load(str(data_dir), load_corpus=False)
             if "terms.npz" in manifest["files"]:

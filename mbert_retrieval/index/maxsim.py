@@ -21,6 +21,7 @@ import torch
 
 from mbert_retrieval.index.base import (
     Index,
+    ListedIds,
     SearchResult,
     best_per_query,
     check_k,
@@ -69,25 +70,17 @@ def maxsim(queries, documents) -> np.ndarray | torch.Tensor:
     return scores.numpy() if as_numpy else scores
 
 
-class MaxSimIndex(Index):
+class MaxSimIndex(ListedIds, Index):
     index_type = "maxsim"
 
     def __init__(self, model_name: str | None = None):
         self.model_name = model_name
-        self._ids: list[str] = []
-        self._position: dict[str, int] = {}
+        self._set_ids([])
         self._vectors: list[torch.Tensor] = []  # one float16 [n_tokens, dim] per document
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self._ids)
 
     @property
     def dim(self) -> int | None:
         return self._vectors[0].shape[1] if self._vectors else None
-
-    def __len__(self) -> int:
-        return len(self._ids)
 
     def add(self, ids: Sequence[str], embeddings: Sequence) -> None:
         """Add documents: one [n_tokens_i, dim] array (numpy or torch) each."""
@@ -103,10 +96,6 @@ class MaxSimIndex(Index):
         keep = [n for n, doc_id in enumerate(self._ids) if doc_id not in gone]
         self._vectors = [self._vectors[n] for n in keep]
         self._set_ids([self._ids[n] for n in keep])
-
-    def _set_ids(self, ids: list[str]) -> None:
-        self._ids = ids
-        self._position = {doc_id: n for n, doc_id in enumerate(ids)}
 
     def search(self, query_embeddings, k: int = 10) -> SearchResult:
         """Top-k documents by exact MaxSim: (ids, scores float32 [n_q, min(k, n_docs)]).

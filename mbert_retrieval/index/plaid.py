@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from mbert_retrieval.index.base import (
     Index,
+    ListedIds,
     SearchResult,
     as_id_list,
     check_k,
@@ -57,7 +58,7 @@ SHARD_TOKENS = 1 << 20  # tokens encoded at once while building
 OLD_ADD_ORDER = "PlaidIndex.add(embeddings, ids) is deprecated: pass ids first, add(ids, embeddings)"
 
 
-class PlaidIndex(Index):
+class PlaidIndex(ListedIds, Index):
     index_type = "plaid"
 
     def __init__(
@@ -91,8 +92,7 @@ class PlaidIndex(Index):
         self.codec = None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dim = self.n_centroids = None
-        self._ids: list[str] = []
-        self._position: dict[str, int] = {}
+        self._set_ids([])
         if codec is not None:
             self._use_codec(codec)
 
@@ -206,7 +206,7 @@ class PlaidIndex(Index):
 
     def _refresh_layout(self) -> None:
         """Recompute the derived tables: id positions, document offsets and the inverted lists."""
-        self._position = {doc_id: i for i, doc_id in enumerate(self._ids)}
+        self._set_ids(self._ids)
         n_docs = len(self._ids)
         self.doc_offsets = torch.nn.functional.pad(self.doc_lengths.cumsum(0), (1, 0))
         doc_of_token = torch.repeat_interleave(torch.arange(n_docs, device=self.device), self.doc_lengths)
@@ -221,16 +221,6 @@ class PlaidIndex(Index):
         return codes & 0xFFFF if self._code_dtype == torch.int16 else codes
 
     # ---------------------------------------------------------------------------------------- contents
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._position
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self._ids)
 
     @property
     def n_tokens(self) -> int:

@@ -203,12 +203,28 @@ def reference_attention(
     cu_seqlens: torch.Tensor,
     window_half: int | None,
     key_mask: torch.Tensor | None = None,
+    *,
+    max_padded_scores: int = PADDED_SCORES_LIMIT,
 ) -> torch.Tensor:
-    """SDPA on the batch re-padded to [B, heads, L, dim]; one sequence at a time when that is too big."""
+    """SDPA on the batch re-padded to [B, heads, L, dim]; one sequence at a time when its B x L x L
+    mask would be larger than `max_padded_scores`."""
     lengths = cu_seqlens.diff()
     batch, longest = lengths.numel(), int(lengths.max())
-    if batch == 1 or batch * longest * longest > PADDED_SCORES_LIMIT:
-        return per_sequence_attention(q, k, v, cu_seqlens, window_half, key_mask)
+    if batch > 1 and batch * longest * longest > max_padded_scores:
+        bounds = cu_seqlens.tolist()
+        return torch.cat(
+            [
+                reference_attention(
+                    q[start:end],
+                    k[start:end],
+                    v[start:end],
+                    cu_seqlens.new_tensor([0, end - start]),
+                    window_half,
+                    None if key_mask is None else key_mask[start:end],
+                )
+                for start, end in zip(bounds[:-1], bounds[1:])
+            ]
+        )
     sequence = torch.repeat_interleave(torch.arange(batch, device=q.device), lengths)
     position = torch.arange(q.shape[0], device=q.device) - cu_seqlens[sequence]
 
@@ -225,28 +241,6 @@ def reference_attention(
         mask = mask & window_mask(longest, window_half, q.device)[None]
     out = masked_sdpa(padded(q), padded(k), padded(v), mask[:, None])
     return out.transpose(1, 2)[sequence, position]
-
-
-def per_sequence_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    window_half: int | None,
-    key_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    out = torch.empty_like(q)
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        # [len, heads, dim] -> [heads, len, dim] for SDPA
-        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        mask = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device)
-        if window_half is not None:
-            mask = window_mask(end - start, window_half, q.device)
-        if key_mask is not None:
-            mask = mask & key_mask[start:end][None, :]
-        out[start:end] = masked_sdpa(qs, ks, vs, mask).transpose(0, 1)
-    return out
 
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,33 @@ from mbert_retrieval.models.encoding import (
     replicas,
     run_batches,
 )
+from mbert_retrieval.models.processes import encode_in_processes, uses_processes
 from mbert_retrieval.tokenization import load_tokenizer
 
 Devices = Sequence[str | torch.device] | None
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How an encoding call runs, apart from what it computes: the heads' public methods take these
+    as keyword arguments (as sentence-transformers does) and hand them on together."""
+
+    max_tokens_per_batch: int | None = None
+    devices: Devices = None
+    show_progress_bar: bool | None = None
+
+    def uses_processes(self, num_texts: int) -> bool:
+        """Whether `devices` is better served by one process per device (`models.processes`)."""
+        return uses_processes(self.devices, num_texts)
+
+    def in_processes(self, model: nn.Module, method: str, texts: Sequence[str], **kwargs):
+        """`getattr(model, method)(texts, **kwargs)` with one process per device; without a batch
+        size each process takes the larger per-device default of the process pool."""
+        if self.max_tokens_per_batch is not None:
+            kwargs["max_tokens_per_batch"] = self.max_tokens_per_batch
+        return encode_in_processes(
+            model, method, texts, self.devices, show_progress_bar=self.show_progress_bar, **kwargs
+        )
 
 
 @dataclass
@@ -131,24 +155,24 @@ class EncoderModel(nn.Module):
 
     def run_encoding(
         self,
-        *,
         sizes: Sequence[int],
         tokenize: Callable[[np.ndarray], tuple[list[int], list[int], list[np.ndarray], int]],
         compute: Callable[[nn.Module, PackedBatch], tuple[torch.Tensor, ...]],
+        run: EncodeOptions,
+        *,
         extras: Callable[[list[np.ndarray], list[int]], dict[str, torch.Tensor]] | None = None,
-        max_tokens_per_batch: int | None = None,
-        devices: Devices = None,
-        show_progress_bar: bool | None = None,
-        desc: str = "Encoding",
         max_length: int | None = None,
         what: str = "texts",
+        desc: str | None = None,
     ) -> list[tuple[PackedBatch, tuple[torch.Tensor, ...]]]:
         """Tokenize, pack and run all items; returns (batch, CPU outputs) pairs in completion order.
 
         `tokenize(item_indices)` gives (rows, windows, sequences, number truncated); `extras(sequences,
-        rows)` adds per-batch tensors; `compute(model, device_batch)` returns output tensors.
+        rows)` adds per-batch tensors; `compute(model, device_batch)` returns output tensors. `what`
+        names the items in the progress bar (unless `desc` is given) and the truncation count.
         """
-        models = replicas(self, devices, share=(self.tokenizer, self.text_tokenizer))
+        max_tokens_per_batch = run.max_tokens_per_batch
+        models = replicas(self, run.devices, share=(self.tokenizer, self.text_tokenizer))
         if max_tokens_per_batch is None:
             max_tokens_per_batch = default_max_tokens([device for device, _ in models])
         if max_tokens_per_batch <= 0:
@@ -168,8 +192,9 @@ class EncoderModel(nn.Module):
             return batch
 
         batches = packed_batches(sizes, tokenize_chunk, make_batch, max_tokens_per_batch)
+        desc = desc or f"Encoding {what}"
         results = run_batches(
-            batches, compute, models, total=len(sizes), show_progress=show_progress_bar, desc=desc
+            batches, compute, models, total=len(sizes), show_progress=run.show_progress_bar, desc=desc
         )
         if self.truncations is not None:
             self.truncations.texts += truncated[0]

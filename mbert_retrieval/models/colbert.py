@@ -24,7 +24,14 @@ from mbert_retrieval.index.maxsim import maxsim
 from mbert_retrieval.modeling import ModernBert
 from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.models import folders
-from mbert_retrieval.models.base import Devices, EncoderModel, as_output, grow_embeddings, single_or_list
+from mbert_retrieval.models.base import (
+    Devices,
+    EncodeOptions,
+    EncoderModel,
+    as_output,
+    grow_embeddings,
+    single_or_list,
+)
 from mbert_retrieval.models.encoding import (
     Chunking,
     PackedBatch,
@@ -32,7 +39,6 @@ from mbert_retrieval.models.encoding import (
     check_texts,
     l2_normalize,
 )
-from mbert_retrieval.models.processes import encode_in_processes, uses_processes
 
 PYLATE_SETTINGS = (
     "query_prefix",
@@ -185,28 +191,19 @@ class ColBERT(EncoderModel):
         """
         texts, single = single_or_list(texts)
         texts = check_texts(texts, "queries")
-        if uses_processes(devices, len(texts)):
-            return encode_in_processes(
-                self,
-                "encode_queries",
-                texts,
-                devices,
-                convert_to_tensor=convert_to_tensor,
-                max_tokens_per_batch=max_tokens_per_batch,
-                show_progress_bar=show_progress_bar,
-            )
+        run = EncodeOptions(max_tokens_per_batch, devices, show_progress_bar)
+        if run.uses_processes(len(texts)):
+            return run.in_processes(self, "encode_queries", texts, convert_to_tensor=convert_to_tensor)
         out = torch.zeros(len(texts), self.query_length, self.dim)
         if texts:
-            for batch, (vectors,) in self._run_queries(
-                texts, max_tokens_per_batch, devices, show_progress_bar
-            ):
+            for batch, (vectors,) in self._run_queries(texts, run):
                 starts = batch.cu_seqlens[:-1].tolist()
                 for row, start, length in zip(batch.rows, starts, batch.lengths):
                     out[row, :length] = vectors[start : start + length]
         out = as_output(out, convert_to_tensor)
         return out[0] if single else out
 
-    def _run_queries(self, texts, max_tokens_per_batch, devices, show_progress_bar):
+    def _run_queries(self, texts, run: EncodeOptions):
         masked_keys = self.do_query_expansion and not self.attend_to_expansion_tokens
         keys_by_row: dict[int, np.ndarray] = {}  # filled and read on the tokenizing thread
 
@@ -229,17 +226,9 @@ class ColBERT(EncoderModel):
             )
             return (model.project(hidden).flatten(0, 1),)
 
+        sizes = [len(t) for t in texts]
         return self.run_encoding(
-            sizes=[len(t) for t in texts],
-            tokenize=tokenize,
-            compute=compute,
-            extras=extras,
-            max_tokens_per_batch=max_tokens_per_batch,
-            devices=devices,
-            show_progress_bar=show_progress_bar,
-            desc="Encoding queries",
-            max_length=self.query_length,
-            what="queries",
+            sizes, tokenize, compute, run, extras=extras, max_length=self.query_length, what="queries"
         )
 
     def encode_documents(
@@ -266,25 +255,15 @@ class ColBERT(EncoderModel):
         """
         texts, single = single_or_list(texts)
         texts = check_texts(texts, "documents")
-        if uses_processes(devices, len(texts)):
-            return encode_in_processes(
-                self,
-                "encode_documents",
-                texts,
-                devices,
-                convert_to_tensor=convert_to_tensor,
-                packed=packed,
-                chunking=chunking,
-                max_tokens_per_batch=max_tokens_per_batch,
-                show_progress_bar=show_progress_bar,
-            )
+        run = EncodeOptions(max_tokens_per_batch, devices, show_progress_bar)
+        if run.uses_processes(len(texts)):
+            settings = {"convert_to_tensor": convert_to_tensor, "packed": packed, "chunking": chunking}
+            return run.in_processes(self, "encode_documents", texts, **settings)
         chunking = Chunking.parse(chunking)
         counts = np.zeros(len(texts), dtype=np.int64)
         pieces: list[tuple[int, int, torch.Tensor]] = []
         if texts:
-            for batch, (vectors,) in self._run_documents(
-                texts, chunking, max_tokens_per_batch, devices, show_progress_bar
-            ):
+            for batch, (vectors,) in self._run_documents(texts, chunking, run):
                 kept = self.kept(batch.input_ids.numpy())
                 per_sequence = np.add.reduceat(kept, batch.cu_seqlens[:-1].numpy().astype(np.int64))
                 for row, window, part in zip(
@@ -301,7 +280,7 @@ class ColBERT(EncoderModel):
             return result[0]
         return result if packed else result.to_list()
 
-    def _run_documents(self, texts, chunking, max_tokens_per_batch, devices, show_progress_bar):
+    def _run_documents(self, texts, chunking: Chunking | None, run: EncodeOptions):
         def tokenize(indices):
             return self.tokenize_texts(
                 texts,
@@ -321,17 +300,9 @@ class ColBERT(EncoderModel):
             )
             return (model.project(hidden.index_select(0, batch.extras["keep"])),)
 
+        sizes = [len(t) for t in texts]
         return self.run_encoding(
-            sizes=[len(t) for t in texts],
-            tokenize=tokenize,
-            compute=compute,
-            extras=extras,
-            max_tokens_per_batch=max_tokens_per_batch,
-            devices=devices,
-            show_progress_bar=show_progress_bar,
-            desc="Encoding documents",
-            max_length=self.document_length,
-            what="documents",
+            sizes, tokenize, compute, run, extras=extras, max_length=self.document_length, what="documents"
         )
 
     # -- scoring -----------------------------------------------------------------------------------

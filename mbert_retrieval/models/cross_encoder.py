@@ -27,7 +27,7 @@ from mbert_retrieval.modeling.io import (
     save_safetensors,
 )
 from mbert_retrieval.models import folders
-from mbert_retrieval.models.base import Devices, EncoderModel
+from mbert_retrieval.models.base import Devices, EncodeOptions, EncoderModel
 from mbert_retrieval.models.encoding import (
     POOLERS_PACKED,
     POOLERS_PADDED,
@@ -126,15 +126,14 @@ class CrossEncoder(EncoderModel):
         queries, documents = check_pairs(pairs)
         logits = torch.zeros(len(queries), self.num_labels)
         if queries:
-            for batch, (out,) in self._run_pairs(
-                queries, documents, max_tokens_per_batch, devices, show_progress_bar
-            ):
+            run = EncodeOptions(max_tokens_per_batch, devices, show_progress_bar)
+            for batch, (out,) in self._run_pairs(queries, documents, run):
                 logits[torch.from_numpy(batch.rows)] = out
         scores = ACTIVATIONS[self.activation](logits) if apply_activation else logits
         scores = scores[:, 0] if self.num_labels == 1 else scores
         return scores if convert_to_tensor else scores.numpy()
 
-    def _run_pairs(self, queries, documents, max_tokens_per_batch, devices, show_progress_bar):
+    def _run_pairs(self, queries, documents, run: EncodeOptions):
         def tokenize(indices):
             pairs = [(queries[i], documents[i]) for i in indices]
             ids, truncated = self.text_tokenizer.encode(pairs, self.max_length)
@@ -143,16 +142,8 @@ class CrossEncoder(EncoderModel):
         def compute(model: CrossEncoder, batch: PackedBatch):
             return (model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, False),)
 
-        return self.run_encoding(
-            sizes=[len(q) + len(d) for q, d in zip(queries, documents)],
-            tokenize=tokenize,
-            compute=compute,
-            max_tokens_per_batch=max_tokens_per_batch,
-            devices=devices,
-            show_progress_bar=show_progress_bar,
-            desc="Scoring pairs",
-            what="pairs",
-        )
+        sizes = [len(q) + len(d) for q, d in zip(queries, documents)]
+        return self.run_encoding(sizes, tokenize, compute, run, what="pairs", desc="Scoring pairs")
 
     def rerank(
         self,

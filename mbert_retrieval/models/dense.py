@@ -7,7 +7,7 @@ Saved as a sentence-transformers folder (Transformer, Pooling, optional Dense, N
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +18,7 @@ from torch import nn
 from mbert_retrieval.modeling import ModernBert
 from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.models import folders
-from mbert_retrieval.models.base import Devices, EncoderModel, as_output, single_or_list
+from mbert_retrieval.models.base import Devices, EncodeOptions, EncoderModel, as_output, single_or_list
 from mbert_retrieval.models.encoding import (
     POOLERS_PACKED,
     POOLERS_PADDED,
@@ -27,7 +27,6 @@ from mbert_retrieval.models.encoding import (
     check_texts,
     l2_normalize,
 )
-from mbert_retrieval.models.processes import encode_in_processes, uses_processes
 
 Pooling = Literal["mean", "cls"]
 DOCUMENT_PROMPT_NAMES = ("document", "passage", "corpus")
@@ -141,30 +140,19 @@ class DenseRetriever(EncoderModel):
             show_progress_bar: None shows it from 1024 texts on.
         """
         texts, single = single_or_list(texts)
-        if uses_processes(devices, len(texts)):
-            return encode_in_processes(
+        texts = check_texts(texts)
+        run = EncodeOptions(max_tokens_per_batch, devices, show_progress_bar)
+        if run.uses_processes(len(texts)):
+            return run.in_processes(
                 self,
                 "encode",
-                check_texts(texts),
-                devices,
+                texts,
                 prefix=prefix,
                 dim=dim,
                 convert_to_tensor=convert_to_tensor,
                 chunking=chunking,
-                max_tokens_per_batch=max_tokens_per_batch,
-                show_progress_bar=show_progress_bar,
             )
-        chunks = self.encode_document_chunks(
-            texts,
-            prefix=prefix,
-            dim=dim,
-            chunking=chunking,
-            convert_to_tensor=True,
-            max_tokens_per_batch=max_tokens_per_batch,
-            devices=devices,
-            show_progress_bar=show_progress_bar,
-        )
-        embeddings = self._per_document(chunks, len(texts))
+        embeddings = self._per_document(self._chunks(texts, prefix, dim, chunking, run), len(texts))
         embeddings = as_output(embeddings, convert_to_tensor)
         return embeddings[0] if single else embeddings
 
@@ -191,14 +179,19 @@ class DenseRetriever(EncoderModel):
         """One vector per window: texts that fit in `chunking.size` tokens give one window (encoded
         exactly as without chunking); longer ones give overlapping windows, each framed by the
         special tokens and the prefix. Without chunking, every text is one (truncated) window."""
-        texts = check_texts(texts)
         prefix = self.document_prefix if prefix is None else prefix
+        run = EncodeOptions(max_tokens_per_batch, devices, show_progress_bar)
+        chunks = self._chunks(texts, prefix, dim, chunking, run)
+        return replace(chunks, embeddings=as_output(chunks.embeddings, convert_to_tensor))
+
+    def _chunks(self, texts, prefix: str, dim, chunking, run: EncodeOptions) -> ChunkEmbeddings:
+        """`encode_document_chunks` with the embeddings as a float32 tensor."""
+        texts = check_texts(texts)
         dim = self._check_dim(dim)
         chunking = Chunking.parse(chunking)
         if not texts:
-            empty = torch.zeros(0, dim)
             none = np.zeros(0, dtype=np.int64)
-            return ChunkEmbeddings(as_output(empty, convert_to_tensor), none, none)
+            return ChunkEmbeddings(torch.zeros(0, dim), none, none)
 
         def tokenize(indices):
             return self.tokenize_texts(
@@ -209,22 +202,12 @@ class DenseRetriever(EncoderModel):
             embeddings = model.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, False)
             return (model._truncate(embeddings, dim),)
 
-        results = self.run_encoding(
-            sizes=[len(t) for t in texts],
-            tokenize=tokenize,
-            compute=compute,
-            max_tokens_per_batch=max_tokens_per_batch,
-            devices=devices,
-            show_progress_bar=show_progress_bar,
-            desc="Encoding",
-        )
+        results = self.run_encoding([len(t) for t in texts], tokenize, compute, run)
         document = np.concatenate([batch.rows for batch, _ in results])
         window = np.concatenate([batch.windows for batch, _ in results])
         embeddings = torch.cat([out[0] for _, out in results])
         order = np.lexsort((window, document))
-        return ChunkEmbeddings(
-            as_output(embeddings[torch.from_numpy(order)], convert_to_tensor), document[order], window[order]
-        )
+        return ChunkEmbeddings(embeddings[torch.from_numpy(order)], document[order], window[order])
 
     def _check_dim(self, dim: int | None) -> int:
         if dim is None:

@@ -21,13 +21,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_type_hints
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 
 from mbert_retrieval.code.chunking import LANGUAGES
+from mbert_retrieval.code.index import CodeHit
 from mbert_retrieval.server.service import CodeSearchService, ReindexRunning
 
 logger = logging.getLogger(__name__)
@@ -54,15 +55,13 @@ class SearchRequest(BaseModel):
     rerank: bool | None = Field(None, description="Rerank with the server's reranker (default: when loaded)")
 
 
-class SearchHit(BaseModel):
-    path: str
-    start_line: int
-    end_line: int
-    symbol: str | None
-    kind: str
-    language: str
-    snippet: str
-    score: float
+def _hit_model() -> type[BaseModel]:
+    """A hit as the API answers it: a `CodeHit`'s fields, its text cut to a snippet."""
+    fields = {name: (kind, ...) for name, kind in get_type_hints(CodeHit).items() if name != "text"}
+    return create_model("SearchHit", **fields, snippet=(str, ...))
+
+
+SearchHit = _hit_model()
 
 
 class SearchResponse(BaseModel):
@@ -121,19 +120,7 @@ def create_app(
             rerank=request.rerank,
         )
         return SearchResponse(
-            hits=[
-                SearchHit(
-                    path=h.path,
-                    start_line=h.start_line,
-                    end_line=h.end_line,
-                    symbol=h.symbol,
-                    kind=h.kind,
-                    language=h.language,
-                    snippet="\n".join(h.text.splitlines()[: limits.snippet_lines]),
-                    score=h.score,
-                )
-                for h in hits
-            ],
+            hits=[SearchHit(**h.record(limits.snippet_lines)) for h in hits],
             snapshot=index.snapshot,
             took_ms=1000 * (time.perf_counter() - started),
         )
