@@ -36,17 +36,6 @@ class Tiles:
     warps: int = 4
     stages: int = 2
 
-    def launch(self, kernel, blocks: int, heads: int, head_dim: int, *args) -> None:
-        """`kernel(*args)` on a grid of (`blocks`, `heads`) programs with this launch shape."""
-        kernel[(blocks, heads)](
-            *args,
-            BLOCK_M=self.block_m,
-            BLOCK_N=self.block_n,
-            HEAD_DIM=head_dim,
-            num_warps=self.warps,
-            num_stages=self.stages,
-        )
-
 
 # Launch shapes chosen by benchmarks/window_kernel_sweep.py on an H200 (results/window_kernel_sweep.json):
 # the backward's dk/dv kernel takes 32 queries per step, its dq kernel 32 keys per step.
@@ -66,87 +55,33 @@ def _visible_range(CU, SEQ, first, count, n_tokens, window):
 
 
 @triton.jit
-def _block(SEQ, first, end, BLOCK: tl.constexpr, outside):
-    """Tokens [first, first + BLOCK), which of them are before `end`, and their sequence indices
-    (`outside` for those past it: -2 for queries and -1 for keys, so that they match nothing)."""
-    index = first + tl.arange(0, BLOCK)
-    ok = index < end
-    return index, ok, tl.load(SEQ + index, mask=ok, other=outside)
-
-
-@triton.jit
-def _own_block(CU, SEQ, n_tokens, window, BLOCK: tl.constexpr, outside):
-    """This program's head, its block of tokens (as `_block` gives them) and the range [lo, hi) of
-    tokens they can see: the grid is (blocks, heads)."""
-    first = tl.program_id(0) * BLOCK
-    index, ok, seq = _block(SEQ, first, n_tokens, BLOCK, outside)
-    lo, hi = _visible_range(CU, SEQ, first, BLOCK, n_tokens, window)
-    return tl.program_id(1), index, ok, seq, lo, hi
-
-
-@triton.jit
-def _load(PTR, index, ok, stride_t, stride_h, head, dims):
-    """The rows `index` of one head of a [tokens, heads, dim] tensor, zeros where not `ok`."""
-    return tl.load(
-        PTR + index[:, None] * stride_t + head * stride_h + dims[None, :], mask=ok[:, None], other=0.0
-    )
-
-
-@triton.jit
-def _store(PTR, index, ok, stride_t, stride_h, head, dims, value):
-    offsets = index[:, None] * stride_t + head * stride_h + dims[None, :]
-    tl.store(PTR + offsets, value.to(PTR.dtype.element_ty), mask=ok[:, None])
-
-
-@triton.jit
-def _query_grads(DO, LSE, DELTA, rows, ok, sdo_t, sdo_h, head, dims, n_tokens):
-    """What the backward needs of each query row besides q: dO, its log2-sum-exp and delta."""
-    do = _load(DO, rows, ok, sdo_t, sdo_h, head, dims)
-    lse = tl.load(LSE + head * n_tokens + rows, mask=ok, other=0.0)
-    delta = tl.load(DELTA + head * n_tokens + rows, mask=ok, other=0.0)
-    return do, lse, delta
-
-
-@triton.jit
-def _in_window(index_a, index_b, seq_a, seq_b, window):
-    """[a, b] mask: the two tokens are in the same sequence and at most `window` tokens apart."""
-    distance = index_a[:, None] - index_b[None, :]
-    return (seq_a[:, None] == seq_b[None, :]) & (distance <= window) & (distance >= -window)
-
-
-@triton.jit
-def _key_block(
-    q, rows, row_seq, K, V, SEQ, block, key_hi, window, scale_log2,
-    sk_t, sk_h, sv_t, sv_h, head, dims, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """The keys [block, block + BLOCK_N) cut at key_hi: k, v, the queries' scores against them (log2
-    scaled) and which of those scores are in the window."""
-    cols, col_ok, col_seq = _block(SEQ, block, key_hi, BLOCK_N, -1)
-    k = _load(K, cols, col_ok, sk_t, sk_h, head, dims)
-    v = _load(V, cols, col_ok, sv_t, sv_h, head, dims)
-    s = tl.dot(q, tl.trans(k)) * scale_log2
-    return k, v, s, _in_window(rows, cols, row_seq, col_seq, window)
-
-
-@triton.jit
 def _window_fwd(
     Q, K, V, OUT, LSE, CU, SEQ,
     n_tokens, window, scale_log2,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
+    head = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    head, rows, row_ok, row_seq, key_lo, key_hi = _own_block(CU, SEQ, n_tokens, window, BLOCK_M, -2)
+    row_ok = rows < n_tokens
+    row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
+    key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    q = _load(Q, rows, row_ok, sq_t, sq_h, head, dims)
+    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for block in range(key_lo, key_hi, BLOCK_N):
-        k, v, s, allowed = _key_block(
-            q, rows, row_seq, K, V, SEQ, block, key_hi, window, scale_log2,
-            sk_t, sk_h, sv_t, sv_h, head, dims, BLOCK_N,
-        )  # fmt: skip
+        cols = block + tl.arange(0, BLOCK_N)
+        col_ok = cols < key_hi
+        col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        distance = rows[:, None] - cols[None, :]
+        allowed = (row_seq[:, None] == col_seq[None, :]) & (distance <= window) & (distance >= -window)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
@@ -155,7 +90,12 @@ def _window_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    _store(OUT, rows, row_ok, so_t, so_h, head, dims, acc / l_i[:, None])
+    out = acc / l_i[:, None]
+    tl.store(
+        OUT + rows[:, None] * so_t + head * so_h + dims[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(LSE + head * n_tokens + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -168,8 +108,8 @@ def _window_bwd_delta(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     ok = rows < n_tokens
-    o = _load(OUT, rows, ok, so_t, so_h, head, dims)
-    do = _load(DO, rows, ok, sdo_t, sdo_h, head, dims)
+    o = tl.load(OUT + rows[:, None] * so_t + head * so_h + dims[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=ok[:, None], other=0.0)
     tl.store(DELTA + head * n_tokens + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
 
 
@@ -181,26 +121,47 @@ def _window_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """One block of keys: loop over the queries that can see them (the same window, mirrored)."""
+    head = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_N
+    cols = first + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
-    head, cols, col_ok, col_seq, query_lo, query_hi = _own_block(CU, SEQ, n_tokens, window, BLOCK_N, -1)
+    col_ok = cols < n_tokens
+    col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+    query_lo, query_hi = _visible_range(CU, SEQ, first, BLOCK_N, n_tokens, window)
 
-    k = _load(K, cols, col_ok, sk_t, sk_h, head, dims)
-    v = _load(V, cols, col_ok, sv_t, sv_h, head, dims)
+    k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for block in range(query_lo, query_hi, BLOCK_M):
-        rows, row_ok, row_seq = _block(SEQ, block, query_hi, BLOCK_M, -2)
-        q = _load(Q, rows, row_ok, sq_t, sq_h, head, dims)
-        do, lse, delta = _query_grads(DO, LSE, DELTA, rows, row_ok, sdo_t, sdo_h, head, dims, n_tokens)
+        rows = block + tl.arange(0, BLOCK_M)
+        row_ok = rows < query_hi
+        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(
+            DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0
+        )
+        lse = tl.load(LSE + head * n_tokens + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + head * n_tokens + rows, mask=row_ok, other=0.0)
+        row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
         s_t = tl.dot(k, tl.trans(q)) * scale_log2  # [keys, queries]
-        allowed = _in_window(cols, rows, col_seq, row_seq, window)
+        distance = rows[None, :] - cols[:, None]
+        allowed = (col_seq[:, None] == row_seq[None, :]) & (distance <= window) & (distance >= -window)
         p_t = tl.where(allowed, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
-    _store(DK, cols, col_ok, sdk_t, sdk_h, head, dims, dk * scale)
-    _store(DV, cols, col_ok, sdv_t, sdv_h, head, dims, dv)
+    dk = dk * scale
+    tl.store(
+        DK + cols[:, None] * sdk_t + head * sdk_h + dims[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+    tl.store(
+        DV + cols[:, None] * sdv_t + head * sdv_h + dims[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
 
 
 @triton.jit
@@ -210,22 +171,38 @@ def _window_bwd_dq(
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
+    head = tl.program_id(1)
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    head, rows, row_ok, row_seq, key_lo, key_hi = _own_block(CU, SEQ, n_tokens, window, BLOCK_M, -2)
+    row_ok = rows < n_tokens
+    row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
+    key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    q = _load(Q, rows, row_ok, sq_t, sq_h, head, dims)
-    do, lse, delta = _query_grads(DO, LSE, DELTA, rows, row_ok, sdo_t, sdo_h, head, dims, n_tokens)
+    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + head * n_tokens + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + head * n_tokens + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for block in range(key_lo, key_hi, BLOCK_N):
-        k, v, s, allowed = _key_block(
-            q, rows, row_seq, K, V, SEQ, block, key_hi, window, scale_log2,
-            sk_t, sk_h, sv_t, sv_h, head, dims, BLOCK_N,
-        )  # fmt: skip
+        cols = block + tl.arange(0, BLOCK_N)
+        col_ok = cols < key_hi
+        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        distance = rows[:, None] - cols[None, :]
+        allowed = (row_seq[:, None] == col_seq[None, :]) & (distance <= window) & (distance >= -window)
         p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    _store(DQ, rows, row_ok, sdq_t, sdq_h, head, dims, dq * scale)
+    dq = dq * scale
+    tl.store(
+        DQ + rows[:, None] * sdq_t + head * sdq_h + dims[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -273,11 +250,13 @@ def window_attention_fwd(
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
-    FORWARD.launch(
-        _window_fwd, triton.cdiv(tokens, FORWARD.block_m), heads, dim,
+    tiles = FORWARD
+    _window_fwd[(triton.cdiv(tokens, tiles.block_m), heads)](
         q, k, v, out, lse, cu_seqlens, seq_ids,
         tokens, window, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out, lse
 
@@ -311,17 +290,21 @@ def window_attention_bwd(
     dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     strides += (grad_out.stride(0), grad_out.stride(1))
-    BACKWARD_DKDV.launch(
-        _window_bwd_dkdv, triton.cdiv(tokens, BACKWARD_DKDV.block_n), heads, dim,
+    tiles = BACKWARD_DKDV
+    _window_bwd_dkdv[(triton.cdiv(tokens, tiles.block_n), heads)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seq_ids,
         tokens, window, scale_log2, scale,
         *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
-    BACKWARD_DQ.launch(
-        _window_bwd_dq, triton.cdiv(tokens, BACKWARD_DQ.block_m), heads, dim,
+    tiles = BACKWARD_DQ
+    _window_bwd_dq[(triton.cdiv(tokens, tiles.block_m), heads)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, seq_ids,
         tokens, window, scale_log2, scale,
         *strides, dq.stride(0), dq.stride(1),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return dq, dk, dv
 
