@@ -2,7 +2,13 @@ import random
 
 import pytest
 
-from mbert_retrieval.training.query_styles import STYLES, rewrite, split_identifier, summary_words
+from mbert_retrieval.training.query_styles import (
+    LEADING_VERBS,
+    STYLES,
+    rewrite,
+    split_identifier,
+    summary_words,
+)
 
 
 def test_split_identifier_handles_snake_camel_and_acronyms():
@@ -30,6 +36,15 @@ def test_go_doc_comments_lose_the_leading_function_name():
         )
         assert "parses" not in query.split()
         assert "duration" in query.split()
+
+
+@pytest.mark.parametrize(
+    ("doc_verb", "query_verb"), [("copies", "copy"), ("closes", "close"), ("sorts", "sort"), ("gets", "get")]
+)
+def test_a_leading_third_person_verb_becomes_the_plain_one(doc_verb, query_verb):
+    assert LEADING_VERBS[doc_verb] == (query_verb,)
+    query = rewrite(f"{doc_verb.title()} the items of the list.", "f", "go", "how_to", random.Random(0))
+    assert query.startswith(f"how to {query_verb} ")
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -89,7 +89,26 @@ class Index(ABC):
         """The ids of the documents, in the order they were added."""
 
 
-class ListedIds:
+class KeyedIds:
+    """`len(index)`, `doc_id in index` and `index.ids` for an index that finds its documents through a
+    dict keyed by their ids in the order they were added: `_id_table` returns it (the values are the
+    index's own, such as a list position or a faiss label)."""
+
+    def _id_table(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._id_table())
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self._id_table()
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._id_table())
+
+
+class ListedIds(KeyedIds):
     """For an index that keeps its documents in a list, in the order they were added: the ids and
     each one's position in that list, which `_set_ids` keeps in step."""
 
@@ -100,15 +119,8 @@ class ListedIds:
         self._ids = ids
         self._position = {doc_id: n for n, doc_id in enumerate(ids)}
 
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._position
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self._ids)
+    def _id_table(self) -> dict[str, int]:
+        return self._position
 
 
 def as_id_list(ids) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mbert_retrieval.index.base import Index, SearchResult, as_id_list, check_k, check_known_ids
+from mbert_retrieval.index.base import Index, KeyedIds, SearchResult, as_id_list, check_k, check_known_ids
 from mbert_retrieval.index.storage import IndexFormatError, save_index_folder
 
 try:
@@ -37,7 +37,7 @@ METRICS = ("ip", "l2")
 TRAINING_POINTS_PER_CENTROID = 256  # faiss's own cap; more points barely change the centroids
 
 
-class FaissIndex(Index):
+class FaissIndex(KeyedIds, Index):
     index_type = "faiss"
 
     def __init__(
@@ -89,15 +89,8 @@ class FaissIndex(Index):
 
     # ----------------------------------------------------------------------------------------- contents
 
-    def __len__(self) -> int:
-        return len(self._label_of)
-
-    def __contains__(self, doc_id: str) -> bool:
-        return doc_id in self._label_of
-
-    @property
-    def ids(self) -> list[str]:
-        return list(self._label_of)
+    def _id_table(self) -> dict[str, int]:
+        return self._label_of
 
     def metadata(self, doc_id: str) -> dict[str, Any]:
         if doc_id not in self._label_of:

@@ -15,6 +15,8 @@ from torch import nn
 from mbert_retrieval.modeling import ModernBert
 from mbert_retrieval.modeling.io import CheckpointError, resolve_model_dir
 from mbert_retrieval.models.encoding import (
+    POOLERS_PACKED,
+    POOLERS_PADDED,
     Chunking,
     PackedBatch,
     TextTokenizer,
@@ -228,6 +230,33 @@ class EncoderModel(nn.Module):
     @staticmethod
     def resolve(path_or_hub_id: str | os.PathLike) -> Path:
         return resolve_model_dir(path_or_hub_id)
+
+
+class PooledModel(EncoderModel):
+    """An encoder model with one output per sequence: the encoder's states pooled ("mean" or "cls"),
+    then `from_pooled` (a projection, a classifier)."""
+
+    def __init__(self, encoder: ModernBert, tokenizer, pooling: str, max_length: int | None = None):
+        super().__init__(encoder, tokenizer, max_length)
+        if pooling not in POOLERS_PACKED:
+            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling = pooling
+
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled float32 states [B, H] -> the output of each sequence, float32."""
+        raise NotImplementedError
+
+    def forward_packed(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, check_inputs: bool = True
+    ) -> torch.Tensor:
+        """Packed ids [N] + cu_seqlens [B+1] -> `from_pooled` of each sequence (differentiable)."""
+        hidden = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, check_inputs=check_inputs)
+        return self.from_pooled(POOLERS_PACKED[self.pooling](hidden, cu_seqlens))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The padded reference: ids, mask [B, L] -> `from_pooled` of each sequence."""
+        hidden = self.encoder(input_ids, attention_mask)
+        return self.from_pooled(POOLERS_PADDED[self.pooling](hidden, attention_mask))
 
 
 def as_output(array: torch.Tensor, convert_to_tensor: bool):

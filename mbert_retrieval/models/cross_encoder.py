@@ -27,10 +27,8 @@ from mbert_retrieval.modeling.io import (
     save_safetensors,
 )
 from mbert_retrieval.models import folders
-from mbert_retrieval.models.base import Devices, EncodeOptions, EncoderModel
+from mbert_retrieval.models.base import Devices, EncodeOptions, PooledModel
 from mbert_retrieval.models.encoding import (
-    POOLERS_PACKED,
-    POOLERS_PADDED,
     PackedBatch,
     check_pairs,
     check_texts,
@@ -45,7 +43,7 @@ ACTIVATIONS = {
 SIGMOID, IDENTITY = "torch.nn.modules.activation.Sigmoid", "torch.nn.modules.linear.Identity"
 
 
-class CrossEncoder(EncoderModel):
+class CrossEncoder(PooledModel):
     """ModernBERT over a (query, document) pair -> `num_labels` logits -> activation.
 
     Example:
@@ -66,12 +64,9 @@ class CrossEncoder(EncoderModel):
         activation: str | None = None,
         max_length: int | None = None,
     ):
-        super().__init__(encoder, tokenizer, max_length)
-        if pooling not in POOLERS_PACKED:
-            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        super().__init__(encoder, tokenizer, pooling, max_length)
         self.head = head
         self.classifier = classifier
-        self.pooling = pooling
         self.activation = activation or (SIGMOID if self.num_labels == 1 else IDENTITY)
         if self.activation not in ACTIVATIONS:
             raise ValueError(
@@ -84,22 +79,10 @@ class CrossEncoder(EncoderModel):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def score_head(self, pooled: torch.Tensor) -> torch.Tensor:
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled float32 states [B, H] -> logits [B, num_labels] float32."""
         dtype = self.classifier.weight.dtype
         return self.classifier(self.head(pooled.to(dtype))).float()
-
-    def forward_packed(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, check_inputs: bool = True
-    ) -> torch.Tensor:
-        """Packed pair ids [N] + cu_seqlens [B+1] -> logits [B, num_labels] (differentiable)."""
-        hidden = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, check_inputs=check_inputs)
-        return self.score_head(POOLERS_PACKED[self.pooling](hidden, cu_seqlens))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The padded reference: ids, mask [B, L] -> logits [B, num_labels]."""
-        hidden = self.encoder(input_ids, attention_mask)
-        return self.score_head(POOLERS_PADDED[self.pooling](hidden, attention_mask))
 
     # -- scoring -----------------------------------------------------------------------------------
 

@@ -18,10 +18,8 @@ from torch import nn
 from mbert_retrieval.modeling import ModernBert
 from mbert_retrieval.modeling.io import CheckpointError
 from mbert_retrieval.models import folders
-from mbert_retrieval.models.base import Devices, EncodeOptions, EncoderModel, as_output, single_or_list
+from mbert_retrieval.models.base import Devices, EncodeOptions, PooledModel, as_output, single_or_list
 from mbert_retrieval.models.encoding import (
-    POOLERS_PACKED,
-    POOLERS_PADDED,
     Chunking,
     PackedBatch,
     check_texts,
@@ -42,7 +40,7 @@ class ChunkEmbeddings:
     window: np.ndarray
 
 
-class DenseRetriever(EncoderModel):
+class DenseRetriever(PooledModel):
     """ModernBERT -> mean or CLS pooling -> optional linear projection -> L2 normalisation.
 
     Example:
@@ -64,14 +62,11 @@ class DenseRetriever(EncoderModel):
         document_prefix: str = "",
         max_length: int | None = None,
     ):
-        super().__init__(encoder, tokenizer, max_length)
-        if pooling not in POOLERS_PACKED:
-            raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        super().__init__(encoder, tokenizer, pooling, max_length)
         if projection is not None and projection.in_features != self.hidden_size:
             raise ValueError(
                 f"projection takes {projection.in_features} features but the encoder gives {self.hidden_size}"
             )
-        self.pooling = pooling
         self.projection = projection
         self.normalize = normalize
         self.query_prefix = query_prefix
@@ -84,23 +79,11 @@ class DenseRetriever(EncoderModel):
 
     # -- forward -----------------------------------------------------------------------------------
 
-    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled float32 states [B, H] -> embeddings [B, dim] float32."""
         if self.projection is not None:
             pooled = self.projection(pooled.to(self.projection.weight.dtype)).float()
         return l2_normalize(pooled) if self.normalize else pooled
-
-    def forward_packed(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, check_inputs: bool = True
-    ) -> torch.Tensor:
-        """Packed ids [N] + cu_seqlens [B+1] -> embeddings [B, dim] float32 (differentiable)."""
-        hidden = self.encoder.forward_packed(input_ids, cu_seqlens, max_seqlen, check_inputs=check_inputs)
-        return self.project(POOLERS_PACKED[self.pooling](hidden, cu_seqlens))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The padded reference: ids, mask [B, L] -> embeddings [B, dim] float32."""
-        hidden = self.encoder(input_ids, attention_mask)
-        return self.project(POOLERS_PADDED[self.pooling](hidden, attention_mask))
 
     # -- encoding ----------------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ class PaddedDenseGraph(nn.Module):
             pooled = (hidden * real).sum(dim=1) / real.sum(dim=1)
         else:
             pooled = hidden[:, 0]
-        return model.project(pooled)
+        return model.from_pooled(pooled)
 
 
 def rotation_tables(tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor):

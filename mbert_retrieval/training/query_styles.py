@@ -27,46 +27,36 @@ STOPWORDS = frozenset(
     instance method function value values current default new one any all some each every
     i.e e.g etc note see also used use uses will can may should must""".split()
 )
-# The third-person verbs doc comments open with, and what a person searching would type instead.
-LEADING_VERBS = {
+
+
+def _third_person(verb: str) -> str:
+    """The third person of a verb: parse -> parses, copy -> copies, search -> searches."""
+    if verb.endswith("y") and verb[-2] not in "aeiou":
+        return verb[:-1] + "ies"
+    return verb + ("es" if verb.endswith(("s", "sh", "ch", "x", "z")) else "s")
+
+
+# The third-person verbs doc comments open with, and what a person searching would type instead:
+# the plain verb ("parses" -> "parse") or, for some, one of a few words for the same thing.
+PLAIN_VERBS = """get check convert parse read write set add find send start stop close open format encode decode
+compare copy split join sort""".split()
+LEADING_VERBS = {_third_person(verb): (verb,) for verb in PLAIN_VERBS} | {
     "returns": ("get", "return", ""),
     "return": ("get", "return", ""),
-    "gets": ("get",),
     "computes": ("compute", "calculate"),
     "calculates": ("calculate", "compute"),
-    "checks": ("check",),
     "tests": ("check", "test"),
     "determines": ("check", "determine"),
     "creates": ("create", "make"),
     "constructs": ("create", "construct"),
     "builds": ("build", "create"),
-    "converts": ("convert",),
-    "parses": ("parse",),
-    "reads": ("read",),
-    "writes": ("write",),
-    "sets": ("set",),
     "removes": ("remove", "delete"),
     "deletes": ("delete", "remove"),
-    "adds": ("add",),
     "appends": ("append", "add"),
-    "finds": ("find",),
     "searches": ("search", "find"),
     "loads": ("load", "read"),
     "saves": ("save", "write"),
-    "sends": ("send",),
-    "starts": ("start",),
-    "stops": ("stop",),
-    "closes": ("close",),
-    "opens": ("open",),
-    "formats": ("format",),
     "generates": ("generate", "create"),
-    "encodes": ("encode",),
-    "decodes": ("decode",),
-    "compares": ("compare",),
-    "copies": ("copy",),
-    "splits": ("split",),
-    "joins": ("join",),
-    "sorts": ("sort",),
     "validates": ("validate", "check"),
 }
 BASE_VERBS = frozenset(v for forms in LEADING_VERBS.values() for v in forms if v) | frozenset(
