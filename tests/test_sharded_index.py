@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import stdlib_texts
 from typer.testing import CliRunner
 
@@ -119,6 +120,25 @@ def test_merged_plaid_index_finds_what_the_single_process_one_finds(tmp_path, mo
     result = merged(tmp_path, model_dirs["colbert"], "plaid", corpus)
     assert result.index.index.n_centroids == reference.index.index.n_centroids
     assert recall(top_ids(result, queries), top_ids(reference, queries)) >= 0.99
+
+
+def test_merged_plaid_index_is_the_single_process_one_on_the_same_vectors(tmp_path, model_dirs, corpus):
+    """Given the very vectors the shards hold, the merge builds PLAID bit for bit as one process does
+    (same centroid sample, k-means, residual buckets, document order): any difference between the two
+    indexes then comes from the encodings, not from the merge."""
+    from mbert_retrieval.index.plaid import PlaidIndex
+
+    result = merged(tmp_path, model_dirs["colbert"], "plaid", corpus).index.index
+    shards = sharded.read_shards(tmp_path / "out" / "shards")
+    vectors = sharded.ShardedTokenVectors(shards)
+    documents = [vectors[i].clone() for i in range(len(vectors))]  # a plain list, as one process has
+    reference = PlaidIndex.build(documents, corpus[0], device="cpu", show_progress=False)
+    assert result.ids == reference.ids
+    assert result.settings == reference.settings
+    for name, tensor in reference.codec.state().items():
+        assert torch.equal(result.codec.state()[name], tensor), name
+    assert torch.equal(result.codes, reference.codes)
+    assert torch.equal(result.residuals, reference.residuals)
 
 
 def test_rerunning_keeps_finished_shards_and_redoes_a_missing_one(tmp_path, model_dirs, corpus):
