@@ -5,16 +5,21 @@ Data: docstring -> function pairs cut out with `ast` from the installed Python's
 site-packages (benchmarks/train_throughput.py). Model: ModernBERT-base shape with random weights and a
 BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GPUs.
 
-- train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense --compile`, global
-  batch 256, max length 256, the same seed; after `--warmup-steps` logged steps, tokens/s over the next
-  `--steps` from the trainer's metrics.jsonl, and the largest difference between the two runs' per-step
-  losses.
+- train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense` (eager, or
+  `--compile`), global batch 256, max length 256, the same seed; after `--warmup-steps` logged steps,
+  tokens/s over the next `--steps` from the trainer's metrics.jsonl, and the largest difference between
+  the two runs' per-step losses; then the 2-GPU run again with `--logging-steps 10`, and (`--profile`,
+  the default) a few steps on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE): per rank,
+  ms per step of wall time, GPU busy time, NCCL kernels and host time in data, forward, backward,
+  optimizer and the loss sync.
 - encode: the same documents through an `EncodingPool` of one and of two GPUs (after a warm-up call),
   docs/s of the whole call (sharing out the texts and gathering the vectors included).
 - sharded_index: `torchrun --nproc-per-node 2 -m mbert_retrieval.cli index` (two shards, then rank 0
-  merges) against `mbert-retrieval index` in one process, same settings: seconds of the sharded run and
-  the recall of its top 10 against the single-process index's top 10. The index is FAISS IVF-PQ when
-  faiss is installed, else PLAID over a ColBERT head (the JSON says which), on the shipped model's encoder.
+  merges) against `mbert-retrieval index` in one process, for the exact index (flat: every document
+  scored, exhaustive MaxSim for ColBERT) and an approximate one (FAISS IVF-PQ when faiss is installed,
+  else PLAID over a ColBERT head), on the shipped model's encoder. `recall_vs_single_process` is the
+  exact pair's (the merge: identical top 10s up to the bf16 noise between the two encodings); each
+  approximate build is also scored against the exact top 10 of the same encoding.
 
     PYTHONPATH=. python3 benchmarks/multi_gpu.py            # 2 GPUs -> benchmarks/results/multi_gpu.json
     PYTHONPATH=. python3 benchmarks/multi_gpu.py --quick    # CPU check: tiny model, 2 CPU processes
@@ -23,6 +28,7 @@ BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,15 +46,21 @@ from benchmarks.train_throughput import docstring_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH, MAX_LENGTH = 256, 256
+PROFILE_VARIABLE = "MBERT_RETRIEVAL_PROFILE"  # mbert_retrieval.training.profiling
+# seconds of each phase on 2 H200s (eager), from the previous runs, printed before the run starts
+EXPECTED_SECONDS = {
+    "pairs": 25, "model": 10, "train": 3 * 55, "profile": 2 * 35, "encode": 45, "index": 4 * 28,
+}  # fmt: skip
 
 
 # Each setting's value for the --quick CPU check and for the real run, side by side.
 SETTINGS = {
     "batch": (16, GLOBAL_BATCH),
     "max_length": (64, MAX_LENGTH),
-    "warmup": (1, 10),
-    "steps": (2, 60),
-    "encode_docs": (200, 120000),
+    "warmup": (2, 10),
+    "steps": (2, 30),
+    "logging_wide": (2, 10),  # --logging-steps of the run that shows what per-step logging costs
+    "encode_docs": (200, 60000),
     "index_docs": (260, 10000),
     "queries": (20, 200),
 }
@@ -65,9 +77,10 @@ def subprocess_environment(quick: bool) -> dict:
     return environment
 
 
-def run(command: list[str], quick: bool) -> subprocess.CompletedProcess:
+def run(command: list[str], quick: bool, environment: dict | None = None) -> subprocess.CompletedProcess:
     print("$", " ".join(command), flush=True)
-    done = subprocess.run(command, env=subprocess_environment(quick), capture_output=True, text=True)
+    environment = {**subprocess_environment(quick), **(environment or {})}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"command failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return done
@@ -77,20 +90,40 @@ def torchrun(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
 
 
+@contextlib.contextmanager
+def phase(phases: dict, name: str):
+    """Time a phase of the run into `phases` (seconds) and print it."""
+    start = time.perf_counter()
+    yield
+    phases[name] = round(time.perf_counter() - start, 1)
+    print(f"[{name}: {phases[name]:.0f} s]", flush=True)
+
+
 # -- training ----------------------------------------------------------------------------------------
 
 
 def train_run(
-    nproc: int, model_dir: Path, pairs_file: Path, output: Path, s: dict, quick: bool
+    nproc: int,
+    model_dir: Path,
+    pairs_file: Path,
+    output: Path,
+    s: dict,
+    options: argparse.Namespace,
+    logging_steps: int = 1,
+    max_steps: int | None = None,
+    profile_dir: Path | None = None,
 ) -> list[dict]:
     command = torchrun(nproc) + [
         "-m", "mbert_retrieval.cli", "train", "dense", str(model_dir), str(pairs_file),
         "--output-dir", str(output), "--batch-size", str(s["batch"]), "--max-length", str(s["max_length"]),
-        "--max-steps", str(s["warmup"] + s["steps"]), "--seed", "0", "--logging-steps", "1",
-        "--warmup-steps", "0", "--decay", "none",
+        "--max-steps", str(max_steps or s["warmup"] + s["steps"]), "--seed", "0",
+        "--logging-steps", str(logging_steps), "--warmup-steps", "0", "--decay", "none",
     ]  # fmt: skip
-    command += ["--device", "cpu", "--no-bf16"] if quick else ["--bf16", "--compile"]
-    run(command, quick)
+    command += ["--device", "cpu", "--no-bf16"] if options.quick else ["--bf16"]
+    if options.compile:
+        command.append("--compile")
+    environment = {PROFILE_VARIABLE: str(profile_dir)} if profile_dir else {}
+    run(command, options.quick, environment)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r and "tokens_per_second" in r]
 
@@ -101,19 +134,44 @@ def tokens_per_second(records: list[dict], warmup: int) -> float:
     return tokens / sum(r["seconds"] for r in timed)
 
 
-def train_part(model_dir: Path, pairs_file: Path, work: Path, s: dict, quick: bool) -> dict:
-    one = train_run(1, model_dir, pairs_file, work / "train-1", s, quick)
-    two = train_run(2, model_dir, pairs_file, work / "train-2", s, quick)
+def train_part(
+    model_dir: Path, pairs_file: Path, work: Path, s: dict, options: argparse.Namespace, phases: dict
+) -> dict:
+    def timed_run(name: str, nproc: int, **extra) -> list[dict]:
+        with phase(phases, name):
+            return train_run(nproc, model_dir, pairs_file, work / name, s, options, **extra)
+
+    one = timed_run("train-1", 1)
+    two = timed_run("train-2", 2)
+    two_wide = timed_run("train-2-logging", 2, logging_steps=s["logging_wide"])
     losses_one = {r["step"]: r["loss"] for r in one}
     losses_two = {r["step"]: r["loss"] for r in two}
     common = sorted(set(losses_one) & set(losses_two))
     one_tok_s, two_tok_s = tokens_per_second(one, s["warmup"]), tokens_per_second(two, s["warmup"])
-    return {
+    result = {
+        "mode": "compiled" if options.compile else "eager",
         "one_gpu_tok_s": round(one_tok_s),
         "two_gpu_tok_s": round(two_tok_s),
         "speedup": round(two_tok_s / one_tok_s, 3),
+        "two_gpu_tok_s_logging10": round(tokens_per_second(two_wide, s["warmup"])),
         "loss_max_abs_diff": max(abs(losses_one[i] - losses_two[i]) for i in common),
     }
+    if options.profile:
+        result["profile"] = {f"{nproc}_gpu": profile_run(nproc, timed_run, work) for nproc in (1, 2)}
+    return result
+
+
+def profile_run(nproc: int, timed_run, work: Path) -> list[dict]:
+    """A few steps under torch.profiler (the trainer's MBERT_RETRIEVAL_PROFILE hook): per rank, ms
+    per step of wall time, GPU busy time and host time in each part of the step."""
+    from mbert_retrieval.training import profiling
+
+    folder = work / f"profile-{nproc}"
+    steps = profiling.WAIT + profiling.WARMUP + profiling.ACTIVE
+    timed_run(f"profile-{nproc}", nproc, max_steps=steps, profile_dir=folder)
+    summaries = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(nproc)]
+    print((folder / "rank0.txt").read_text()[:6000], flush=True)  # the top of rank 0's table
+    return summaries
 
 
 # -- encoding ----------------------------------------------------------------------------------------
@@ -154,9 +212,14 @@ def has_faiss() -> bool:
     return True
 
 
-def sharded_index_part(model_dir: Path, pairs, work: Path, s: dict, kind: str, quick: bool) -> dict:
+def sharded_index_part(
+    model_dir: Path, pairs, work: Path, s: dict, kind: str, quick: bool, phases: dict
+) -> dict:
+    """The approximate index (`kind`) and the exact one (flat: every document scored), each built in
+    one process and in two shards + merge. The exact pair checks the merge (top 10s the same up to
+    the encodings' bf16 noise); the approximate builds are each scored against the exact top 10 of
+    the same encoding, so a sharded build is shown as good as a single one."""
     from mbert_retrieval.models.dense import default_model_dir
-    from mbert_retrieval.search.retriever import Retriever
 
     if kind == "auto":
         kind = "ivfpq" if has_faiss() else "plaid"
@@ -176,26 +239,44 @@ def sharded_index_part(model_dir: Path, pairs, work: Path, s: dict, kind: str, q
     )
     queries = [q for q, _ in docs[:: max(1, len(docs) // s["queries"])]][: s["queries"]]
     device = ["--device", "cpu"] if quick else []
-    base = ["-m", "mbert_retrieval.cli", "index", "--data", str(corpus), "--system", system, "--index", kind]
+    base = ["-m", "mbert_retrieval.cli", "index", "--data", str(corpus), "--system", system]
     base += ["--no-progress", *device]
-    run([sys.executable, *base, "--output", str(work / "single")], quick)
-    start = time.perf_counter()
-    run(torchrun(2) + [*base, "--output", str(work / "sharded")], quick)
-    seconds = time.perf_counter() - start
-    search_device = "cpu" if quick else "cuda:0"
-    found = {}
-    for name in ("single", "sharded"):
-        retriever = Retriever.load(work / name, device=search_device)
-        found[name] = [[h.id for h in hits] for hits in retriever.search(queries, k=10)]
-    overlap = sum(len(set(a) & set(b)) for a, b in zip(found["sharded"], found["single"]))
-    recall = overlap / sum(len(b) for b in found["single"])
+    found, seconds = {}, {}
+    for index_kind in ("flat", kind):
+        for build, launcher in (("single", [sys.executable]), ("sharded", torchrun(2))):
+            name = f"{index_kind}-{build}"
+            with phase(phases, f"index-{name}"):
+                start = time.perf_counter()
+                run([*launcher, *base, "--index", index_kind, "--output", str(work / name)], quick)
+                seconds[name] = time.perf_counter() - start
+                found[name] = top_ids(work / name, queries, "cpu" if quick else "cuda:0")
+    same = sum(a == b for a, b in zip(found["flat-sharded"], found["flat-single"]))
     return {
         "index": kind,
         "model": Path(model_dir).name,
         "docs": len(docs),
-        "seconds": round(seconds, 1),
-        "recall_vs_single_process": recall,
+        "queries": len(queries),
+        "seconds": round(seconds[f"{kind}-sharded"], 1),
+        "single_process_seconds": round(seconds[f"{kind}-single"], 1),
+        "recall_vs_single_process": recall(found["flat-sharded"], found["flat-single"]),
+        "identical_top10_queries": same,
+        f"{kind}_recall_vs_single_process": recall(found[f"{kind}-sharded"], found[f"{kind}-single"]),
+        f"{kind}_single_recall_vs_exact": recall(found[f"{kind}-single"], found["flat-single"]),
+        f"{kind}_sharded_recall_vs_exact": recall(found[f"{kind}-sharded"], found["flat-sharded"]),
     }
+
+
+def top_ids(index_dir: Path, queries: list[str], device: str) -> list[list[str]]:
+    from mbert_retrieval.search.retriever import Retriever
+
+    retriever = Retriever.load(index_dir, device=device)
+    return [[hit.id for hit in hits] for hits in retriever.search(queries, k=10)]
+
+
+def recall(found: list[list[str]], reference: list[list[str]]) -> float:
+    """The share of the reference top 10s found in the other top 10s."""
+    overlap = sum(len(set(a) & set(b)) for a, b in zip(found, reference))
+    return round(overlap / sum(len(b) for b in reference), 4)
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -209,46 +290,62 @@ def main() -> None:
         "--quick", action="store_true", help="CPU check: tiny model, 2 CPU processes, few steps"
     )
     parser.add_argument(
-        "--index", default="auto", choices=["auto", "ivfpq", "plaid"], help="sharded index kind"
+        "--index", default="auto", choices=["auto", "ivfpq", "plaid"], help="approximate index kind"
+    )
+    parser.add_argument("--compile", action="store_true", help="train with compiled layers (default eager)")
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the timed runs, profile a few training steps per rank on 1 and 2 GPUs",
     )
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/multi_gpu.json)")
-    args = parser.parse_args()
-    s = settings(args.quick)
+    options = parser.parse_args()
+    s = settings(options.quick)
     gpus = torch.cuda.device_count()
-    if not args.quick and gpus < 2:
+    if not options.quick and gpus < 2:
         sys.exit(f"this benchmark needs 2 GPUs, found {gpus} (use --quick for a CPU check)")
     out = Path(
-        args.out or ("/tmp/multi_gpu_quick.json" if args.quick else "benchmarks/results/multi_gpu.json")
+        options.out or ("/tmp/multi_gpu_quick.json" if options.quick else "benchmarks/results/multi_gpu.json")
     )
+    expected = {k: v for k, v in EXPECTED_SECONDS.items() if options.profile or k != "profile"}
+    print(f"expected on 2 H200s: {sum(expected.values())} s ({expected})", flush=True)
 
     started = time.perf_counter()
-    n_pairs = max((s["warmup"] + s["steps"]) * s["batch"], s["encode_docs"], s["index_docs"])
-    pairs = docstring_pairs(n_pairs)
-    print(f"{len(pairs)} docstring -> function pairs in {time.perf_counter() - started:.0f} s", flush=True)
+    phases: dict[str, float] = {}
+    # the training runs take one pass over these; encoding repeats them up to encode_docs
+    n_pairs = max((s["warmup"] + s["steps"]) * s["batch"], s["index_docs"])
+    with phase(phases, "pairs"):
+        pairs = docstring_pairs(n_pairs)
+    print(f"{len(pairs)} docstring -> function pairs", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         texts = [text for pair in pairs for text in pair]
-        model_dir = make_model_folder(texts, args.quick, s["max_length"], work)
+        with phase(phases, "model"):
+            model_dir = make_model_folder(texts, options.quick, s["max_length"], work)
         pairs_file = work / "pairs.jsonl"
         pairs_file.write_text("".join(json.dumps({"query": q, "positive": d}) + "\n" for q, d in pairs))
         docs = [d for _, d in pairs]
         docs = (docs * (s["encode_docs"] // len(docs) + 1))[: s["encode_docs"]]
 
         result = {
-            "device": "cpu (quick check)" if args.quick else torch.cuda.get_device_name(0),
-            "gpus": 2 if args.quick else gpus,
+            "device": "cpu (quick check)" if options.quick else torch.cuda.get_device_name(0),
+            "gpus": 2 if options.quick else gpus,
             "command": "PYTHONPATH=. python3 " + " ".join(["benchmarks/multi_gpu.py", *sys.argv[1:]]),
+            "phases_s": phases,
         }
         # written after each part, so a run cut short keeps what it measured
-        result["train"] = train_part(model_dir, pairs_file, work, s, args.quick)
+        result["train"] = train_part(model_dir, pairs_file, work, s, options, phases)
         write_json(result, out)
-        result["encode"] = encode_part(model_dir, docs, args.quick)
+        with phase(phases, "encode"):
+            result["encode"] = encode_part(model_dir, docs, options.quick)
         write_json(result, out)
-        sharded = sharded_index_part(model_dir, pairs, work, s, args.index, args.quick)
-        result["sharded_index"] = sharded
+        result["sharded_index"] = sharded_index_part(
+            model_dir, pairs, work, s, options.index, options.quick, phases
+        )
         write_json(result, out)
 
-    print_table(result, sharded["index"], time.perf_counter() - started)
+    print_table(result, time.perf_counter() - started)
     print(f"wrote {out}")
 
 
@@ -257,23 +354,39 @@ def write_json(result: dict, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def print_table(result: dict, index_kind: str, seconds: float) -> None:
+def print_table(result: dict, seconds: float) -> None:
     train, encode, index = result["train"], result["encode"], result["sharded_index"]
+    kind = index["index"]
     print(
         f"\n{result['device']}, {result['gpus']} GPUs, {platform.python_version()}, whole run {seconds:.0f} s"
     )
+    print("phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["phases_s"].items()))
     print("| workload | 1 GPU | 2 GPUs | speedup |")
     print("| --- | --- | --- | --- |")
     print(
-        f"| train dense (tok/s) | {train['one_gpu_tok_s']:,} | {train['two_gpu_tok_s']:,} | {train['speedup']:.2f}x |"
+        f"| train dense, {train['mode']} (tok/s) | {train['one_gpu_tok_s']:,} | {train['two_gpu_tok_s']:,} "
+        f"| {train['speedup']:.2f}x |"
     )
     print(
         f"| encode (docs/s) | {encode['one_gpu_docs_s']:,} | {encode['two_gpu_docs_s']:,} | {encode['speedup']:.2f}x |"
     )
+    print(f"2 GPUs with --logging-steps 10: {train['two_gpu_tok_s_logging10']:,} tok/s")
     print(f"losses, 1 vs 2 GPUs: largest difference {train['loss_max_abs_diff']:.2e}")
+    for name, ranks in train.get("profile", {}).items():
+        for r in ranks:
+            host = ", ".join(f"{k} {v:.1f}" for k, v in r["host_ms_per_step"].items())
+            print(
+                f"profile {name} rank {r['rank']} (ms/step over {r['steps']}): wall {r['wall_ms_per_step']:.1f}, "
+                f"GPU busy {r['gpu_busy_ms_per_step']:.1f}, NCCL kernels {r['nccl_kernel_ms_per_step']:.1f}; "
+                f"host: {host}"
+            )
     print(
-        f"sharded index ({index_kind}, 2 ranks + merge): {index['docs']} docs in {index['seconds']} s, "
-        f"recall@10 vs one process {index['recall_vs_single_process']:.4f}"
+        f"sharded index, 2 ranks + merge, {index['docs']} docs, {index['queries']} queries: exact (flat) "
+        f"recall@10 vs one process {index['recall_vs_single_process']:.4f}, identical top 10 for "
+        f"{index['identical_top10_queries']}/{index['queries']}; {kind} vs one process "
+        f"{index[f'{kind}_recall_vs_single_process']:.4f}; {kind} vs exact: single "
+        f"{index[f'{kind}_single_recall_vs_exact']:.4f}, sharded {index[f'{kind}_sharded_recall_vs_exact']:.4f}; "
+        f"{kind} build {index['single_process_seconds']} s in one process, {index['seconds']} s sharded"
     )
 
 

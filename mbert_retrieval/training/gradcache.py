@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mbert_retrieval.training.distributed import GradientSync
+from mbert_retrieval.training.profiling import section
 
 Encoder = Callable[[object], torch.Tensor]
 Inputs = Sequence[tuple[Encoder, Sequence]]
@@ -34,8 +35,10 @@ def forward_backward(
     """
     sync = sync or GradientSync()
     if not cached:
-        loss = loss_fn(sync(_encode_all, inputs))  # one forward pass, one backward
-        loss.backward()
+        with section("forward"):
+            loss = loss_fn(sync(_encode_all, inputs))  # one forward pass, one backward
+        with section("backward"):
+            loss.backward()
         return loss.detach()
 
     with torch.no_grad():

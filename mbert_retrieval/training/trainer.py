@@ -43,6 +43,7 @@ from mbert_retrieval.training.distributed import (
 )
 from mbert_retrieval.training.evaluate import DevSet, evaluate_task
 from mbert_retrieval.training.optim import WarmupStableDecay, make_optimizer
+from mbert_retrieval.training.profiling import section, step_profiler
 
 logger = logging.getLogger("mbert_retrieval")
 
@@ -228,24 +229,30 @@ class Trainer:
         )
         started = run.window_start = time.perf_counter()
         try:
-            while run.step < run.total and not self._out_of_time(started):
-                lr = run.schedule(run.step)
-                loss, grad_norm = self._optimizer_step(run, batches, lr)
-                result.losses.append(loss)
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if log is not None and run.due(args.logging_steps):
-                    self._log_step(log, run, loss, lr, grad_norm)
-                if self.dev is not None and run.due(args.eval_steps):
-                    self._evaluate_step(run, result, log)
-                if run.due(args.save_steps):
-                    self._save_checkpoint(run)
+            with step_profiler(self.world.rank, self.device.type == "cuda") as profiled:
+                self._loop(run, result, log, batches, progress, started, profiled)
         finally:
             progress.close()
             batches.close()
             if log is not None:
                 log.close()
         return self._finish(run, result)
+
+    def _loop(self, run: _Run, result, log, batches, progress, started: float, profiled) -> None:
+        args = self.args
+        while run.step < run.total and not self._out_of_time(started):
+            lr = run.schedule(run.step)
+            loss, grad_norm = self._optimizer_step(run, batches, lr)
+            result.losses.append(loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if log is not None and run.due(args.logging_steps):
+                self._log_step(log, run, loss, lr, grad_norm)
+            if self.dev is not None and run.due(args.eval_steps):
+                self._evaluate_step(run, result, log)
+            if run.due(args.save_steps):
+                self._save_checkpoint(run)
+            profiled.step()
 
     def _optimizer_step(self, run: _Run, batches: Iterator, lr: float) -> tuple[float, float | None]:
         """Forward and backward over `gradient_accumulation_steps` global batches, then one optimizer
@@ -255,18 +262,21 @@ class Trainer:
             group["lr"] = lr
         loss = torch.zeros((), device=self.device)
         for number in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            local = batch.shard(self.world.rank, self.world.size).to(self.device)
+            with section("data"):  # waiting for the prefetch thread, then the copy to the device
+                batch = next(batches)
+                local = batch.shard(self.world.rank, self.world.size).to(self.device)
             last = number == args.gradient_accumulation_steps - 1
             with self._autocast(), run.sync.all_reduce_if(last):
                 loss += self.task.step(local, args.chunk_tokens, run.sync)
             run.window_tokens += batch.num_tokens
             run.position = batch.position
-        grad_norm = self._finish_gradients(run.parameters)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        with section("optimizer"):
+            grad_norm = self._finish_gradients(run.parameters)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        loss_value = float(all_reduce_sum(loss)) / args.gradient_accumulation_steps
+        with section("loss_sync"):  # the host waits here for the device to finish the step
+            loss_value = float(all_reduce_sum(loss)) / args.gradient_accumulation_steps
         if not math.isfinite(loss_value):
             raise FloatingPointError(
                 f"the loss is {loss_value} at step {run.step}; lower the learning rate or check the data"
