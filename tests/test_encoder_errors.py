@@ -95,7 +95,9 @@ def test_bad_inputs(hf_encoder_dir):
 
 
 def test_backend_names(hf_encoder_dir):
-    with pytest.raises(ValueError, match="choose one of auto, triton, varlen, flash_attn, packed_sdpa, reference"):
+    with pytest.raises(
+        ValueError, match="choose one of auto, triton, varlen, flash_attn, packed_sdpa, reference"
+    ):
         ModernBert.from_pretrained(hf_encoder_dir, attn_backend="xformers")
     model = ModernBert.from_pretrained(hf_encoder_dir, attn_backend="varlen")
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
