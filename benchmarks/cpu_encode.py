@@ -30,7 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-COSQA = Path("/work/shared/data/cosqa-dev")
+from benchmarks.common import write_result
+
+COSQA = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cosqa-dev"
+)  # ../shared beside the checkout
 
 
 def held_out_sets(cosqa: Path, scratch: Path) -> dict[str, tuple[Path, str]]:
@@ -172,8 +176,7 @@ def main() -> None:
         "onnxruntime": __import__("onnxruntime").__version__,
         "command": "python3 " + " ".join(sys.argv),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import make_model_folder
+from benchmarks.common import make_model_folder, write_result
 from benchmarks.train_throughput import docstring_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,22 +336,16 @@ def main() -> None:
         }
         # written after each part, so a run cut short keeps what it measured
         result["train"] = train_part(model_dir, pairs_file, work, s, options, phases)
-        write_json(result, out)
+        write_result(result, out)
         with phase(phases, "encode"):
             result["encode"] = encode_part(model_dir, docs, options.quick)
-        write_json(result, out)
+        write_result(result, out)
         result["sharded_index"] = sharded_index_part(
             model_dir, pairs, work, s, options.index, options.quick, phases
         )
-        write_json(result, out)
+        write_result(result, out)
 
     print_table(result, time.perf_counter() - started)
-    print(f"wrote {out}")
-
-
-def write_json(result: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def print_table(result: dict, seconds: float) -> None:

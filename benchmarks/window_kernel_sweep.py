@@ -13,13 +13,13 @@ varied); prints a table and writes JSON:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import write_result
 from benchmarks.encoder_throughput import FULL
 from mbert_retrieval.modeling import window_attention as kernels
 
@@ -121,11 +121,10 @@ def main() -> None:
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(1)
     results = {"device": torch.cuda.get_device_name(), "command": "python3 " + " ".join(sys.argv)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     for workload in FULL:
         if workload.mean is not None:
             results[workload.name] = measure(workload.lengths(generator))
-            args.out.write_text(json.dumps(results, indent=2))  # after each workload
+            write_result(results, args.out)  # after each workload
     for name, row in results.items():
         if isinstance(row, dict):
             print(f"\n{name} ({row['tokens']} tokens), us per call (CUDA-graph replays):")
