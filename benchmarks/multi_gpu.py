@@ -141,6 +141,8 @@ def train_part(
         with phase(phases, name):
             return train_run(nproc, model_dir, pairs_file, work / name, s, options, **extra)
 
+    result = {"mode": "compiled" if options.compile else "eager"}
+    result["data_pipeline"] = data_pipeline_rate(model_dir, pairs_file, s)
     one = timed_run("train-1", 1)
     two = timed_run("train-2", 2)
     two_wide = timed_run("train-2-logging", 2, logging_steps=s["logging_wide"])
@@ -148,8 +150,7 @@ def train_part(
     losses_two = {r["step"]: r["loss"] for r in two}
     common = sorted(set(losses_one) & set(losses_two))
     one_tok_s, two_tok_s = tokens_per_second(one, s["warmup"]), tokens_per_second(two, s["warmup"])
-    result = {
-        "mode": "compiled" if options.compile else "eager",
+    result |= {
         "one_gpu_tok_s": round(one_tok_s),
         "two_gpu_tok_s": round(two_tok_s),
         "speedup": round(two_tok_s / one_tok_s, 3),
@@ -159,6 +160,28 @@ def train_part(
     if options.profile:
         result["profile"] = {f"{nproc}_gpu": profile_run(nproc, timed_run, work) for nproc in (1, 2)}
     return result
+
+
+def data_pipeline_rate(model_dir: Path, pairs_file: Path, s: dict) -> dict:
+    """How fast one process builds global batches on the host (read, tokenize, pack), the way each
+    training rank does on its prefetch thread: a ceiling on the tokens/s of any run."""
+    from mbert_retrieval import DenseRetriever
+    from mbert_retrieval.training.arguments import TrainingArguments
+    from mbert_retrieval.training.batching import DataPosition
+    from mbert_retrieval.training.data import JsonlExamples
+    from mbert_retrieval.training.tasks import DenseTask
+
+    task = DenseTask(DenseRetriever.from_pretrained(model_dir, device="cpu"))
+    args = TrainingArguments("unused", batch_size=s["batch"], max_steps=1)
+    batches = iter(task.training_batches(JsonlExamples(pairs_file), args, DataPosition()))
+    next(batches)
+    count = s["warmup"]
+    start = time.perf_counter()
+    tokens = sum(next(batches).num_tokens for _ in range(count))
+    seconds = time.perf_counter() - start
+    rate = {"ms_per_global_batch": round(1000 * seconds / count, 1), "tok_s": round(tokens / seconds)}
+    print(f"batch building on the host: {rate}", flush=True)
+    return rate
 
 
 def profile_run(nproc: int, timed_run, work: Path) -> list[dict]:
@@ -299,6 +322,9 @@ def main() -> None:
         default=True,
         help="after the timed runs, profile a few training steps per rank on 1 and 2 GPUs",
     )
+    parser.add_argument(
+        "--parts", default="train,encode,index", help="comma-separated subset of train,encode,index"
+    )
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/multi_gpu.json)")
     options = parser.parse_args()
     s = settings(options.quick)
@@ -335,35 +361,49 @@ def main() -> None:
             "phases_s": phases,
         }
         # written after each part, so a run cut short keeps what it measured
-        result["train"] = train_part(model_dir, pairs_file, work, s, options, phases)
-        write_result(result, out)
-        with phase(phases, "encode"):
-            result["encode"] = encode_part(model_dir, docs, options.quick)
-        write_result(result, out)
-        result["sharded_index"] = sharded_index_part(
-            model_dir, pairs, work, s, options.index, options.quick, phases
-        )
-        write_result(result, out)
+        parts = options.parts.split(",")
+        if "train" in parts:
+            result["train"] = train_part(model_dir, pairs_file, work, s, options, phases)
+            write_result(result, out)
+        if "encode" in parts:
+            with phase(phases, "encode"):
+                result["encode"] = encode_part(model_dir, docs, options.quick)
+            write_result(result, out)
+        if "index" in parts:
+            result["sharded_index"] = sharded_index_part(
+                model_dir, pairs, work, s, options.index, options.quick, phases
+            )
+            write_result(result, out)
 
     print_table(result, time.perf_counter() - started)
 
 
 def print_table(result: dict, seconds: float) -> None:
-    train, encode, index = result["train"], result["encode"], result["sharded_index"]
-    kind = index["index"]
     print(
         f"\n{result['device']}, {result['gpus']} GPUs, {platform.python_version()}, whole run {seconds:.0f} s"
     )
     print("phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["phases_s"].items()))
     print("| workload | 1 GPU | 2 GPUs | speedup |")
     print("| --- | --- | --- | --- |")
-    print(
-        f"| train dense, {train['mode']} (tok/s) | {train['one_gpu_tok_s']:,} | {train['two_gpu_tok_s']:,} "
-        f"| {train['speedup']:.2f}x |"
-    )
-    print(
-        f"| encode (docs/s) | {encode['one_gpu_docs_s']:,} | {encode['two_gpu_docs_s']:,} | {encode['speedup']:.2f}x |"
-    )
+    train, encode = result.get("train"), result.get("encode")
+    if train:
+        print(
+            f"| train dense, {train['mode']} (tok/s) | {train['one_gpu_tok_s']:,} "
+            f"| {train['two_gpu_tok_s']:,} | {train['speedup']:.2f}x |"
+        )
+    if encode:
+        print(
+            f"| encode (docs/s) | {encode['one_gpu_docs_s']:,} | {encode['two_gpu_docs_s']:,} "
+            f"| {encode['speedup']:.2f}x |"
+        )
+    if train:
+        print_training_details(train)
+    if "sharded_index" in result:
+        print_index_details(result["sharded_index"])
+
+
+def print_training_details(train: dict) -> None:
+    print(f"batch building on one host process: {train['data_pipeline']}")
     print(f"2 GPUs with --logging-steps 10: {train['two_gpu_tok_s_logging10']:,} tok/s")
     print(f"losses, 1 vs 2 GPUs: largest difference {train['loss_max_abs_diff']:.2e}")
     for name, ranks in train.get("profile", {}).items():
@@ -374,6 +414,10 @@ def print_table(result: dict, seconds: float) -> None:
                 f"GPU busy {r['gpu_busy_ms_per_step']:.1f}, NCCL kernels {r['nccl_kernel_ms_per_step']:.1f}; "
                 f"host: {host}"
             )
+
+
+def print_index_details(index: dict) -> None:
+    kind = index["index"]
     print(
         f"sharded index, 2 ranks + merge, {index['docs']} docs, {index['queries']} queries: exact (flat) "
         f"recall@10 vs one process {index['recall_vs_single_process']:.4f}, identical top 10 for "
