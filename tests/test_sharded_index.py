@@ -37,6 +37,15 @@ def corpus() -> tuple[list[str], list[str]]:
     return [f"doc-{i}" for i in range(len(texts))], texts
 
 
+@pytest.fixture(autouse=True)
+def small_segments(monkeypatch):
+    """Encoder segments of 64 documents (2048 in use), so the 300 documents make several and both
+    shards hold some."""
+    from mbert_retrieval.models import encoding
+
+    monkeypatch.setattr(encoding, "TOKENIZE_CHUNK", 64)
+
+
 @pytest.fixture(scope="module")
 def queries(corpus) -> list[str]:
     return [text.splitlines()[0][:60] for text in corpus[1][::15]]
@@ -119,7 +128,29 @@ def test_merged_plaid_index_finds_what_the_single_process_one_finds(tmp_path, mo
     reference = single_process(model_dirs["colbert"], "plaid", corpus)
     result = merged(tmp_path, model_dirs["colbert"], "plaid", corpus)
     assert result.index.index.n_centroids == reference.index.index.n_centroids
-    assert recall(top_ids(result, queries), top_ids(reference, queries)) >= 0.99
+    assert top_ids(result, queries) == top_ids(reference, queries)  # the same vectors, the same index
+
+
+def test_shard_ranges_cover_the_corpus_in_whole_encoder_segments():
+    for n_documents, world_size in ((300, 2), (300, 3), (64, 2), (1, 4), (1000, 7)):
+        ranges = [sharded.shard_range(n_documents, r, world_size) for r in range(world_size)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n_documents
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(start % 64 == 0 for start, end in ranges if start < n_documents)
+    assert [sharded.shard_range(300, r, 2) for r in range(2)] == [(0, 128), (128, 300)]
+
+
+@pytest.mark.parametrize("kind", ["dense", "colbert"])
+def test_shards_hold_the_very_vectors_one_process_encodes(tmp_path, model_dirs, corpus, kind):
+    """Shards start on encoder segments, so their batches, and vectors, are one process's own."""
+    shards = [status.folder for status in encode_all_shards(tmp_path / "shards", model_dirs[kind], corpus)]
+    model = build_retriever(model_dirs[kind], "flat", device="cpu").model
+    read = [sharded.read_shards(tmp_path / "shards")[r].vectors() for r in range(len(shards))]
+    if kind == "dense":
+        whole = np.asarray(model.encode_documents(corpus[1], show_progress_bar=False))
+    else:
+        whole = np.asarray(model.encode_documents(corpus[1], packed=True, show_progress_bar=False).embeddings)
+    assert np.array_equal(np.concatenate(read), whole.astype(np.float32))
 
 
 def test_merged_plaid_index_is_the_single_process_one_on_the_same_vectors(tmp_path, model_dirs, corpus):

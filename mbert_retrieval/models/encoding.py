@@ -427,15 +427,20 @@ def packed_batches(
     make_batch: Callable[[list[np.ndarray], list[int], list[int]], PackedBatch],
     max_tokens: int,
 ) -> Iterator[PackedBatch]:
-    """Batches over all items, longest (by `sizes`, e.g. characters) first.
+    """Batches over all items, a segment of `TOKENIZE_CHUNK` consecutive items at a time, each
+    segment's items longest (by `sizes`, e.g. characters) first.
 
-    Items are tokenized a chunk at a time by `tokenize(item_indices) -> (rows, windows, sequences)`:
-    an item may give several sequences (windows); `rows` and `windows` say whose and which each one
-    is. Each chunk is packed by its real token counts.
+    A segment is tokenized by `tokenize(item_indices) -> (rows, windows, sequences)`: an item may
+    give several sequences (windows); `rows` and `windows` say whose and which each one is. It is
+    packed by its real token counts. A batch depends only on its segment, so encoding a part of a
+    list that starts at a multiple of `TOKENIZE_CHUNK` gives the batches, and so the very vectors,
+    that encoding the whole list gives: what lets shards of a corpus match one process's encoding.
     """
-    order = np.argsort(-np.asarray(sizes), kind="stable")
-    for start in range(0, len(order), TOKENIZE_CHUNK):
-        rows, windows, sequences = tokenize(order[start : start + TOKENIZE_CHUNK])
+    sizes = np.asarray(sizes)
+    for start in range(0, len(sizes), TOKENIZE_CHUNK):
+        segment = sizes[start : start + TOKENIZE_CHUNK]
+        order = start + np.argsort(-segment, kind="stable")
+        rows, windows, sequences = tokenize(order)
         for group in plan_batches([len(s) for s in sequences], max_tokens):
             yield make_batch(
                 [sequences[i] for i in group], [rows[i] for i in group], [windows[i] for i in group]

@@ -38,10 +38,11 @@ from tqdm.auto import tqdm
 
 from mbert_retrieval.files import atomic_write, atomic_write_text, file_sha256, fsync_dir
 from mbert_retrieval.index.storage import IndexFormatError
+from mbert_retrieval.models import encoding
 
 SHARD_FORMAT = 1
 SHARD_MANIFEST = "shard.json"
-ENCODE_CHUNK_DOCS = 8192  # documents encoded per call while writing a shard
+ENCODE_CHUNK_SEGMENTS = 4  # encoder segments (encoding.TOKENIZE_CHUNK documents) per call in a shard
 ADD_CHUNK_ROWS = 1 << 18  # vectors handed to a FAISS index per add while merging
 # float32 as the model gives them: a merge then builds what a single process builds (float16 shards
 # moved PLAID's centroids enough to change 2-3% of a random tiny model's top 10)
@@ -57,10 +58,15 @@ class ShardError(IndexFormatError):
 
 
 def shard_range(n_documents: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The documents [start, end) of shard `rank`: contiguous parts of (nearly) equal size."""
+    """The documents [start, end) of shard `rank`: contiguous parts of (nearly) equal size, cut at
+    multiples of the encoder's segment (`encoding.TOKENIZE_CHUNK` documents), so each shard is encoded
+    in the batches, and to the very vectors, that one process encoding the whole corpus gets."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not between 0 and world size {world_size} - 1")
-    return n_documents * rank // world_size, n_documents * (rank + 1) // world_size
+    segment = encoding.TOKENIZE_CHUNK
+    segments = -(-n_documents // segment)
+    start, end = (segments * r // world_size * segment for r in (rank, rank + 1))
+    return min(start, n_documents), min(end, n_documents)
 
 
 def shard_folder(shards_dir: Path, rank: int, world_size: int) -> Path:
@@ -176,8 +182,9 @@ def _write_vectors(staging, texts, model, kind, desc, show_progress, position) -
     )
     n_vectors, dim = 0, None
     with open(staging / "vectors.bin", "wb") as vectors, open(staging / "lengths.bin", "wb") as lengths:
-        for begin in range(0, len(texts), ENCODE_CHUNK_DOCS):
-            chunk = texts[begin : begin + ENCODE_CHUNK_DOCS]
+        per_call = ENCODE_CHUNK_SEGMENTS * encoding.TOKENIZE_CHUNK  # whole segments: see shard_range
+        for begin in range(0, len(texts), per_call):
+            chunk = texts[begin : begin + per_call]
             if kind == "multi_vector":
                 packed = model.encode_documents(chunk, packed=True, show_progress_bar=False)
                 matrix = np.asarray(packed.embeddings)
