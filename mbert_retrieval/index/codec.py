@@ -123,9 +123,11 @@ def lloyd_max(values: torch.Tensor, n_buckets: int, iters: int = LLOYD_ITERS):
     for _ in range(iters):
         cutoffs = (weights[:, 1:] + weights[:, :-1]) / 2
         buckets = torch.searchsorted(cutoffs, values)
-        sums = torch.zeros_like(weights).scatter_add_(1, buckets, values)
+        # float64 sums: the same buckets on any run, whatever order CUDA adds in (as in kmeans)
+        sums = torch.zeros_like(weights, dtype=torch.float64).scatter_add_(1, buckets, values.double())
         counts = torch.zeros_like(weights).scatter_add_(1, buckets, torch.ones_like(values))
-        weights = torch.where(counts > 0, sums / counts.clamp(min=1), weights)  # an empty bucket stays put
+        means = (sums / counts.clamp(min=1)).float()
+        weights = torch.where(counts > 0, means, weights)  # an empty bucket stays put
         weights = weights.sort(dim=1).values
     return (weights[:, 1:] + weights[:, :-1]) / 2, weights
 

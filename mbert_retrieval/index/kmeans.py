@@ -55,17 +55,20 @@ def _torch_kmeans(sample: torch.Tensor, n_centroids: int, n_iters: int, seed: in
     start = torch.randperm(len(points), generator=generator)[:n_centroids].to(sample.device)
     centroids = points[start].float()
     for _ in range(n_iters):
-        sums = torch.zeros_like(centroids)
+        # float64 sums: CUDA adds them in any order; in float64 that order no longer shows once
+        # rounded to float32, so two builds from the same vectors (one process, or shards) agree
+        sums = torch.zeros_like(centroids, dtype=torch.float64)
         counts = torch.zeros(n_centroids, device=sample.device)
         half_norms = 0.5 * centroids.pow(2).sum(1)
         for begin in range(0, len(points), chunk):
             block = points[begin : begin + chunk]
             # argmin ||x - c||^2 == argmax (x.c - ||c||^2 / 2)
             nearest = (block @ centroids.to(compute).T - half_norms.to(compute)).argmax(1)
-            sums.index_add_(0, nearest, block.float())
+            sums.index_add_(0, nearest, block.double())
             counts.index_add_(0, nearest, torch.ones_like(nearest, dtype=torch.float32))
         empty = counts == 0
-        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp(min=1)[:, None])
+        means = (sums / counts.clamp(min=1)[:, None]).float()
+        centroids = torch.where(empty[:, None], centroids, means)
         if empty.any():  # restart empty clusters on random points
             restart = torch.randint(len(points), (int(empty.sum()),), generator=generator)
             centroids[empty] = points[restart.to(sample.device)].float()
