@@ -5,13 +5,14 @@ Data: docstring -> function pairs cut out with `ast` from the installed Python's
 site-packages (benchmarks/train_throughput.py). Model: ModernBERT-base shape with random weights and a
 BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GPUs.
 
-- train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense` (eager, or
-  `--compile`), global batch 256, max length 256, the same seed; after `--warmup-steps` logged steps,
-  tokens/s over the next `--steps` from the trainer's metrics.jsonl, and the largest difference between
-  the two runs' per-step losses; then the 2-GPU run again with `--logging-steps 10`, and (`--profile`,
-  the default) a few steps on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE): per rank,
-  ms per step of wall time, GPU busy time, NCCL kernels and host time in data, forward, backward,
-  optimizer and the loss sync.
+- train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense`, eager
+  and with `--compile` (`--modes`; the last one listed is the headline), global batch 256, max length
+  256, the same seed, `--logging-steps 10`; tokens/s over the steps after `--warmup-steps`, from the
+  trainer's metrics.jsonl, and the largest difference between the two runs' logged losses; then
+  (`--profile`, the default) a few steps of the headline mode on 1 and on 2 GPUs under torch.profiler
+  (MBERT_RETRIEVAL_PROFILE): per rank, ms per step of wall time, GPU busy time, NCCL kernels and host
+  time in data, forward, backward, optimizer and the loss sync. Also how fast one host process builds
+  global batches (read, tokenize, pack), which bounds any run's tokens/s.
 - encode: the same documents through an `EncodingPool` of one and of two GPUs (after a warm-up call),
   docs/s of the whole call (sharing out the texts and gathering the vectors included).
 - sharded_index: `torchrun --nproc-per-node 2 -m mbert_retrieval.cli index` (two shards, then rank 0
@@ -49,7 +50,7 @@ GLOBAL_BATCH, MAX_LENGTH = 256, 256
 PROFILE_VARIABLE = "MBERT_RETRIEVAL_PROFILE"  # mbert_retrieval.training.profiling
 # seconds of each phase on 2 H200s (eager), from the previous runs, printed before the run starts
 EXPECTED_SECONDS = {
-    "pairs": 25, "model": 10, "train": 3 * 55, "profile": 2 * 35, "encode": 45, "index": 4 * 28,
+    "pairs": 30, "model": 20, "train": 2 * 45 + 2 * 60, "profile": 2 * 50, "encode": 45, "index": 4 * 28,
 }  # fmt: skip
 
 
@@ -59,7 +60,7 @@ SETTINGS = {
     "max_length": (64, MAX_LENGTH),
     "warmup": (2, 10),
     "steps": (2, 30),
-    "logging_wide": (2, 10),  # --logging-steps of the run that shows what per-step logging costs
+    "logging": (2, 10),  # --logging-steps: tokens/s per window of this many steps, losses at their ends
     "encode_docs": (200, 60000),
     "index_docs": (260, 10000),
     "queries": (20, 200),
@@ -109,7 +110,7 @@ def train_run(
     output: Path,
     s: dict,
     options: argparse.Namespace,
-    logging_steps: int = 1,
+    compiled: bool,
     max_steps: int | None = None,
     profile_dir: Path | None = None,
 ) -> list[dict]:
@@ -117,10 +118,10 @@ def train_run(
         "-m", "mbert_retrieval.cli", "train", "dense", str(model_dir), str(pairs_file),
         "--output-dir", str(output), "--batch-size", str(s["batch"]), "--max-length", str(s["max_length"]),
         "--max-steps", str(max_steps or s["warmup"] + s["steps"]), "--seed", "0",
-        "--logging-steps", str(logging_steps), "--warmup-steps", "0", "--decay", "none",
+        "--logging-steps", str(s["logging"]), "--warmup-steps", "0", "--decay", "none",
     ]  # fmt: skip
     command += ["--device", "cpu", "--no-bf16"] if options.quick else ["--bf16"]
-    if options.compile:
+    if compiled:
         command.append("--compile")
     environment = {PROFILE_VARIABLE: str(profile_dir)} if profile_dir else {}
     run(command, options.quick, environment)
@@ -137,28 +138,37 @@ def tokens_per_second(records: list[dict], warmup: int) -> float:
 def train_part(
     model_dir: Path, pairs_file: Path, work: Path, s: dict, options: argparse.Namespace, phases: dict
 ) -> dict:
-    def timed_run(name: str, nproc: int, **extra) -> list[dict]:
-        with phase(phases, name):
-            return train_run(nproc, model_dir, pairs_file, work / name, s, options, **extra)
+    """Each training mode (eager, compiled) on 1 and 2 GPUs; the last mode listed is the headline."""
+    result = {"data_pipeline": data_pipeline_rate(model_dir, pairs_file, s), "modes": {}}
+    for mode in options.modes.split(","):
+        result["modes"][mode] = train_mode(mode, model_dir, pairs_file, work, s, options, phases)
+    headline = result["modes"][mode]
+    keys = ("one_gpu_tok_s", "two_gpu_tok_s", "speedup", "loss_max_abs_diff", "loss_steps_compared")
+    return {"mode": mode, **{key: headline[key] for key in keys}, **result}
 
-    result = {"mode": "compiled" if options.compile else "eager"}
-    result["data_pipeline"] = data_pipeline_rate(model_dir, pairs_file, s)
+
+def train_mode(mode, model_dir, pairs_file, work, s, options, phases) -> dict:
+    def timed_run(name: str, nproc: int, **extra) -> list[dict]:
+        with phase(phases, f"{mode}-{name}"):
+            output = work / f"{mode}-{name}"
+            return train_run(nproc, model_dir, pairs_file, output, s, options, mode == "compiled", **extra)
+
     one = timed_run("train-1", 1)
     two = timed_run("train-2", 2)
-    two_wide = timed_run("train-2-logging", 2, logging_steps=s["logging_wide"])
     losses_one = {r["step"]: r["loss"] for r in one}
     losses_two = {r["step"]: r["loss"] for r in two}
     common = sorted(set(losses_one) & set(losses_two))
     one_tok_s, two_tok_s = tokens_per_second(one, s["warmup"]), tokens_per_second(two, s["warmup"])
-    result |= {
+    result = {
         "one_gpu_tok_s": round(one_tok_s),
         "two_gpu_tok_s": round(two_tok_s),
         "speedup": round(two_tok_s / one_tok_s, 3),
-        "two_gpu_tok_s_logging10": round(tokens_per_second(two_wide, s["warmup"])),
         "loss_max_abs_diff": max(abs(losses_one[i] - losses_two[i]) for i in common),
+        "loss_steps_compared": common,
     }
-    if options.profile:
-        result["profile"] = {f"{nproc}_gpu": profile_run(nproc, timed_run, work) for nproc in (1, 2)}
+    print(f"{mode}: {result}", flush=True)
+    if options.profile and mode == options.modes.split(",")[-1]:  # the headline mode
+        result["profile"] = {f"{nproc}_gpu": profile_run(nproc, timed_run, work / mode) for nproc in (1, 2)}
     return result
 
 
@@ -315,7 +325,11 @@ def main() -> None:
     parser.add_argument(
         "--index", default="auto", choices=["auto", "ivfpq", "plaid"], help="approximate index kind"
     )
-    parser.add_argument("--compile", action="store_true", help="train with compiled layers (default eager)")
+    parser.add_argument(
+        "--modes",
+        default="eager,compiled",
+        help="training modes to run, comma-separated (eager, compiled); the last one is the headline",
+    )
     parser.add_argument(
         "--profile",
         action=argparse.BooleanOptionalAction,
@@ -404,13 +418,21 @@ def print_table(result: dict, seconds: float) -> None:
 
 def print_training_details(train: dict) -> None:
     print(f"batch building on one host process: {train['data_pipeline']}")
-    print(f"2 GPUs with --logging-steps 10: {train['two_gpu_tok_s_logging10']:,} tok/s")
-    print(f"losses, 1 vs 2 GPUs: largest difference {train['loss_max_abs_diff']:.2e}")
-    for name, ranks in train.get("profile", {}).items():
+    for mode, numbers in train["modes"].items():
+        print(
+            f"{mode}: 1 GPU {numbers['one_gpu_tok_s']:,} tok/s, 2 GPUs {numbers['two_gpu_tok_s']:,} "
+            f"({numbers['speedup']:.2f}x); losses at steps {numbers['loss_steps_compared']} differ by at "
+            f"most {numbers['loss_max_abs_diff']:.2e}"
+        )
+        print_profiles(mode, numbers.get("profile", {}))
+
+
+def print_profiles(mode: str, profiles: dict) -> None:
+    for name, ranks in profiles.items():
         for r in ranks:
             host = ", ".join(f"{k} {v:.1f}" for k, v in r["host_ms_per_step"].items())
             print(
-                f"profile {name} rank {r['rank']} (ms/step over {r['steps']}): wall {r['wall_ms_per_step']:.1f}, "
+                f"profile {mode} {name} rank {r['rank']} (ms/step over {r['steps']}): wall {r['wall_ms_per_step']:.1f}, "
                 f"GPU busy {r['gpu_busy_ms_per_step']:.1f}, NCCL kernels {r['nccl_kernel_ms_per_step']:.1f}; "
                 f"host: {host}"
             )

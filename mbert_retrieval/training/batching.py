@@ -72,6 +72,19 @@ class Sequences:
             {name: values[first:last] for name, values in self.per_token.items()},
         )
 
+    @classmethod
+    def concat(cls, parts: Sequence[Sequences]) -> Sequences:
+        """The parts' sequences in one packing, in order (parts must carry the same `per_token` names)."""
+        offsets = np.cumsum([0] + [part.num_tokens for part in parts[:-1]])
+        cu_seqlens = [parts[0].cu_seqlens[:1]]
+        cu_seqlens += [part.cu_seqlens[1:] + int(offset) for part, offset in zip(parts, offsets)]
+        return cls(
+            torch.cat([part.input_ids for part in parts]),
+            torch.cat(cu_seqlens),
+            max(part.max_seqlen for part in parts),
+            {name: torch.cat([part.per_token[name] for part in parts]) for name in parts[0].per_token},
+        )
+
     def chunks(self, max_tokens: int | None) -> list[Sequences]:
         """Consecutive pieces of at most `max_tokens` tokens (a longer sequence is a piece alone)."""
         if max_tokens is None or self.num_tokens <= max_tokens:
@@ -142,7 +155,9 @@ class ContrastiveBatch:
     `documents[doc_offsets[i]:doc_offsets[i + 1]]`, its positive first.
 
     After `shard`, the global sizes and this part's offsets within them say where the local
-    examples sit among all ranks' (for targets into all-gathered documents and for the loss scale).
+    examples sit among all ranks' (for targets into all-gathered documents and for the loss scale),
+    and `rank_examples` / `rank_documents` how many examples and documents each rank holds (so gathering them needs no exchange of
+    sizes, which would make the host wait for the device).
     """
 
     queries: Sequences | None
@@ -155,6 +170,8 @@ class ContrastiveBatch:
     global_documents: int = 0
     example_offset: int = 0
     document_offset: int = 0
+    rank_examples: tuple[int, ...] | None = None  # examples per rank, after `shard`
+    rank_documents: tuple[int, ...] | None = None  # documents per rank, after `shard`
 
     def __post_init__(self):
         if not self.global_examples:
@@ -184,6 +201,7 @@ class ContrastiveBatch:
         bounds = np.linspace(0, self.num_examples, world_size + 1).round().astype(int)
         start, end = int(bounds[rank]), int(bounds[rank + 1])
         first, last = int(self.doc_offsets[start]), int(self.doc_offsets[end])
+        document_bounds = self.doc_offsets[torch.from_numpy(bounds)].tolist()
         return replace(
             self,
             queries=None if self.queries is None else self.queries.slice(start, end),
@@ -193,6 +211,8 @@ class ContrastiveBatch:
             teacher=None if self.teacher is None else self.teacher[start:end],
             example_offset=start,
             document_offset=first,
+            rank_examples=tuple(int(n) for n in np.diff(bounds)),
+            rank_documents=tuple(b - a for a, b in zip(document_bounds, document_bounds[1:])),
         )
 
     def to(self, device: torch.device) -> ContrastiveBatch:

@@ -144,8 +144,11 @@ class _GatherWithGrad(torch.autograd.Function):
     is deprecated in favour of private functional collectives that change between releases.)"""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
+        if sizes is None:
+            sizes = _gather_sizes(tensor.shape[0], tensor.device)
+        elif sizes[dist.get_rank()] != tensor.shape[0]:
+            raise ValueError(f"this rank gathers {tensor.shape[0]} rows, not the {sizes} it was told")
         padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in sizes]
@@ -158,15 +161,16 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]]
+        return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Every rank's `tensor` concatenated along dim 0, in rank order (other dims must match; dim 0
-    may differ). A single process gets its tensor back."""
+    may differ). `sizes`, each rank's dim 0 when the caller knows them, saves exchanging them (and
+    the host's wait for it). A single process gets its tensor back."""
     if not current_world().distributed:
         return tensor
-    return _GatherWithGrad.apply(tensor)
+    return _GatherWithGrad.apply(tensor, None if sizes is None else list(sizes))
 
 
 def _gather_sizes(size: int, device: torch.device) -> list[int]:

@@ -79,7 +79,12 @@ def write_report(profiler, folder: Path, rank: int) -> None:
 def summarize(events) -> dict:
     """Milliseconds per profiled step: wall, GPU busy (the union of device intervals, so streams
     running side by side count once), NCCL kernels, and host time in each section."""
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]
+    # the host's step markers only (with CUDA the profiler also shows each step on the device)
+    steps = [
+        e
+        for e in events
+        if e.name.startswith("ProfilerStep") and e.device_type == torch.autograd.DeviceType.CPU
+    ]
     count = max(1, len(steps))
     device = [
         e

@@ -220,8 +220,8 @@ class DenseTask(RetrievalTask):
 
     def loss(self, representations, batch):
         queries, documents = representations
-        all_documents = all_gather_with_grad(documents)
-        all_queries = all_gather_with_grad(queries) if self.symmetric else None
+        all_documents = all_gather_with_grad(documents, batch.rank_documents)
+        all_queries = all_gather_with_grad(queries, batch.rank_examples) if self.symmetric else None
         targets = batch.document_offset + batch.positives
         own = batch.example_offset + torch.arange(batch.num_examples, device=queries.device)
         normalize = self.model.normalize
@@ -335,8 +335,8 @@ class ColBERTTask(RetrievalTask):
             student, valid = losses.group_rows(own, batch.doc_offsets, 0.0)
             teacher, _ = losses.group_rows(batch.scores, batch.doc_offsets, 0.0)
             return losses.kl_distillation(student, teacher, valid) / batch.global_examples
-        all_documents = all_gather_with_grad(documents)
-        all_masks = all_gather_with_grad(document_mask.to(torch.uint8)).bool()
+        all_documents = all_gather_with_grad(documents, batch.rank_documents)
+        all_masks = all_gather_with_grad(document_mask.to(torch.uint8), batch.rank_documents).bool()
         scores = losses.maxsim_scores(queries, query_mask, all_documents, all_masks)
         targets = batch.document_offset + batch.positives
         return losses.info_nce(scores, targets, self.temperature) / batch.global_examples

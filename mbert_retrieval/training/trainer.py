@@ -46,6 +46,7 @@ from mbert_retrieval.training.optim import WarmupStableDecay, make_optimizer
 from mbert_retrieval.training.profiling import section, step_profiler
 
 logger = logging.getLogger("mbert_retrieval")
+LOSS_CHECK_STEPS = 50  # losses are read (and checked) at least this often, besides logging steps
 
 
 @dataclass
@@ -129,6 +130,7 @@ class _Run:
     tokens_seen: int = 0
     window_tokens: int = 0  # tokens since the previous metrics record
     window_start: float = 0.0  # when the window began (time.perf_counter)
+    pending_losses: list[torch.Tensor] = field(default_factory=list)  # on the device, not yet read
 
     def due(self, every: int | None) -> bool:
         """Whether a periodic action (logging, evaluation, checkpoint) falls on this step."""
@@ -243,20 +245,44 @@ class Trainer:
         while run.step < run.total and not self._out_of_time(started):
             lr = run.schedule(run.step)
             loss, grad_norm = self._optimizer_step(run, batches, lr)
-            result.losses.append(loss)
+            run.pending_losses.append(loss)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if log is not None and run.due(args.logging_steps):
-                self._log_step(log, run, loss, lr, grad_norm)
+            logging = log is not None and run.due(args.logging_steps)
+            if logging or run.due(LOSS_CHECK_STEPS) or run.step == run.total:
+                loss_value = self._read_losses(run, result)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            if logging:
+                norm = None if grad_norm is None else float(grad_norm)
+                self._log_step(log, run, loss_value, lr, norm)
             if self.dev is not None and run.due(args.eval_steps):
                 self._evaluate_step(run, result, log)
             if run.due(args.save_steps):
                 self._save_checkpoint(run)
             profiled.step()
+        if run.pending_losses:  # stopped early, at the time limit
+            self._read_losses(run, result)
 
-    def _optimizer_step(self, run: _Run, batches: Iterator, lr: float) -> tuple[float, float | None]:
+    def _read_losses(self, run: _Run, result: TrainingResult) -> float:
+        """Bring the losses of the steps since the last read to the host (one wait for the device),
+        check them, and return the latest."""
+        values = torch.stack(run.pending_losses).tolist()
+        start = run.step - len(values) + 1
+        run.pending_losses.clear()
+        for step, value in enumerate(values, start):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss is {value} at step {step}; lower the learning rate or check the data"
+                )
+        result.losses.extend(values)
+        return values[-1]
+
+    def _optimizer_step(
+        self, run: _Run, batches: Iterator, lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward over `gradient_accumulation_steps` global batches, then one optimizer
-        step at `lr`; returns the loss (averaged over the batches) and the gradient norm."""
+        step at `lr`; returns the loss (averaged over the batches and summed over ranks) and the
+        gradient norm, both still on the device: reading them makes the host wait, so the loop reads
+        them only every few steps."""
         args = self.args
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -275,13 +301,9 @@ class Trainer:
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        with section("loss_sync"):  # the host waits here for the device to finish the step
-            loss_value = float(all_reduce_sum(loss)) / args.gradient_accumulation_steps
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(
-                f"the loss is {loss_value} at step {run.step}; lower the learning rate or check the data"
-            )
-        return loss_value, grad_norm
+        with section("loss_sync"):
+            loss = all_reduce_sum(loss) / args.gradient_accumulation_steps
+        return loss, grad_norm
 
     def _log_step(self, log: MetricsLog, run: _Run, loss: float, lr: float, grad_norm: float | None) -> None:
         elapsed = time.perf_counter() - run.window_start
@@ -343,16 +365,16 @@ class Trainer:
             logger.warning("stopping at the time limit of %.0f s", self.args.max_time)
         return bool(all_reduce_max(int(late), self.device))
 
-    def _finish_gradients(self, parameters) -> float | None:
+    def _finish_gradients(self, parameters) -> torch.Tensor | None:
         """Average over accumulated batches (DDP has summed them over ranks), clip; returns the
-        norm when clipping."""
+        norm (on the device) when clipping."""
         if self.args.gradient_accumulation_steps > 1:
             for param in parameters:
                 if param.grad is not None:
                     param.grad.div_(self.args.gradient_accumulation_steps)
         if self.args.max_grad_norm is None:
             return None
-        return float(torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm))
+        return torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float] | None:
         """The dev metric on rank 0 (None on the other ranks, which wait for it)."""
