@@ -86,7 +86,9 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
     if name == "stable_adamw":
         return StableAdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        # one fused kernel for every tensor on CUDA (fewer launches than the per-tensor default)
+        fused = all(p.is_cuda for group in groups for p in group["params"]) or None
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     raise ValueError(f"optimizer must be 'adamw' or 'stable_adamw', got {name!r}")
 
 
