@@ -171,6 +171,10 @@ class Trainer:
         model.train()
         self.task.encoder.gradient_checkpointing = self.args.gradient_checkpointing
         if self.args.compile:
+            # Under DDP, dynamo would cut each compiled layer at DDP's bucket boundaries (its
+            # "DDPOptimizer", made for one graph of a whole model): two graphs and more host work per
+            # layer for nothing, as per-layer graphs already let communication overlap the backward.
+            torch._dynamo.config.optimize_ddp = False
             self.task.encoder.compile_layers()
         return model
 
