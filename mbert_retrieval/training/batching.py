@@ -101,13 +101,22 @@ class Sequences:
     def to(self, device: torch.device) -> Sequences:
         if torch.device(device).type == "cpu":
             return self
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: to_device(t, device)  # noqa: E731
         return Sequences(
             move(self.input_ids),
             move(self.cu_seqlens),
             self.max_seqlen,
             {k: move(v) for k, v in self.per_token.items()},
         )
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Start copying a CPU tensor to an accelerator without waiting. From pinned memory the copy is
+    queued behind the device's work; from ordinary memory CUDA first waits for that work to finish,
+    so the host could not prepare the next step while the device ends the current one."""
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 @dataclass
@@ -220,9 +229,9 @@ class ContrastiveBatch:
             self,
             queries=None if self.queries is None else self.queries.to(device),
             documents=self.documents.to(device),
-            doc_offsets=self.doc_offsets.to(device),
-            scores=None if self.scores is None else self.scores.to(device),
-            teacher=None if self.teacher is None else self.teacher.to(device),
+            doc_offsets=to_device(self.doc_offsets, device),
+            scores=None if self.scores is None else to_device(self.scores, device),
+            teacher=None if self.teacher is None else to_device(self.teacher, device),
         )
 
 
