@@ -88,6 +88,15 @@ def test_chunking_and_matryoshka_go_through_the_same_code(reference, exports):
     )
 
 
+def test_runs_on_several_threads_give_what_one_thread_gives(exports):
+    texts = code_texts() * 3  # more runs than threads, of every length
+    one = OnnxDenseRetriever.from_pretrained(onnx_file=exports["int8"], threads=1)
+    three = OnnxDenseRetriever.from_pretrained(onnx_file=exports["int8"], threads=3)
+    expected = one.encode_documents(texts, show_progress_bar=False)
+    assert three.workers == 3
+    assert np.array_equal(three.encode_documents(texts, show_progress_bar=False), expected)
+
+
 def test_runs_of_similar_lengths_cover_the_batch_in_order():
     lengths = np.array([256, 250, 240, 120, 118, 30, 29, 3])
     runs = similar_length_runs(lengths)

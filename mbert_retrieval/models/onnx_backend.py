@@ -26,6 +26,7 @@ import logging
 import os
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,9 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embeddings"
 OPSET = 17
 PADDING_SLACK = 1.25  # a padded run may hold at most this many times its real tokens
+# Runs of at most 8 sequences, each run by one thread, several runs at once: on 2 cores (600 Python
+# functions, int8) ~55 docs/s at 4-8 sequences per run against ~47 for runs of 32 on 2 intra-op threads.
+RUN_SEQUENCES = 8
 
 
 class OnnxBackendError(RuntimeError):
@@ -208,13 +212,16 @@ class OnnxDenseRetriever(DenseRetriever):
 
     session = None
     onnx_file: Path | None = None
+    workers: int = 1  # runs at once, each on one thread
+    _pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_pretrained(
         cls, path_or_hub_id=None, *, onnx_file: str | os.PathLike, threads: int | None = None, **kwargs
     ) -> OnnxDenseRetriever:
         """The model folder as `DenseRetriever.from_pretrained` reads it (on the CPU), running
-        `onnx_file`; `threads`: onnxruntime's intra-op threads (default: torch's thread count)."""
+        `onnx_file`; `threads`: how many padded runs go through onnxruntime at once, each on one
+        thread (default: torch's thread count)."""
         model = super().from_pretrained(path_or_hub_id, device="cpu", dtype=torch.float32, **kwargs)
         model.attach_session(onnx_file, threads)
         return model
@@ -227,7 +234,7 @@ class OnnxDenseRetriever(DenseRetriever):
                 f"{onnx_file} does not exist (write it with `mbert-retrieval export-onnx`)"
             )
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = 1  # parallel over runs instead (see RUN_SEQUENCES)
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
@@ -241,6 +248,7 @@ class OnnxDenseRetriever(DenseRetriever):
         if isinstance(dim, int) and dim != self.dim:
             raise OnnxBackendError(f"{onnx_file} gives {dim}-dimensional embeddings but the model {self.dim}")
         self.session, self.onnx_file = session, onnx_file
+        self.workers = threads or torch.get_num_threads()
 
     def forward_packed(self, input_ids, cu_seqlens, max_seqlen, check_inputs: bool = True) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
@@ -252,11 +260,24 @@ class OnnxDenseRetriever(DenseRetriever):
         order = np.argsort(-lengths, kind="stable")  # already sorted in our batches; cheap if so
         out = np.empty((len(sequences), self.dim), dtype=np.float32)
         pad_id = self.encoder.config.pad_token_id
-        for start, end in similar_length_runs(lengths[order]):
-            rows = order[start:end]
+
+        def run(rows: np.ndarray) -> None:
             batch_ids, batch_mask = pad_numpy([sequences[r] for r in rows], pad_id)
             feeds = {INPUT_NAMES[0]: batch_ids, INPUT_NAMES[1]: batch_mask}
             out[rows] = self.session.run([OUTPUT_NAME], feeds)[0]
+
+        runs = [
+            order[first : min(first + RUN_SEQUENCES, end)]
+            for start, end in similar_length_runs(lengths[order])
+            for first in range(start, end, RUN_SEQUENCES)
+        ]
+        if self.workers > 1 and len(runs) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="onnx")
+            list(self._pool.map(run, runs))  # list(): raises a run's error here
+        else:
+            for rows in runs:
+                run(rows)
         return torch.from_numpy(out)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
