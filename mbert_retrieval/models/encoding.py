@@ -338,12 +338,16 @@ def sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """[N, H] -> [B, H] float32 means over each sequence's tokens."""
+    """[N, H] -> [B, H] float32 means over each sequence's tokens.
+
+    The sums are float64: CUDA adds a sequence's tokens in any order, and in float64 that order no
+    longer shows once the mean is rounded to float32, so a text's vector does not change from one
+    run, or one shard of a corpus, to the next."""
     num_sequences = cu_seqlens.shape[0] - 1
-    sums = hidden.new_zeros(num_sequences, hidden.shape[-1], dtype=torch.float32)
-    sums.index_add_(0, sequence_ids(cu_seqlens, hidden.shape[0]), hidden.float())
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float32)
-    return sums / lengths[:, None]
+    sums = hidden.new_zeros(num_sequences, hidden.shape[-1], dtype=torch.float64)
+    sums.index_add_(0, sequence_ids(cu_seqlens, hidden.shape[0]), hidden.double())
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float64)
+    return (sums / lengths[:, None]).float()
 
 
 def cls_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
