@@ -8,7 +8,9 @@ BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GP
 - train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense`, with
   `--compile` and eager (`--modes`; the last one listed, by default eager, is the headline), global batch 256, max length
   256, the same seed, `--logging-steps 10`; tokens/s over the steps after `--warmup-steps`, from the
-  trainer's metrics.jsonl, and the largest difference between the two runs' logged losses; then
+  trainer's metrics.jsonl (with `--train-repeats N`, N runs of each taking turns, and their medians:
+  figures vary from run to run by more than many changes gain), and the largest difference between
+  the first two runs' logged losses; then
   (`--profile`, the default) a few steps of the headline mode on 1 and on 2 GPUs under torch.profiler
   (MBERT_RETRIEVAL_PROFILE): per rank, ms per step of wall time, GPU busy time, NCCL kernels and host
   time in data, forward, backward, optimizer and the loss sync. Also how fast one host process builds
@@ -33,6 +35,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -153,12 +156,16 @@ def train_mode(mode, model_dir, pairs_file, work, s, options, phases) -> dict:
             output = work / f"{mode}-{name}"
             return train_run(nproc, model_dir, pairs_file, output, s, options, mode == "compiled", **extra)
 
-    one = timed_run("train-1", 1)
-    two = timed_run("train-2", 2)
-    losses_one = {r["step"]: r["loss"] for r in one}
-    losses_two = {r["step"]: r["loss"] for r in two}
+    pairs = []  # (1-GPU records, 2-GPU records) per repeat, the two taking turns
+    for repeat in range(options.train_repeats):
+        suffix = f"-{repeat + 1}" if options.train_repeats > 1 else ""
+        pairs.append((timed_run(f"train-1{suffix}", 1), timed_run(f"train-2{suffix}", 2)))
+    rates = [[tokens_per_second(records, s["warmup"]) for records in pair] for pair in pairs]
+    one_tok_s = statistics.median(one for one, _ in rates)
+    two_tok_s = statistics.median(two for _, two in rates)
+    losses_one = {r["step"]: r["loss"] for r in pairs[0][0]}
+    losses_two = {r["step"]: r["loss"] for r in pairs[0][1]}
     common = sorted(set(losses_one) & set(losses_two))
-    one_tok_s, two_tok_s = tokens_per_second(one, s["warmup"]), tokens_per_second(two, s["warmup"])
     result = {
         "one_gpu_tok_s": round(one_tok_s),
         "two_gpu_tok_s": round(two_tok_s),
@@ -166,6 +173,11 @@ def train_mode(mode, model_dir, pairs_file, work, s, options, phases) -> dict:
         "loss_max_abs_diff": max(abs(losses_one[i] - losses_two[i]) for i in common),
         "loss_steps_compared": common,
     }
+    if options.train_repeats > 1:  # medians above; every repeat here
+        result["repeats"] = [
+            {"one_gpu_tok_s": round(one), "two_gpu_tok_s": round(two), "speedup": round(two / one, 3)}
+            for one, two in rates
+        ]
     print(f"{mode}: {result}", flush=True)
     if options.profile and mode == options.modes.split(",")[-1]:  # the headline mode
         result["profile"] = {f"{nproc}_gpu": profile_run(nproc, timed_run, work / mode) for nproc in (1, 2)}
@@ -336,6 +348,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="after the timed runs, profile a few training steps per rank on 1 and 2 GPUs",
+    )
+    parser.add_argument(
+        "--train-repeats",
+        type=int,
+        default=1,
+        help="1- and 2-GPU training runs per mode, taking turns; the JSON has their medians",
     )
     parser.add_argument(
         "--parts", default="train,encode,index", help="comma-separated subset of train,encode,index"
