@@ -6,15 +6,15 @@ site-packages (benchmarks/train_throughput.py). Model: ModernBERT-base shape wit
 BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GPUs.
 
 - train: `torchrun --standalone --nproc-per-node 1` and `2` of `mbert-retrieval train dense`, with
-  `--compile` and eager (`--modes`; the last one listed, by default eager, is the headline), global batch 256, max length
-  256, the same seed, `--logging-steps 10`; tokens/s over the steps after `--warmup-steps`, from the
-  trainer's metrics.jsonl (with `--train-repeats N`, N runs of each taking turns, and their medians:
-  figures vary from run to run by more than many changes gain), and the largest difference between
-  the first two runs' logged losses; then
-  (`--profile`, the default) a few steps of the headline mode on 1 and on 2 GPUs under torch.profiler
-  (MBERT_RETRIEVAL_PROFILE): per rank, ms per step of wall time, GPU busy time, NCCL kernels and host
-  time in data, forward, backward, optimizer and the loss sync. Also how fast one host process builds
-  global batches (read, tokenize, pack), which bounds any run's tokens/s.
+  `--compile` and eager (`--modes`; the last one listed, by default eager, is the headline), global
+  batch 256, max length 256, the same seed, `--logging-steps 10`; tokens/s over the steps after
+  `--warmup-steps`, from the trainer's metrics.jsonl (with `--train-repeats N`, N runs of each taking
+  turns, and their medians: figures vary from run to run by more than many changes gain), and the
+  largest difference between the first two runs' logged losses; then (`--profile`, the default) a
+  few steps of the headline mode on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE):
+  per rank, ms per step of wall time, GPU busy time, NCCL kernels and host time in data, forward,
+  backward, optimizer and the loss sync. Also how fast one host process builds global batches (read,
+  tokenize, pack), which bounds any run's tokens/s.
 - encode: the same documents through an `EncodingPool` of one and of two GPUs (after a warm-up call),
   docs/s of the whole call (sharing out the texts and gathering the vectors included).
 - sharded_index: `torchrun --nproc-per-node 2 -m mbert_retrieval.cli index` (two shards, then rank 0
