@@ -116,6 +116,24 @@ def test_a_file_that_is_not_an_export_is_refused(tmp_path):
         OnnxDenseRetriever.from_pretrained(onnx_file=tmp_path / "missing.onnx")
 
 
+def test_an_export_of_other_weights_is_refused(tmp_path, reference, exports, caplog):
+    import onnx
+
+    changed = DenseRetriever.from_pretrained(device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        changed.encoder.layers[0].attn.Wo.weight[0, 0] += 0.5
+    changed.save_pretrained(tmp_path / "retrained")
+    with pytest.raises(OnnxBackendError, match="exported from other weights"):
+        OnnxDenseRetriever.from_pretrained(tmp_path / "retrained", onnx_file=exports["int8"])
+
+    unstamped = onnx.load(str(exports["int8"]))
+    del unstamped.metadata_props[:]  # as an export of an earlier version
+    onnx.save(unstamped, str(tmp_path / "old.onnx"))
+    with caplog.at_level("WARNING", logger="mbert_retrieval"):
+        OnnxDenseRetriever.from_pretrained(onnx_file=tmp_path / "old.onnx")
+    assert "records no weights digest" in caplog.text
+
+
 def test_backend_choice(tmp_path, monkeypatch, exports):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     folder = tmp_path / "model"

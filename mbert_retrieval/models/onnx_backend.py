@@ -15,6 +15,8 @@ runs of similar lengths and padded (padding is what ONNX Runtime's kernels take)
 
 An exported file found next to the model (`MODEL/onnx/model.onnx`) or in the user cache (where
 `cpu_backend="onnx"` exports it on first use) is used by `load_dense_encoder(..., cpu_backend="auto")`.
+An export records a digest of the weights it was made from, and loading checks it against the model:
+the old export of a retrained model is refused, not run.
 Needs the `onnx` extra: `pip install mbert-retrieval[onnx]`.
 """
 
@@ -44,6 +46,7 @@ ONNX_FILE = Path("onnx") / "model.onnx"  # relative to the model folder
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embeddings"
 OPSET = 17
+DIGEST_KEY = "mbert_retrieval.weights_digest"  # ONNX metadata: the digest of the exported weights
 PADDING_SLACK = 1.25  # a padded run may hold at most this many times its real tokens
 # Runs of at most 8 sequences, each run by one thread, several runs at once: on 2 cores (600 Python
 # functions, int8) ~55 docs/s at 4-8 sequences per run against ~47 for runs of 32 on 2 intra-op threads.
@@ -135,13 +138,34 @@ def export_onnx(
         raise ValueError("export a DenseRetriever loaded on the CPU in float32 (device='cpu')")
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / "model.onnx"
+        plain, quantized = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
         _trace(model.eval(), plain)
         if quantize:
-            atomic_write(out, lambda target: _quantize(plain, target))
-        else:
-            atomic_write(out, lambda target: target.write_bytes(plain.read_bytes()))
+            _quantize(plain, quantized)
+        digest = weights_digest(model)
+        atomic_write(out, lambda target: _stamp(quantized if quantize else plain, target, digest))
     return out
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of the model's weights (names, shapes and float32 values): what an export records,
+    and what loading it checks, so an export is never run for weights it was not made from."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(values.shape)};".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _stamp(source: Path, target: Path, digest: str) -> None:
+    """Copy the ONNX file `source` to `target` with the weights' digest in its metadata."""
+    import onnx
+
+    graph = onnx.load(str(source))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = DIGEST_KEY, digest
+    onnx.save(graph, str(target))
 
 
 def _trace(model: DenseRetriever, path: Path) -> None:
@@ -247,8 +271,22 @@ class OnnxDenseRetriever(DenseRetriever):
         dim = session.get_outputs()[0].shape[-1]
         if isinstance(dim, int) and dim != self.dim:
             raise OnnxBackendError(f"{onnx_file} gives {dim}-dimensional embeddings but the model {self.dim}")
+        self._check_weights(onnx_file, session.get_modelmeta().custom_metadata_map.get(DIGEST_KEY))
         self.session, self.onnx_file = session, onnx_file
         self.workers = threads or torch.get_num_threads()
+
+    def _check_weights(self, onnx_file: Path, recorded: str | None) -> None:
+        if recorded is None:
+            logger.warning(
+                "%s records no weights digest (an export of an earlier version): it is not checked "
+                "against the model; export it again to have it checked",
+                onnx_file,
+            )
+        elif recorded != weights_digest(self):
+            raise OnnxBackendError(
+                f"{onnx_file} was exported from other weights than this model (a retrained or changed "
+                "model?): export it again with `mbert-retrieval export-onnx`"
+            )
 
     def forward_packed(self, input_ids, cu_seqlens, max_seqlen, check_inputs: bool = True) -> torch.Tensor:
         if torch.is_grad_enabled() and self.training:
