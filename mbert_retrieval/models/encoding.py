@@ -261,15 +261,14 @@ class PackedBatch:
     def to(self, device: torch.device) -> PackedBatch:
         if device.type == "cpu":
             return self
-        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(
-            move(self.input_ids),
-            move(self.cu_seqlens),
+            to_device(self.input_ids, device),
+            to_device(self.cu_seqlens, device),
             self.max_seqlen,
             self.rows,
             self.windows,
             self.lengths,
-            {k: move(v) for k, v in self.extras.items()},
+            {k: to_device(v, device) for k, v in self.extras.items()},
         )
 
 
@@ -472,6 +471,15 @@ def _produce(batches: Iterator[PackedBatch], out: queue.Queue, stop: threading.E
         _put(out, err, stop)
         return
     _put(out, _DONE, stop)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Start copying a CPU tensor to an accelerator without waiting. From pinned memory the copy is
+    queued behind the device's work; from ordinary memory CUDA first waits for that work to finish,
+    so the host could not prepare the next batch while the device ends the current one."""
+    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

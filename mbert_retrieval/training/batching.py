@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from mbert_retrieval.models.encoding import pack
+from mbert_retrieval.models.encoding import pack, to_device
 from mbert_retrieval.training.data import Example, ExampleSource
 
 TOKENIZE_CHUNK = 256  # examples tokenized together
@@ -101,22 +101,12 @@ class Sequences:
     def to(self, device: torch.device) -> Sequences:
         if torch.device(device).type == "cpu":
             return self
-        move = lambda t: to_device(t, device)  # noqa: E731
         return Sequences(
-            move(self.input_ids),
-            move(self.cu_seqlens),
+            to_device(self.input_ids, device),
+            to_device(self.cu_seqlens, device),
             self.max_seqlen,
-            {k: move(v) for k, v in self.per_token.items()},
+            {k: to_device(v, device) for k, v in self.per_token.items()},
         )
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Start copying a CPU tensor to an accelerator without waiting. From pinned memory the copy is
-    queued behind the device's work; from ordinary memory CUDA first waits for that work to finish,
-    so the host could not prepare the next step while the device ends the current one."""
-    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 @dataclass
@@ -165,8 +155,8 @@ class ContrastiveBatch:
 
     After `shard`, the global sizes and this part's offsets within them say where the local
     examples sit among all ranks' (for targets into all-gathered documents and for the loss scale),
-    and `rank_examples` / `rank_documents` how many examples and documents each rank holds (so gathering them needs no exchange of
-    sizes, which would make the host wait for the device).
+    and `rank_examples` / `rank_documents` how many examples and documents each rank holds (so
+    gathering them needs no exchange of sizes, which would make the host wait for the device).
     """
 
     queries: Sequences | None
@@ -209,8 +199,8 @@ class ContrastiveBatch:
             return self
         bounds = np.linspace(0, self.num_examples, world_size + 1).round().astype(int)
         start, end = int(bounds[rank]), int(bounds[rank + 1])
-        first, last = int(self.doc_offsets[start]), int(self.doc_offsets[end])
         document_bounds = self.doc_offsets[torch.from_numpy(bounds)].tolist()
+        first, last = document_bounds[rank], document_bounds[rank + 1]
         return replace(
             self,
             queries=None if self.queries is None else self.queries.slice(start, end),

@@ -251,11 +251,11 @@ class Trainer:
             loss, grad_norm = self._optimizer_step(run, batches, lr)
             run.pending_losses.append(loss)
             progress.update(1)
-            logging = log is not None and run.due(args.logging_steps)
-            if logging or run.due(LOSS_CHECK_STEPS) or run.step == run.total:
+            log_now = log is not None and run.due(args.logging_steps)
+            if log_now or run.due(LOSS_CHECK_STEPS):  # due() includes the last step
                 loss_value = self._read_losses(run, result)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if logging:
+            if log_now:
                 norm = None if grad_norm is None else float(grad_norm)
                 self._log_step(log, run, loss_value, lr, norm)
             if self.dev is not None and run.due(args.eval_steps):
