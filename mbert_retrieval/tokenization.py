@@ -13,6 +13,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike) -> PreTrainedTokenizerFast:
     """The fast tokenizer of a local folder or hub id (ModernBERT ships a BPE `tokenizer.json`)."""
+    share_tokenizer_threads()
     model_dir = resolve_model_dir(path_or_hub_id)
     present = [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).exists()]
     if not present:
@@ -27,6 +28,18 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike) -> PreTrainedTokenizerFast
     if not tokenizer.is_fast:
         raise CheckpointError(f"{model_dir}: only fast (tokenizers) tokenizers are supported")
     return tokenizer
+
+
+def share_tokenizer_threads() -> None:
+    """Under torchrun with several processes on this machine, cap each one's tokenizer threads at
+    half its share of the cores (unless RAYON_NUM_THREADS is set). Every tokenizer otherwise starts
+    a thread per core: the processes' tokenizers then take the cores from the threads that launch
+    GPU work, which a step of a small per-GPU batch waits on. Takes effect before the first
+    tokenization of the process, which starts the thread pool."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if processes > 1 and "RAYON_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, cores // processes // 2))
 
 
 SPECIAL_TOKENS = {

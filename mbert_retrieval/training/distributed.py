@@ -2,8 +2,9 @@
 and the all-gather with gradients used for cross-device negatives.
 
 Each rank computes its share of the loss, scaled so the shares add up to the global batch's mean
-loss. Gradients are therefore summed across ranks, not averaged: DDP's all-reduce is given a hook
-that sums. The all-gather passes gradients back correctly: every rank's loss depends on every rank's
+loss. Gradients are therefore summed across ranks, not averaged: DDP's all-reduce averages (in its
+own C++ reducer, with no Python on the backward's path), so `GradientSync.backward` multiplies by
+the number of ranks first. The all-gather passes gradients back correctly: every rank's loss depends on every rank's
 embeddings, so the backward sums the gathered gradient over ranks before taking the local slice.
 Together they give the gradients of one process on the whole batch.
 """
@@ -88,13 +89,6 @@ class _ModelPass(torch.nn.Module):
         return function(*args, **kwargs)
 
 
-def _sum_gradients(_state, bucket):  # DDP checks the annotations, which are strings in this module
-    """DDP's communication hook: all-reduce a bucket of gradients (a `dist.GradBucket`) as a sum
-    (DDP's own averages over ranks); returns a future of the reduced bucket."""
-    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
-    return work.get_future().then(lambda done: done.value()[0])
-
-
 class GradientSync:
     """Runs a task's forward passes and decides which backward passes all-reduce gradients.
 
@@ -117,7 +111,6 @@ class GradientSync:
             return cls()
         # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy and their memory
         ddp = DistributedDataParallel(_ModelPass(model), gradient_as_bucket_view=True)
-        ddp.register_comm_hook(None, _sum_gradients)
         return cls(ddp)
 
     def __call__(self, function: Callable[..., T], *args, **kwargs) -> T:
@@ -125,6 +118,18 @@ class GradientSync:
         if self.ddp is None:
             return function(*args, **kwargs)
         return self.ddp(function, *args, **kwargs)
+
+    def backward(self, output: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """`output.backward(grad)` for an output of a pass run through `self`. Under DDP, which
+        averages gradients over ranks, the gradient is multiplied by the number of ranks so that
+        they add up instead (exact for powers of two)."""
+        if self.ddp is not None:
+            scale = dist.get_world_size()
+            if grad is None:
+                output = output * scale
+            else:
+                grad = grad * scale
+        output.backward(grad)
 
     def all_reduce_if(self, condition: bool) -> contextlib.AbstractContextManager:
         """Passes (forward and backward) run inside all-reduce gradients only when `condition`;

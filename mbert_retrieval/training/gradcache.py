@@ -39,7 +39,7 @@ def forward_backward(
         with section("forward"):
             loss = loss_fn(sync(_encode_all, inputs))  # one forward pass, one backward
         with section("backward"):
-            loss.backward()
+            sync.backward(loss)
         return loss.detach()
 
     with torch.no_grad():
@@ -53,7 +53,7 @@ def forward_backward(
         passes += zip([encode] * len(chunks), chunks, grads)
     for number, (encode, chunk, grad) in enumerate(passes):
         with sync.all_reduce_if(number == len(passes) - 1):
-            sync(encode, chunk).backward(grad)
+            sync.backward(sync(encode, chunk), grad)
     return loss.detach()
 
 

@@ -240,7 +240,7 @@ class MLMTask:
                 )
                 loss = weight * losses.masked_lm(logits, chunk.per_token["labels"][positions])
                 loss = loss / batch.global_predictions
-                loss.backward()
+                sync.backward(loss)
             total += loss.detach()
         return total
 
