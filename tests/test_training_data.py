@@ -201,7 +201,7 @@ def test_resuming_from_a_position_gives_the_same_batches():
 def test_shards_put_together_are_the_global_batch():
     (batch,) = take(FakeSource(range(20)), 1, max_tokens=None, batch_size=7)
     shards = [batch.shard(rank, 3) for rank in range(3)]
-    assert [s.num_examples for s in shards] == [2, 3, 2]
+    assert sum(s.num_examples for s in shards) == 7 and all(s.num_examples for s in shards)
     assert torch.equal(torch.cat([s.queries.input_ids for s in shards]), batch.queries.input_ids)
     assert torch.equal(torch.cat([s.documents.input_ids for s in shards]), batch.documents.input_ids)
     for shard in shards:
@@ -210,6 +210,47 @@ def test_shards_put_together_are_the_global_batch():
             batch.documents.cu_seqlens[shard.document_offset + shard.positives]
         ]
         assert positives.tolist() == example_ids(shard)
+
+
+def example_tokens(batch) -> list[int]:
+    return [
+        int(
+            batch.queries.lengths[i]
+            + batch.documents.lengths[batch.doc_offsets[i] : batch.doc_offsets[i + 1]].sum()
+        )
+        for i in range(batch.num_examples)
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_shards_hold_about_the_same_number_of_tokens(world):
+    (batch,) = take(FakeSource(range(40)), 1, max_tokens=None, batch_size=23)
+    shards = [batch.shard(rank, world) for rank in range(world)]
+    sizes = [shard.num_tokens for shard in shards]
+    assert sum(sizes) == batch.num_tokens
+    assert max(sizes) - min(sizes) <= max(example_tokens(batch))  # within one example of even
+    assert [s.example_offset for s in shards] == [
+        sum(s.num_examples for s in shards[:r]) for r in range(world)
+    ]
+
+
+def test_every_rank_keeps_an_example_even_when_one_holds_most_tokens():
+    source = FakeSource(range(6))
+
+    def lopsided(examples):  # example 0 has 30 times the document tokens of the others
+        return [Tokenized(np.full(2, int(e)), [np.full(60 if int(e) == 0 else 2, int(e))]) for e in examples]
+
+    batch = next(
+        example_batches(
+            source, lopsided, make_batch, seed=3, start=DataPosition(), batch_size=6, max_tokens=None
+        )
+    )
+    for world in (2, 3, 6):
+        shards = [batch.shard(rank, world) for rank in range(world)]
+        assert all(s.num_examples >= 1 for s in shards)
+        assert sum(s.num_examples for s in shards) == 6
+    with pytest.raises(ValueError, match="cannot be shared"):
+        batch.shard(0, 7)
 
 
 def test_sequence_chunks_respect_the_budget_and_keep_order():

@@ -194,10 +194,10 @@ class ContrastiveBatch:
         return self.documents.num_tokens + (self.queries.num_tokens if self.queries is not None else 0)
 
     def shard(self, rank: int, world_size: int) -> ContrastiveBatch:
-        """This rank's contiguous share of the examples."""
+        """This rank's contiguous share of the examples: about a `world_size`-th of the tokens."""
         if world_size == 1:
             return self
-        bounds = np.linspace(0, self.num_examples, world_size + 1).round().astype(int)
+        bounds = self.balanced_bounds(world_size)
         start, end = int(bounds[rank]), int(bounds[rank + 1])
         document_bounds = self.doc_offsets[torch.from_numpy(bounds)].tolist()
         first, last = document_bounds[rank], document_bounds[rank + 1]
@@ -213,6 +213,26 @@ class ContrastiveBatch:
             rank_examples=tuple(int(n) for n in np.diff(bounds)),
             rank_documents=tuple(b - a for a, b in zip(document_bounds, document_bounds[1:])),
         )
+
+    def balanced_bounds(self, world_size: int) -> np.ndarray:
+        """Example bounds [world_size + 1] that give each rank about the same number of tokens (not
+        of examples: a step takes as long as its slowest rank, and ranks wait for each other at the
+        gradient all-reduce), and at least one example each."""
+        count = self.num_examples
+        if count < world_size:
+            raise ValueError(f"{count} examples cannot be shared by {world_size} ranks")
+        tokens = np.add.reduceat(self.documents.lengths.numpy(), self.doc_offsets[:-1].numpy())
+        if self.queries is not None:
+            tokens = tokens + self.queries.lengths.numpy()
+        cumulative = np.concatenate([[0], np.cumsum(tokens)])
+        targets = cumulative[-1] * np.arange(1, world_size) / world_size
+        above = np.searchsorted(cumulative, targets)  # first bound at or past each target
+        below = above - 1
+        nearer = np.where(targets - cumulative[below] < cumulative[above] - targets, below, above)
+        bounds = [0, *nearer.tolist(), count]
+        for k in range(1, world_size):  # every rank keeps at least one example
+            bounds[k] = min(max(bounds[k], bounds[k - 1] + 1), count - (world_size - k))
+        return np.asarray(bounds)
 
     def to(self, device: torch.device) -> ContrastiveBatch:
         return replace(
