@@ -477,15 +477,14 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="eager,compiled,compiled_layers",
-        help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "cpp_wrapper_layers "
+        help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
     parser.add_argument(
         "--train-variants",
         default="eager,compiled_layers",
-        help="comma list of: eager, compiled_layers, compiled_layers_varlen, cpp_wrapper_layers",
+        help="comma list of: eager, compiled_layers, compiled_layers_varlen",
     )
     parser.add_argument(
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
@@ -550,8 +549,6 @@ class ModelVariants:
                 model.compile_layers()
             elif name == "autotune_layers":
                 model.compile_layers(mode="max-autotune-no-cudagraphs")
-            elif name == "cpp_wrapper_layers":  # kernels launched from generated C++, not Python
-                model.compile_layers(options={"cpp_wrapper": True})
             else:
                 raise ValueError(f"unknown variant {name!r}")
             self.made[name] = model

@@ -30,41 +30,6 @@ def test_varlen_matches_reference(window_half):
 
 
 @needs_cuda
-def test_global_varlen_operator_gradients_match_reference():
-    from mbert_retrieval.modeling.varlen_attention import global_attention_fwd
-
-    torch.manual_seed(0)
-    cu = F.pad(torch.tensor(LENGTHS).cumsum(0), (1, 0)).to(torch.int32).cuda()
-    q, k, v = (
-        torch.randn(sum(LENGTHS), 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for _ in range(3)
-    )
-    out = packed_attention(q, k, v, cu, max(LENGTHS), None, "varlen")
-    exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    expected = reference_attention(*exact, cu, None)
-    weights = torch.randn_like(expected)
-    grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
-    expected_grads = torch.autograd.grad((expected * weights).sum(), exact)
-    assert ((out.float() - expected).norm() / expected.norm()) < 1e-2
-    for got, want in zip(grads, expected_grads):
-        assert ((got.float() - want).norm() / want.norm()) < 2e-2
-    torch.library.opcheck(global_attention_fwd, (q, k, v, cu, max(LENGTHS)))
-
-
-@needs_cuda
-def test_layers_compiled_with_the_cpp_wrapper_match_eager(hf_encoder_dir):
-    eager = ModernBert.from_pretrained(hf_encoder_dir, dtype=torch.bfloat16, device="cuda")
-    compiled = ModernBert.from_pretrained(hf_encoder_dir, dtype=torch.bfloat16, device="cuda")
-    compiled.compile_layers(options={"cpp_wrapper": True})
-    ids = torch.randint(3, 1000, (3, 600), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[1, 70:] = 0
-    with torch.no_grad():
-        out, ref = compiled(ids, mask).float(), eager(ids, mask).float()
-    assert ((out - ref).norm() / ref.norm()) < 1e-2
-
-
-@needs_cuda
 def test_bf16_model_on_cuda_matches_fp32_reference(hf_encoder_dir):
     fast = ModernBert.from_pretrained(hf_encoder_dir, dtype=torch.bfloat16, device="cuda").compile_layers()
     exact = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend="reference")

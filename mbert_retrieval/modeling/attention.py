@@ -103,10 +103,6 @@ def packed_attention(
         if window_half is not None and max_seqlen <= window_half + 1:
             window_half = None  # a window wider than every sequence is no window
     window = (window_half, window_half) if window_half is not None else (-1, -1)
-    if backend == "varlen" and window_half is None:
-        from mbert_retrieval.modeling.varlen_attention import global_attention
-
-        return global_attention(q, k, v, cu_seqlens, max_seqlen)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
