@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import sysconfig
 from pathlib import Path
@@ -21,9 +22,11 @@ from mbert_retrieval.models.onnx_backend import (  # noqa: E402
     ONNX_FILE,
     OnnxBackendError,
     OnnxDenseRetriever,
+    PaddedDenseGraph,
     cache_file,
     export_onnx,
     load_dense_encoder,
+    pad_numpy,
     similar_length_runs,
 )
 
@@ -65,6 +68,26 @@ def test_float32_export_gives_our_embeddings(reference, exports):
     np.testing.assert_allclose(
         model.encode_queries(queries), reference.encode_queries(queries), atol=2e-5, rtol=0
     )
+
+
+def test_exported_graph_computes_the_model_with_biases_too(reference):
+    """The graph's split q / k / v and GeGLU products (the attention scale folded into q) give the
+    model's padded forward, also for a model whose linear layers have biases."""
+    model = copy.deepcopy(reference)
+    generator = torch.Generator().manual_seed(0)
+    for layer in model.encoder.layers:
+        for linear in (layer.attn.Wqkv, layer.mlp.Wi):
+            linear.bias = torch.nn.Parameter(0.1 * torch.randn(linear.out_features, generator=generator))
+    input_ids, attention_mask = (
+        torch.from_numpy(a)
+        for a in pad_numpy(model.tokenize(code_texts()[2:9]), model.encoder.config.pad_token_id)
+    )
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask)
+        graph = PaddedDenseGraph(model)(input_ids, attention_mask)
+        unbiased = PaddedDenseGraph(reference)(input_ids, attention_mask)
+    torch.testing.assert_close(graph, expected, atol=2e-5, rtol=0)
+    assert (graph - unbiased).abs().max() > 1e-3  # the biases were used
 
 
 def test_int8_export_keeps_the_directions(reference, exports):
