@@ -11,8 +11,8 @@ BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GP
   `--warmup-steps`, from the trainer's metrics.jsonl (with `--train-repeats N`, N runs of each taking
   turns, and their medians: figures vary from run to run by more than many changes gain), and the
   largest difference between the first two runs' logged losses (compiled runs start from caches
-  filled by an untimed run, so no compilation falls in the timed steps); then (`--profile`, the default) a
-  few steps of the headline mode on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE):
+  filled by an untimed run, so no compilation falls in the timed steps); then (`--profile`, the
+  default) a few steps of the headline mode on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE):
   per rank, ms per step of wall time, GPU busy time, NCCL kernels and host time in data, forward,
   backward, optimizer and the loss sync. Also how fast one host process builds global batches (read,
   tokenize, pack), which bounds any run's tokens/s.

@@ -4,8 +4,9 @@ and the all-gather with gradients used for cross-device negatives.
 Each rank computes its share of the loss, scaled so the shares add up to the global batch's mean
 loss. Gradients are therefore summed across ranks, not averaged: DDP's all-reduce averages (in its
 own C++ reducer, with no Python on the backward's path), so `GradientSync.backward` multiplies by
-the number of ranks first. The all-gather passes gradients back correctly: every rank's loss depends on every rank's
-embeddings, so the backward sums the gathered gradient over ranks before taking the local slice.
+the number of ranks first. The all-gather passes gradients back correctly: every rank's loss
+depends on every rank's embeddings, so the backward sums the gathered gradient over ranks before
+taking the local slice.
 Together they give the gradients of one process on the whole batch.
 """
 
