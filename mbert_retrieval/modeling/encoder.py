@@ -79,6 +79,12 @@ class Rotary(nn.Module):
         return cos_table[positions][:, None, None, :], sin_table[positions][:, None, None, :]
 
 
+def uses_fused_kernels(backend: str) -> bool:
+    """Whether a layer runs rotary and GeGLU as single Triton kernels: on the eager CUDA path
+    (`fused_elementwise.py`); under torch.compile inductor fuses the plain code itself."""
+    return backend == "triton" and not torch.compiler.is_compiling()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, 2, heads, head_dim] (q and k; rotate-half convention), in float32 like `transformers`."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -97,10 +103,15 @@ class Attention(nn.Module):
         self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
     ):
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
-        # q and k rotated together into one buffer and passed on as views: one fused pass, and a
-        # compiled training step of 43 ms instead of 58 ms on an H100 (benchmarks/NOTES.md, step 6).
-        q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
-        v = qkv[:, 2]
+        if uses_fused_kernels(backend):
+            from mbert_retrieval.modeling.fused_elementwise import rotary_qkv
+
+            q, k, v = rotary_qkv(qkv, *rope)
+        else:
+            # q and k rotated together into one buffer and passed on as views: one fused pass, and a
+            # compiled training step of 43 ms instead of 58 ms on an H100 (benchmarks/NOTES.md, step 6).
+            q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
+            v = qkv[:, 2]
         out = packed_attention(
             q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
         )
@@ -116,7 +127,12 @@ class GeGLU(nn.Module):
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """`fused`: GELU and gate in one Triton kernel (CUDA, exact GELU only)."""
+        if fused and self.act is F.gelu:
+            from mbert_retrieval.modeling.fused_elementwise import geglu
+
+            return self.Wo(geglu(self.Wi(x)))
         inputs, gate = self.Wi(x).chunk(2, dim=-1)
         return self.Wo(self.act(inputs) * gate)
 
@@ -149,7 +165,7 @@ class Layer(nn.Module):
             x = add_before_norm(x, pending)
         attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
         x = add_before_norm(x, attended)
-        return x, self.mlp(self.mlp_norm(x))
+        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
 
 
 def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""The fused rotary and GeGLU kernels against the model's plain PyTorch code, forward and backward.
+
+They run on a CUDA GPU, or on the CPU under Triton's interpreter:
+    TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_fused_elementwise.py
+Without either (or without Triton) the tests are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mbert_retrieval import ModernBert
+from mbert_retrieval.modeling.encoder import Rotary, apply_rotary
+
+triton = pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the fused kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from mbert_retrieval.modeling import fused_elementwise as fused  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def rope_for(lengths: list[int], head_dim: int, theta: float = 10000.0):
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+    return Rotary(head_dim, theta, max(lengths)).to(DEVICE)(positions)
+
+
+def plain_rotary(qkv, cos, sin):
+    q, k = apply_rotary(qkv[:, :2], cos, sin).unbind(dim=1)
+    return q, k, qkv[:, 2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, head_dim", [(2, 16), (3, 8), (12, 64)])
+@pytest.mark.parametrize("lengths", [[5], [17, 1, 40], [300, 3]])
+def test_rotary_matches_plain_code_with_gradients(dtype, heads, head_dim, lengths):
+    generator = torch.Generator().manual_seed(len(lengths) * 100 + heads * 10 + head_dim)
+    tokens = sum(lengths)
+    base = torch.randn(tokens, 3, heads, head_dim, generator=generator).to(DEVICE, dtype)
+    upstream = [torch.randn(tokens, heads, head_dim, generator=generator).to(DEVICE, dtype) for _ in range(3)]
+    cos, sin = rope_for(lengths, head_dim)
+
+    results = []
+    for rotate in (fused.rotary_qkv, plain_rotary):
+        qkv = base.clone().requires_grad_()
+        outputs = rotate(qkv, cos, sin)
+        sum((out.float() * grad.float()).sum() for out, grad in zip(outputs, upstream)).backward()
+        results.append((outputs, qkv.grad))
+    (got, got_grad), (expected, expected_grad) = results
+    for got_part, expected_part in zip(got, expected):
+        assert got_part.dtype == dtype and got_part.shape == expected_part.shape
+        assert relative_error(got_part, expected_part) < tolerance(dtype)
+    assert relative_error(got_grad, expected_grad) < tolerance(dtype)
+
+
+def test_rotary_backward_with_an_unused_output():
+    """Attention that never reads v (or k) leaves its gradient None: it counts as zeros."""
+    qkv = torch.randn(9, 3, 2, 16, device=DEVICE).requires_grad_()
+    cos, sin = rope_for([9], 16)
+    q, _, _ = fused.rotary_qkv(qkv, cos, sin)
+    q.sum().backward()
+    reference = qkv.detach().clone().requires_grad_()
+    plain_rotary(reference, cos, sin)[0].sum().backward()
+    assert relative_error(qkv.grad, reference.grad) < 1e-5
+    assert qkv.grad[:, 1:].abs().max() == 0
+
+
+def test_rotary_reads_a_strided_projection():
+    """qkv as a view with a wider token stride (e.g. a slice of a larger buffer)."""
+    wide = torch.randn(11, 4, 2, 16, device=DEVICE)
+    qkv = wide[:, 1:]
+    cos, sin = rope_for([11], 16)
+    for got, expected in zip(fused.rotary_qkv(qkv, cos, sin), plain_rotary(qkv, cos, sin)):
+        assert relative_error(got, expected) < 1e-5
+
+
+def test_rotary_rejects_a_bad_shape():
+    with pytest.raises(ValueError, match="qkv must be"):
+        fused.rotary_qkv(torch.zeros(4, 2, 2, 16, device=DEVICE), *rope_for([4], 16))
+
+
+def plain_geglu(hidden):
+    inputs, gate = hidden.chunk(2, dim=-1)
+    return F.gelu(inputs) * gate
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, width", [(1, 3), (37, 96), (130, 1152), (5, 2500)])
+def test_geglu_matches_plain_code_with_gradients(dtype, tokens, width):
+    generator = torch.Generator().manual_seed(tokens + width)
+    base = (3 * torch.randn(tokens, 2 * width, generator=generator)).to(DEVICE, dtype)
+    upstream = torch.randn(tokens, width, generator=generator).to(DEVICE, dtype)
+    results = []
+    for run in (fused.geglu, plain_geglu):
+        hidden = base.clone().requires_grad_()
+        out = run(hidden)
+        out.backward(upstream)
+        results.append((out, hidden.grad))
+    (got, got_grad), (expected, expected_grad) = results
+    assert got.dtype == dtype and got.shape == (tokens, width)
+    assert relative_error(got, expected) < tolerance(dtype)
+    assert relative_error(got_grad, expected_grad) < tolerance(dtype)
+
+
+def test_geglu_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="geglu needs"):
+        fused.geglu(torch.zeros(3, 5, device=DEVICE))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
+def test_model_uses_the_fused_kernels_eagerly_and_matches_the_plain_path(hf_encoder_dir, monkeypatch):
+    """Training setup (float32 weights under bf16 autocast): the triton backend's fused path against
+    the varlen backend, which runs the plain code; both take the same attention kernels' numerics
+    within bf16 rounding."""
+    calls = {"rotary": 0, "geglu": 0}
+    for name in calls:
+        original = getattr(fused, {"rotary": "rotary_qkv", "geglu": "geglu"}[name])
+
+        def counted(*args, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(fused, {"rotary": "rotary_qkv", "geglu": "geglu"}[name], counted)
+    models = {
+        backend: ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend=backend).train()
+        for backend in ("triton", "varlen")
+    }
+    lengths = [300, 5, 40, 129]
+    ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to("cuda")
+    outputs = {}
+    for backend, model in models.items():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outputs[backend] = model.forward_packed(ids, cu, max(lengths))
+        outputs[backend].float().square().mean().backward()
+    layers = models["triton"].config.num_hidden_layers
+    assert calls == {"rotary": layers, "geglu": layers}
+    assert relative_error(outputs["triton"], outputs["varlen"]) < 2e-2
+    plain = dict(models["varlen"].named_parameters())
+    for name, param in models["triton"].named_parameters():
+        assert relative_error(param.grad, plain[name].grad) < 5e-2, name
