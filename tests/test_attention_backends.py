@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mbert_retrieval import ModernBert
 from mbert_retrieval.modeling.attention import (
+    EagerFlashAttention,
     blocked_window_sdpa,
     packed_attention,
     reference_attention,
@@ -27,6 +28,31 @@ def test_varlen_matches_reference(window_half):
     out = packed_attention(q, k, v, cu, max(LENGTHS), window_half, "varlen")
     expected = reference_attention(q.float(), k.float(), v.float(), cu, window_half)
     assert ((out.float() - expected).norm() / expected.norm()) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("window_half", [None, 64])
+def test_eager_flash_attention_matches_varlen_attn_with_gradients(window_half):
+    """The direct call the eager triton backend makes, against torch's public varlen_attn."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    torch.manual_seed(1)
+    cu = F.pad(torch.tensor(LENGTHS).cumsum(0), (1, 0)).to(torch.int32).cuda()
+    qkv = torch.randn(sum(LENGTHS), 3, 12, 64, device="cuda", dtype=torch.bfloat16)
+    upstream = torch.randn(sum(LENGTHS), 12, 64, device="cuda", dtype=torch.bfloat16)
+    window = (-1, -1) if window_half is None else (window_half, window_half)
+    results = []
+    for run in (
+        lambda q, k, v: EagerFlashAttention.apply(q, k, v, cu, max(LENGTHS), window_half),
+        lambda q, k, v: varlen_attn(q, k, v, cu, cu, max(LENGTHS), max(LENGTHS), window_size=window),
+    ):
+        buffer = qkv.clone().requires_grad_()
+        out = run(*buffer.unbind(1))  # strided views, as the model passes them
+        out.backward(upstream)
+        results.append((out, buffer.grad))
+    (got, got_grad), (expected, expected_grad) = results
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
 
 
 @needs_cuda

@@ -102,6 +102,8 @@ def packed_attention(
         backend = "varlen"
         if window_half is not None and max_seqlen <= window_half + 1:
             window_half = None  # a window wider than every sequence is no window
+        if not torch.compiler.is_compiling():
+            return EagerFlashAttention.apply(q, k, v, cu_seqlens, max_seqlen, window_half)
     window = (window_half, window_half) if window_half is not None else (-1, -1)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
@@ -119,6 +121,35 @@ def packed_attention(
             return per_sequence_sdpa(q, k, v, cu_seqlens)
         return blocked_window_sdpa(q, k, v, cu_seqlens, window_half)
     return reference_attention(q, k, v, cu_seqlens, window_half, key_mask)
+
+
+class EagerFlashAttention(torch.autograd.Function):
+    """The FlashAttention kernels behind `varlen_attn`, called directly: for eager runs of the triton
+    backend. varlen_attn wraps them in custom operators (for torch.compile), whose autograd wrapper
+    costs a few hundred microseconds of host time per call when run eagerly (a profiled training
+    step, benchmarks/NOTES.md); compiled graphs keep varlen_attn."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window_half: int | None):
+        side = -1 if window_half is None else window_half
+        out, lse, rng_state, _, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False,
+            window_size_left=side, window_size_right=side,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state)
+        ctx.max_seqlen, ctx.side = max_seqlen, side
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, rng_state = ctx.saved_tensors
+        unused = torch.empty(0, device=q.device)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen,
+            ctx.max_seqlen, 0.0, False, rng_state, unused,
+            window_size_left=ctx.side, window_size_right=ctx.side,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None
 
 
 def uses_window_kernel(backend: str, window_half: int | None, max_seqlen: int, head_dim: int) -> bool:

@@ -9,8 +9,8 @@ FlashAttention's windowed varlen kernel was measured slower on ~250-token docume
 global one (benchmarks/NOTES.md). Tokens' sequence indices (`sequence_ids`, made once per forward)
 give the masks and, with `cu_seqlens`, each block's range of keys.
 
-`window_attention` is a `torch.library` custom op with its own backward, so `torch.compile`
-keeps it as one opaque call.
+Under `torch.compile`, `window_attention` is a `torch.library` custom op with its own backward, so
+the compiler keeps it as one opaque call; run eagerly, it calls the kernels without the operator.
 On a CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before import): that
 is how the tests check them without a GPU.
 """
@@ -235,8 +235,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must be int32")
 
 
-@torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())
-def window_attention_fwd(
+def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -261,13 +260,25 @@ def window_attention_fwd(
     return out, lse
 
 
+@torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())
+def window_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_forward` as an operator that torch.compile keeps opaque."""
+    return _forward(q, k, v, cu_seqlens, seq_ids, window)
+
+
 @window_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens, seq_ids, window):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())
-def window_attention_bwd(
+def _backward_kernels(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -309,6 +320,22 @@ def window_attention_bwd(
     return dq, dk, dv
 
 
+@torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())
+def window_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_backward_kernels` as an operator that torch.compile keeps opaque."""
+    return _backward_kernels(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window)
+
+
 @window_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
@@ -331,6 +358,25 @@ def _backward(ctx, grad_out, _grad_lse):
 window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerWindowAttention(torch.autograd.Function):
+    """The same kernels without the operator around them. Run eagerly, the operator's autograd
+    wrapper costs about 200 us of host time per call (a profiled training step on an H200,
+    benchmarks/NOTES.md), several times the kernel launch it wraps."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, seq_ids, window):
+        out, lse = _forward(q, k, v, cu_seqlens, seq_ids, window)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seq_ids)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens, seq_ids = ctx.saved_tensors
+        dq, dk, dv = _backward_kernels(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, ctx.window)
+        return dq, dk, dv, None, None, None
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -344,4 +390,6 @@ def window_attention(
     `seq_ids` [N] int32 (`sequence_ids`), when the caller has it, saves computing it per call."""
     if seq_ids is None:
         seq_ids = sequence_ids(cu_seqlens, q.shape[0])
-    return window_attention_fwd(q, k, v, cu_seqlens, seq_ids, window)[0]
+    if torch.compiler.is_compiling():
+        return window_attention_fwd(q, k, v, cu_seqlens, seq_ids, window)[0]
+    return _EagerWindowAttention.apply(q, k, v, cu_seqlens, seq_ids, window)
