@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 ROTARY_TOKENS = 16  # tokens per program; each program covers all heads of q, k and v
-GEGLU_TOKENS = 8
+GEGLU_ELEMENTS = 4096  # per program
 
 
 # -- rotary ------------------------------------------------------------------------------------------
@@ -171,9 +171,12 @@ def _geglu_bwd(
     tl.store(grads + width, (grad * gelu).to(DH.dtype.element_ty), mask=ok)
 
 
-def _geglu_grid(tokens: int, width: int) -> tuple[tuple[int, int], int]:
-    cols = min(triton.next_power_of_2(width), 1024)
-    return (triton.cdiv(tokens, GEGLU_TOKENS), triton.cdiv(width, cols)), cols
+def _geglu_tiles(tokens: int, width: int) -> tuple[tuple[int, int], int, int]:
+    """Grid, tokens and columns per program. Masked lanes still compute GELU (erf, exp), so the
+    columns per program divide the width where a power of two up to 256 does (1152 = 9 x 128)."""
+    cols = next((c for c in (256, 128, 64) if width % c == 0), min(256, triton.next_power_of_2(width)))
+    rows = GEGLU_ELEMENTS // cols
+    return (triton.cdiv(tokens, rows), triton.cdiv(width, cols)), rows, cols
 
 
 class _GeGLU(torch.autograd.Function):
@@ -181,8 +184,8 @@ class _GeGLU(torch.autograd.Function):
     def forward(ctx, hidden):
         tokens, width = hidden.shape[0], hidden.shape[1] // 2
         out = hidden.new_empty(tokens, width)
-        grid, cols = _geglu_grid(tokens, width)
-        _geglu_fwd[grid](hidden, out, tokens, width, hidden.stride(0), out.stride(0), GEGLU_TOKENS, cols)
+        grid, rows, cols = _geglu_tiles(tokens, width)
+        _geglu_fwd[grid](hidden, out, tokens, width, hidden.stride(0), out.stride(0), rows, cols)
         ctx.save_for_backward(hidden)
         return out
 
@@ -192,10 +195,10 @@ class _GeGLU(torch.autograd.Function):
         grad = grad.contiguous()
         tokens, width = grad.shape
         grad_hidden = torch.empty_like(hidden)
-        grid, cols = _geglu_grid(tokens, width)
+        grid, rows, cols = _geglu_tiles(tokens, width)
         _geglu_bwd[grid](
             hidden, grad, grad_hidden, tokens, width,
-            hidden.stride(0), grad.stride(0), grad_hidden.stride(0), GEGLU_TOKENS, cols,
+            hidden.stride(0), grad.stride(0), grad_hidden.stride(0), rows, cols,
         )  # fmt: skip
         return grad_hidden
 
