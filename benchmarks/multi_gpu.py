@@ -10,7 +10,7 @@ BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GP
   batch 256, max length 256, the same seed, `--logging-steps 10`; tokens/s over the steps after
   `--warmup-steps`, from the trainer's metrics.jsonl (with `--train-repeats N`, N runs of each taking
   turns, and their medians: figures vary from run to run by more than many changes gain), and the
-  largest difference between the first two runs' logged losses (compiled runs start from caches
+  largest difference between the first two runs' logged losses (each mode starts from caches
   filled by an untimed run, so no compilation falls in the timed steps); then (`--profile`, the
   default) a few steps of the headline mode on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE):
   per rank, ms per step of wall time, GPU busy time, NCCL kernels and host time in data, forward,
@@ -54,7 +54,7 @@ GLOBAL_BATCH, MAX_LENGTH = 256, 256
 PROFILE_VARIABLE = "MBERT_RETRIEVAL_PROFILE"  # mbert_retrieval.training.profiling
 # seconds of each phase on 2 H200s (eager), from the previous runs, printed before the run starts
 EXPECTED_SECONDS = {
-    "pairs": 30, "model": 20, "train": 3 * 45 + 2 * 30, "profile": 2 * 50, "encode": 45, "index": 4 * 28,
+    "pairs": 30, "model": 20, "train": 3 * 45 + 3 * 30, "profile": 2 * 50, "encode": 45, "index": 4 * 28,
 }  # fmt: skip
 
 
@@ -157,10 +157,10 @@ def train_mode(mode, model_dir, pairs_file, work, s, options, phases) -> dict:
             output = work / f"{mode}-{name}"
             return train_run(nproc, model_dir, pairs_file, output, s, options, mode == "compiled", **extra)
 
-    if mode == "compiled":
-        # Untimed: fills inductor's and Triton's caches. Recompiles for new shapes can come after the
-        # warm-up steps; from a cold cache each costs seconds inside the timed steps.
-        timed_run("fill-compile-cache", 1)
+    # Untimed: fills inductor's and Triton's caches (eager CUDA runs use Triton kernels too). New
+    # shapes can need new kernels after the warm-up steps; from a cold cache each costs seconds
+    # inside the timed steps (a first eager run on a fresh machine measured half the next one's speed).
+    timed_run("fill-compile-cache", 1)
     pairs = []  # (1-GPU records, 2-GPU records) per repeat, the two taking turns
     for repeat in range(options.train_repeats):
         suffix = f"-{repeat + 1}" if options.train_repeats > 1 else ""
