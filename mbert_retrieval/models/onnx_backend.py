@@ -47,7 +47,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embeddings"
 OPSET = 17
 DIGEST_KEY = "mbert_retrieval.weights_digest"  # ONNX metadata: the digest of the exported weights
-GRAPH_VERSION = 2  # of PaddedDenseGraph: a new version re-exports the cached files
+GRAPH_VERSION = 3  # of PaddedDenseGraph: a new version re-exports the cached files
 PADDING_SLACK = 1.25  # a padded run may hold at most this many times its real tokens
 # Runs of at most 8 sequences, each run by one thread, several runs at once: on 2 cores (600 Python
 # functions, int8) ~55 docs/s at 4-8 sequences per run against ~47 for runs of 32 on 2 intra-op threads.
@@ -105,10 +105,9 @@ class PaddedDenseGraph(nn.Module):
         batch, length = input_ids.shape
         heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
         positions = torch.arange(length, device=input_ids.device)
-        ropes = {
-            is_global: rotation_tables(rotary.tables(input_ids.device), positions)
-            for is_global, rotary in ((True, encoder.global_rotary), (False, encoder.local_rotary))
-        }
+        position_ids = positions[None].expand(batch, length)
+        tables = {True: encoder.global_rotary, False: encoder.local_rotary}
+        tables = {is_global: rotary.tables(input_ids.device) for is_global, rotary in tables.items()}
         # Additive masks, built once: -1e9 where a query may not look (padding; outside the window).
         # Explicit softmax attention, not SDPA: its export adds NaN guards that cost 8% of the time.
         blocked = (1 - attention_mask.to(torch.float32))[:, None, None, :] * -1e9  # [B, 1, 1, L]
@@ -117,9 +116,10 @@ class PaddedDenseGraph(nn.Module):
         x = encoder.embeddings(input_ids)
         for layer, split in zip(encoder.layers, self.split_layers):
             normed = layer.attn_norm(x)
-            q, k, v = (split[f"attn{n}"](normed).view(batch, length, heads, head_dim) for n in range(3))
-            cos, sin = ropes[layer.is_global]
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k, v = (split[f"attn{n}"](normed) for n in range(3))  # [B, L, hidden]
+            cos, sin = tables[layer.is_global]
+            q, k = (RotaryEmbedding.apply(t, position_ids, cos, sin, heads) for t in (q, k))
+            q, k, v = (t.view(batch, length, heads, head_dim) for t in (q, k, v))
             scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) + biases[layer.is_global]
             out = scores.softmax(dim=-1) @ v.transpose(1, 2)  # [B, heads, L, head_dim]
             x = x + layer.attn.Wo(out.transpose(1, 2).reshape(batch, length, hidden))
@@ -141,6 +141,31 @@ def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         if bias is not None:
             linear.bias.copy_(bias)
     return linear
+
+
+class RotaryEmbedding(torch.autograd.Function):
+    """Rotate-half RoPE of x [B, L, heads * head_dim] at `position_ids` [B, L], from the float32
+    tables [positions, head_dim / 2]. Exported as onnxruntime's fused `com.microsoft.RotaryEmbedding`
+    (one operator where the plain form takes six: slices, concat, products, sum); run in PyTorch,
+    it is `rotate`."""
+
+    @staticmethod
+    def forward(ctx, x, position_ids, cos_table, sin_table, heads: int):
+        batch, length, width = x.shape
+        cos, sin = rotation_tables((cos_table, sin_table), position_ids[0])
+        return rotate(x.view(batch, length, heads, width // heads), cos, sin).reshape(batch, length, width)
+
+    @staticmethod
+    def symbolic(g, x, position_ids, cos_table, sin_table, heads: int):
+        return g.op(
+            "com.microsoft::RotaryEmbedding",
+            x,
+            position_ids,
+            cos_table,
+            sin_table,
+            interleaved_i=0,
+            num_heads_i=heads,
+        )
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -215,6 +240,7 @@ def _trace(model: DenseRetriever, path: Path) -> None:
                 OUTPUT_NAME: {0: "batch"},
             },
             opset_version=OPSET,
+            custom_opsets={"com.microsoft": 1},  # RotaryEmbedding
             dynamo=False,
         )
 
