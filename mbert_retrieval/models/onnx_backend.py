@@ -7,7 +7,8 @@
 The exported graph is the whole dense model on a padded batch: `input_ids, attention_mask [B, L]`
 (int64) -> `embeddings [B, dim]` float32 (pooled, projected, normalised as the model says). With
 `quantize` (the default) the linear layers' weights are int8 and their inputs quantised per call
-(onnxruntime's dynamic quantisation); the embedding table and the norms stay float32.
+(onnxruntime's dynamic quantisation); the embedding table and the norms stay float32. Rotary
+embeddings are onnxruntime's fused `com.microsoft.RotaryEmbedding`, so the file runs on onnxruntime.
 
 `OnnxDenseRetriever` is a `DenseRetriever` whose forward pass runs that graph, so tokenization,
 prefixes, chunking, Matryoshka `dim` and batching are the same code; each packed batch is cut into
@@ -157,15 +158,14 @@ class RotaryEmbedding(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, position_ids, cos_table, sin_table, heads: int):
-        return g.op(
+        rotated = g.op(
             "com.microsoft::RotaryEmbedding",
-            x,
-            position_ids,
-            cos_table,
-            sin_table,
+            *(x, position_ids, cos_table, sin_table),
             interleaved_i=0,
             num_heads_i=heads,
         )
+        rotated.setType(x.type())  # the exporter cannot infer a contrib operator's output
+        return rotated
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
