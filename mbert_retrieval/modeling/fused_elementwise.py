@@ -25,23 +25,31 @@ GEGLU_ELEMENTS = 4096  # per program
 
 
 @triton.jit
+def _tile(tokens, n_tokens, part, s_t, s_p, s_h, SPAN: tl.constexpr, COLS: tl.constexpr, width):
+    """Offsets into part `part` of a [N, 3, heads, dim] tensor for a tile of `tokens` x COLS columns
+    that run over the heads, SPAN elements of each (head_dim, or its first half); the tile's mask;
+    each column's index within its head."""
+    cols = tl.arange(0, COLS)
+    head, within = cols // SPAN, cols % SPAN
+    offsets = tokens[:, None] * s_t + part * s_p + head[None, :] * s_h + within[None, :]
+    return offsets, (tokens[:, None] < n_tokens) & (cols[None, :] < width), within
+
+
+@triton.jit
 def _rotate(
     SRC, DST, COS, SIN, tokens, rows, n_tokens,
     ss_t, ss_p, ss_h, sd_t, sd_p, sd_h, sc_t,
     part: tl.constexpr, direction: tl.constexpr, HALF: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
     """Rotate part `part` (0: q, 1: k) of SRC into DST; direction -1 rotates back (the gradient)."""
-    cols = tl.arange(0, COLS)
-    head, j = cols // HALF, cols % HALF
-    ok = (tokens[:, None] < n_tokens) & (cols[None, :] < rows)
-    src = SRC + tokens[:, None] * ss_t + part * ss_p + head[None, :] * ss_h + j[None, :]
-    dst = DST + tokens[:, None] * sd_t + part * sd_p + head[None, :] * sd_h + j[None, :]
+    src, ok, j = _tile(tokens, n_tokens, part, ss_t, ss_p, ss_h, HALF, COLS, rows)
+    dst, _, _ = _tile(tokens, n_tokens, part, sd_t, sd_p, sd_h, HALF, COLS, rows)
     cos = tl.load(COS + tokens[:, None] * sc_t + j[None, :], mask=ok, other=0.0)
     sin = tl.load(SIN + tokens[:, None] * sc_t + j[None, :], mask=ok, other=0.0) * direction
-    x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dst, (x1 * cos - x2 * sin).to(DST.dtype.element_ty), mask=ok)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(DST.dtype.element_ty), mask=ok)
+    x1 = tl.load(SRC + src, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(SRC + src + HALF, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DST + dst, (x1 * cos - x2 * sin).to(DST.dtype.element_ty), mask=ok)
+    tl.store(DST + dst + HALF, (x2 * cos + x1 * sin).to(DST.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -49,12 +57,9 @@ def _copy_part(
     SRC, DST, tokens, n_tokens, ss_t, ss_p, ss_h, sd_t, sd_p, sd_h,
     part: tl.constexpr, HEAD_DIM: tl.constexpr, COLS: tl.constexpr, width,
 ):  # fmt: skip
-    cols = tl.arange(0, COLS)
-    head, d = cols // HEAD_DIM, cols % HEAD_DIM
-    ok = (tokens[:, None] < n_tokens) & (cols[None, :] < width)
-    src = SRC + tokens[:, None] * ss_t + part * ss_p + head[None, :] * ss_h + d[None, :]
-    dst = DST + tokens[:, None] * sd_t + part * sd_p + head[None, :] * sd_h + d[None, :]
-    tl.store(dst, tl.load(src, mask=ok, other=0.0).to(DST.dtype.element_ty), mask=ok)
+    src, ok, _ = _tile(tokens, n_tokens, part, ss_t, ss_p, ss_h, HEAD_DIM, COLS, width)
+    dst, _, _ = _tile(tokens, n_tokens, part, sd_t, sd_p, sd_h, HEAD_DIM, COLS, width)
+    tl.store(DST + dst, tl.load(SRC + src, mask=ok, other=0.0).to(DST.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -139,13 +144,20 @@ def _gelu_and_slope(a):
 
 
 @triton.jit
-def _geglu_fwd(H, OUT, n_tokens, width, sh_t, so_t, TOKENS: tl.constexpr, COLS: tl.constexpr):
+def _load_halves(H, n_tokens, width, sh_t, TOKENS: tl.constexpr, COLS: tl.constexpr):
+    """This program's tile: its tokens and columns, the mask, and both halves of H there (float32)."""
     tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     ok = (tokens[:, None] < n_tokens) & (cols[None, :] < width)
     inputs = H + tokens[:, None] * sh_t + cols[None, :]
     a = tl.load(inputs, mask=ok, other=0.0).to(tl.float32)
     gate = tl.load(inputs + width, mask=ok, other=0.0).to(tl.float32)
+    return tokens, cols, ok, a, gate
+
+
+@triton.jit
+def _geglu_fwd(H, OUT, n_tokens, width, sh_t, so_t, TOKENS: tl.constexpr, COLS: tl.constexpr):
+    tokens, cols, ok, a, gate = _load_halves(H, n_tokens, width, sh_t, TOKENS, COLS)
     gelu, _ = _gelu_and_slope(a)
     # Rounded as eager PyTorch rounds: GELU's output in the input's dtype, then the product.
     gelu = gelu.to(OUT.dtype.element_ty).to(tl.float32)
@@ -156,12 +168,7 @@ def _geglu_fwd(H, OUT, n_tokens, width, sh_t, so_t, TOKENS: tl.constexpr, COLS: 
 def _geglu_bwd(
     H, GRAD, DH, n_tokens, width, sh_t, sg_t, sd_t, TOKENS: tl.constexpr, COLS: tl.constexpr
 ):  # fmt: skip
-    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-    ok = (tokens[:, None] < n_tokens) & (cols[None, :] < width)
-    inputs = H + tokens[:, None] * sh_t + cols[None, :]
-    a = tl.load(inputs, mask=ok, other=0.0).to(tl.float32)
-    gate = tl.load(inputs + width, mask=ok, other=0.0).to(tl.float32)
+    tokens, cols, ok, a, gate = _load_halves(H, n_tokens, width, sh_t, TOKENS, COLS)
     grad = tl.load(GRAD + tokens[:, None] * sg_t + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     gelu, slope = _gelu_and_slope(a)
     gelu = gelu.to(DH.dtype.element_ty).to(tl.float32)

@@ -260,17 +260,10 @@ def _forward(
     return out, lse
 
 
-@torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())
-def window_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    seq_ids: torch.Tensor,
-    window: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_forward` as an operator that torch.compile keeps opaque."""
-    return _forward(q, k, v, cu_seqlens, seq_ids, window)
+# `_forward` as an operator that torch.compile keeps opaque (its schema from the annotations).
+window_attention_fwd = torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())(
+    _forward
+)
 
 
 @window_attention_fwd.register_fake
@@ -320,20 +313,9 @@ def _backward_kernels(
     return dq, dk, dv
 
 
-@torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())
-def window_attention_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    seq_ids: torch.Tensor,
-    window: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_backward_kernels` as an operator that torch.compile keeps opaque."""
-    return _backward_kernels(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window)
+window_attention_bwd = torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())(
+    _backward_kernels
+)
 
 
 @window_attention_bwd.register_fake
