@@ -126,8 +126,9 @@ def packed_attention(
 class EagerFlashAttention(torch.autograd.Function):
     """The FlashAttention kernels behind `varlen_attn`, called directly: for eager runs of the triton
     backend. varlen_attn wraps them in custom operators (for torch.compile), whose autograd wrapper
-    costs a few hundred microseconds of host time per call when run eagerly (a profiled training
-    step, benchmarks/NOTES.md); compiled graphs keep varlen_attn."""
+    adds host time to every eager call (~50 us for our own window operator with gradients,
+    benchmarks/results/launch_overhead.json), and eager steps of one rank of several are bound by
+    the host; compiled graphs keep varlen_attn."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window_half: int | None):
