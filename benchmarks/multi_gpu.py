@@ -11,7 +11,9 @@ BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GP
   `--warmup-steps`, from the trainer's metrics.jsonl (with `--train-repeats N`, N runs of each taking
   turns, and their medians: figures vary from run to run by more than many changes gain), and the
   largest difference between the first two runs' logged losses (each mode starts from caches
-  filled by an untimed run, so no compilation falls in the timed steps); then (`--profile`, the
+  filled by an untimed run, so no compilation falls in the timed steps; compiled runs also report
+  `recompiles_in_timed_steps`, the graphs dynamo compiled after the warm-up on rank 0, from the
+  trainer's `compiled_graphs`); then (`--profile`, the
   default) a few steps of the headline mode on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE):
   per rank, ms per step of wall time, GPU busy time, NCCL kernels and host time in data, forward,
   backward, optimizer and the loss sync. Also how fast one host process builds global batches (read,
@@ -133,6 +135,13 @@ def train_run(
     return [r for r in records if "loss" in r and "tokens_per_second" in r]
 
 
+def recompiles(records: list[dict], warmup: int) -> int | None:
+    """Graphs compiled after the warm-up steps, from the trainer's `compiled_graphs` counts."""
+    counts = [(r["step"], r["compiled_graphs"]) for r in records if "compiled_graphs" in r]
+    before = [count for step, count in counts if step <= warmup]
+    return counts[-1][1] - before[-1] if counts and before else None
+
+
 def tokens_per_second(records: list[dict], warmup: int) -> float:
     timed = [r for r in records if r["step"] > warmup]
     tokens = sum(r["tokens_per_second"] * r["seconds"] for r in timed)
@@ -178,6 +187,10 @@ def train_mode(mode, model_dir, pairs_file, work, s, options, phases) -> dict:
         "loss_max_abs_diff": max(abs(losses_one[i] - losses_two[i]) for i in common),
         "loss_steps_compared": common,
     }
+    if mode == "compiled":  # graphs dynamo compiled inside the timed steps (rank 0), per run
+        result["recompiles_in_timed_steps"] = [
+            recompiles(records, s["warmup"]) for pair in pairs for records in pair
+        ]
     if options.train_repeats > 1:  # medians above; every repeat here
         result["repeats"] = [
             {"one_gpu_tok_s": round(one), "two_gpu_tok_s": round(two), "speedup": round(two / one, 3)}

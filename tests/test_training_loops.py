@@ -261,3 +261,12 @@ def test_cli_trains_and_reports_bad_input(hf_mlm_dir, tmp_path):
         app, ["train", "dense", str(hf_mlm_dir), str(tmp_path / "nope.jsonl"), *common]
     )
     assert missing.exit_code == 2 and "error:" in missing.output and "nope.jsonl" in missing.output
+
+
+def test_compiled_training_logs_how_many_graphs_it_compiled(hf_mlm_dir, code_pairs, tmp_path):
+    """`compiled_graphs` in the metrics lets a benchmark see recompiles inside its timed steps."""
+    model = DenseRetriever.from_pretrained(hf_mlm_dir, max_length=64, device="cpu")
+    args = arguments(tmp_path, max_steps=4, logging_steps=2, compile=True)
+    Trainer(DenseTask(model, query_max_length=32), BeirExamples(code_pairs, "train"), args).train()
+    counts = [r["compiled_graphs"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(counts) == 2 and 1 <= counts[0] <= counts[1]

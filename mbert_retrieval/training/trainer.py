@@ -323,6 +323,8 @@ class Trainer:
         }
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        if self.args.compile:  # graphs compiled so far (on this rank): a rise after warm-up is a recompile
+            record["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         log.write(record)
         run.window_start, run.window_tokens = time.perf_counter(), 0
 
