@@ -1,9 +1,9 @@
 """How far the host bounds one rank's training step, measured on one GPU.
 
 Under torchrun with R GPUs each rank trains on 1/R of the global batch but launches as many kernels
-per step as one GPU on the whole batch. This runs `mbert-retrieval train dense` (eager, bf16, base
-shape, real docstring -> function pairs, max length 256) on one GPU at the global batch and at one
-rank's share of it. `share_scaling` = R x tokens/s at the share / tokens/s at the whole batch is the
+per step as one GPU on the whole batch. This runs `mbert-retrieval train dense` (eager, or
+`--compile`; bf16, base shape, real docstring -> function pairs, max length 256) on one GPU at the
+global batch and at one rank's share of it. `share_scaling` = R x tokens/s at the share / tokens/s at the whole batch is the
 speed-up R GPUs could reach with free communication: R when the step is bound by the GPU, less
 when the host's launches bound the smaller step.
 
@@ -43,7 +43,7 @@ def train_tokens_per_second(
         "-m", "mbert_retrieval.cli", "train", "dense", str(model_dir), str(pairs_file),
         "--output-dir", str(output), "--batch-size", str(batch), "--max-length", str(MAX_LENGTH),
         "--max-steps", str(a.warmup + a.steps), "--seed", "0", "--logging-steps", "10",
-        "--warmup-steps", "0", "--decay", "none", "--bf16",
+        "--warmup-steps", "0", "--decay", "none", "--bf16", *(["--compile"] if a.compile else []),
     ]  # fmt: skip
     run(command, quick=False, environment={"PYTHONPATH": str(code)})
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--compile", action="store_true", help="train with compiled layers instead of eagerly"
+    )
     parser.add_argument("--out", default="benchmarks/results/rank_share.json")
     a = parser.parse_args()
     if not torch.cuda.is_available():
@@ -111,6 +114,7 @@ def main() -> None:
         "global_batch": a.batch,
         "ranks": a.ranks,
         "share_batch": share,
+        "mode": "compiled" if a.compile else "eager",
         "summary": summary,
         "runs": rows,
     }
