@@ -72,7 +72,7 @@ def _rotary_kernel(
     """One block of tokens: q and k rotated (and v copied when COPY_V) from SRC [N, 3, heads, dim]
     (any strides but unit along dim) to DST. The forward and the backward differ only in the
     rotation's sign."""
-    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)  # int64: N x stride can pass 2**31
     half: tl.constexpr = HEAD_DIM // 2
     rows = heads * half
     for part in tl.static_range(2):
@@ -146,7 +146,7 @@ def _gelu_and_slope(a):
 @triton.jit
 def _load_halves(H, n_tokens, width, sh_t, TOKENS: tl.constexpr, COLS: tl.constexpr):
     """This program's tile: its tokens and columns, the mask, and both halves of H there (float32)."""
-    tokens = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+    tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)  # int64: N x stride can pass 2**31
     cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
     ok = (tokens[:, None] < n_tokens) & (cols[None, :] < width)
     inputs = H + tokens[:, None] * sh_t + cols[None, :]
