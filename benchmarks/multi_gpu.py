@@ -119,7 +119,10 @@ def train_run(
     compiled: bool,
     max_steps: int | None = None,
     profile_dir: Path | None = None,
+    environment: dict | None = None,
 ) -> list[dict]:
+    """`mbert-retrieval train dense` under torchrun; the metrics records that carry a loss and a
+    speed. `environment` adds to the subprocess's (e.g. PYTHONPATH for another source tree)."""
     command = torchrun(nproc) + [
         "-m", "mbert_retrieval.cli", "train", "dense", str(model_dir), str(pairs_file),
         "--output-dir", str(output), "--batch-size", str(s["batch"]), "--max-length", str(s["max_length"]),
@@ -129,7 +132,7 @@ def train_run(
     command += ["--device", "cpu", "--no-bf16"] if options.quick else ["--bf16"]
     if compiled:
         command.append("--compile")
-    environment = {PROFILE_VARIABLE: str(profile_dir)} if profile_dir else {}
+    environment = {**(environment or {}), **({PROFILE_VARIABLE: str(profile_dir)} if profile_dir else {})}
     run(command, options.quick, environment)
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r and "tokens_per_second" in r]

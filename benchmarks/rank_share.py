@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import make_model_folder, write_result
-from benchmarks.multi_gpu import run, tokens_per_second, torchrun
+from benchmarks.multi_gpu import tokens_per_second, train_run
 from benchmarks.train_throughput import docstring_pairs
 
 MAX_LENGTH = 256
@@ -39,15 +39,11 @@ MAX_LENGTH = 256
 def train_tokens_per_second(
     code: Path, model_dir: Path, pairs_file: Path, output: Path, batch: int, a
 ) -> dict:
-    command = torchrun(1) + [
-        "-m", "mbert_retrieval.cli", "train", "dense", str(model_dir), str(pairs_file),
-        "--output-dir", str(output), "--batch-size", str(batch), "--max-length", str(MAX_LENGTH),
-        "--max-steps", str(a.warmup + a.steps), "--seed", "0", "--logging-steps", "10",
-        "--warmup-steps", "0", "--decay", "none", "--bf16", *(["--compile"] if a.compile else []),
-    ]  # fmt: skip
-    run(command, quick=False, environment={"PYTHONPATH": str(code)})
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "loss" in r and "tokens_per_second" in r]
+    settings = {"batch": batch, "max_length": MAX_LENGTH, "warmup": a.warmup, "steps": a.steps, "logging": 10}
+    records = train_run(
+        1, model_dir, pairs_file, output, settings, argparse.Namespace(quick=False), a.compile,
+        environment={"PYTHONPATH": str(code)},
+    )  # fmt: skip
     return {"tok_s": round(tokens_per_second(records, a.warmup)), "losses": [r["loss"] for r in records]}
 
 
