@@ -107,8 +107,10 @@ class PaddedDenseGraph(nn.Module):
         heads, head_dim, hidden = config.num_attention_heads, config.head_dim, config.hidden_size
         positions = torch.arange(length, device=input_ids.device)
         position_ids = positions[None].expand(batch, length)
-        tables = {True: encoder.global_rotary, False: encoder.local_rotary}
-        tables = {is_global: rotary.tables(input_ids.device) for is_global, rotary in tables.items()}
+        tables = {
+            is_global: rotary.tables(input_ids.device)
+            for is_global, rotary in ((True, encoder.global_rotary), (False, encoder.local_rotary))
+        }
         # Additive masks, built once: -1e9 where a query may not look (padding; outside the window).
         # Explicit softmax attention, not SDPA: its export adds NaN guards that cost 8% of the time.
         blocked = (1 - attention_mask.to(torch.float32))[:, None, None, :] * -1e9  # [B, 1, 1, L]
