@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 ROTARY, GEGLU = 0, 1  # the epilogues
+_GEGLU = tl.constexpr(GEGLU)  # the same, as a global a compiled kernel may read
 BLOCK_K = 64
 CONFIGS = [  # Hopper-sized tiles; the autotuner picks per (N, K, epilogue) on the first call
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_stages=4, num_warps=8),
@@ -38,7 +39,7 @@ INTERPRETER_TILE = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 2}  # small: the in
 def _weight_rows(cols, EPILOGUE: tl.constexpr, paired_cols, gate_offset, HALF: tl.constexpr):
     """The weight row that feeds each tile column: pair p = col // 2 takes member col % 2."""
     pair, member = cols // 2, cols % 2
-    if EPILOGUE == GEGLU:
+    if EPILOGUE == _GEGLU:
         return pair + member * gate_offset  # input j, gate j
     head, within = pair // HALF, pair % HALF
     rotated = head * 2 * HALF + member * HALF + within  # x[d], x[d + HALF] of one head
@@ -96,7 +97,7 @@ def _linear_kernel(
     pairs = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     row_ok = (rows < M)[:, None]
     out_rows = OUT + rows[:, None] * s_om
-    if EPILOGUE == GEGLU:
+    if EPILOGUE == _GEGLU:
         ok = row_ok & (pairs < N // 2)[None, :]
         tl.store(out_rows + pairs[None, :], (_gelu(first) * second).to(OUT.dtype.element_ty), mask=ok)
     else:
