@@ -478,14 +478,14 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers "
-        "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline; "
-        "`_unfused` after a name keeps Wqkv / Wi apart from rotary / GeGLU, e.g. compiled_layers_unfused)",
+        "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
     parser.add_argument(
         "--train-variants",
         default="eager,compiled_layers",
-        help="comma list of: eager, compiled_layers, compiled_layers_varlen",
+        help="comma list of: eager, compiled_layers, compiled_layers_varlen, compiled_model (one graph "
+        "for the whole forward: fewer compiled calls per step for the host)",
     )
     parser.add_argument(
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
@@ -535,10 +535,9 @@ def main() -> None:
 
 
 class ModelVariants:
-    """The benchmarked model (`eager`) and copies of it, made on first use: compiled layers, or
-    compiled layers with FlashAttention in every layer (`_varlen`); `_unfused` at the end of a name
-    runs Wqkv and Wi as plain GEMMs with rotary / GeGLU after them (the same-run baseline of the
-    fused inference projections)."""
+    """The benchmarked model (`eager`) and copies of it, made on first use: compiled layers,
+    compiled layers with FlashAttention in every layer (`_varlen`), or the whole forward compiled
+    (`compiled_model`)."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -548,14 +547,13 @@ class ModelVariants:
             model = copy.deepcopy(self.base)
             if name.endswith("_varlen"):
                 model.attn_backend = "varlen"
-            if name.endswith("_unfused"):  # GEMM, then rotary / GeGLU as a pass of their own
-                model.use_fused_projections(False)
-            kind = name.removesuffix("_unfused")
-            if kind.startswith("compiled_layers"):
+            if name.startswith("compiled_layers"):
                 model.compile_layers()
-            elif kind == "autotune_layers":
+            elif name == "autotune_layers":
                 model.compile_layers(mode="max-autotune-no-cudagraphs")
-            elif kind != "eager":
+            elif name == "compiled_model":  # the whole packed forward as one graph, one backward graph
+                model.forward_packed = torch.compile(model.forward_packed, dynamic=True)
+            else:
                 raise ValueError(f"unknown variant {name!r}")
             self.made[name] = model
         return self.made[name]

@@ -85,16 +85,6 @@ def uses_fused_kernels(backend: str) -> bool:
     return backend == "triton" and not torch.compiler.is_compiling()
 
 
-def uses_fused_projections(backend: str, x: torch.Tensor, linear: nn.Linear) -> bool:
-    """Whether Wqkv / Wi run with their rotary / GeGLU follow-up inside the GEMM (`fused_linear.py`):
-    on the triton backend, eager or compiled, when nothing needs their gradients (inference)."""
-    if backend != "triton":
-        return False
-    from mbert_retrieval.modeling.fused_linear import can_fuse
-
-    return can_fuse(x, linear)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, 2, heads, head_dim] (q and k; rotate-half convention), in float32 like `transformers`."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -108,18 +98,10 @@ class Attention(nn.Module):
         self.window_half = None if config.is_global(layer) else config.window_half
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
-        self.fuse_projection = True  # see `uses_fused_projections`
 
     def forward(
         self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
     ):
-        if self.fuse_projection and uses_fused_projections(backend, x, self.Wqkv):
-            from mbert_retrieval.modeling.fused_linear import rotary_projection
-
-            cos, sin = (table.reshape(x.shape[0], -1) for table in rope)
-            qkv = rotary_projection(x, self.Wqkv.weight, cos, sin).view(-1, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.unbind(dim=1)
-            return self.attend(q, k, v, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
         if uses_fused_kernels(backend):
             from mbert_retrieval.modeling.fused_elementwise import rotary_qkv
@@ -130,9 +112,6 @@ class Attention(nn.Module):
             # compiled training step of 43 ms instead of 58 ms on an H100 (benchmarks/NOTES.md, step 6).
             q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
             v = qkv[:, 2]
-        return self.attend(q, k, v, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
-
-    def attend(self, q, k, v, cu_seqlens, max_seqlen: int, backend: str, key_mask, sequence_ids):
         out = packed_attention(
             q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
         )
@@ -147,16 +126,10 @@ class GeGLU(nn.Module):
         self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_activation]
-        self.fuse_projection = True  # see `uses_fused_projections`
 
-    def forward(self, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
-        """On the triton backend GELU and gate run in Wi's GEMM (inference) or in one Triton kernel
-        after it (eager training); exact GELU only."""
-        if self.act is F.gelu and self.fuse_projection and uses_fused_projections(backend, x, self.Wi):
-            from mbert_retrieval.modeling.fused_linear import geglu_projection
-
-            return self.Wo(geglu_projection(x, self.Wi.weight))
-        if self.act is F.gelu and uses_fused_kernels(backend):
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """`fused`: GELU and gate in one Triton kernel (CUDA, exact GELU only)."""
+        if fused and self.act is F.gelu:
             from mbert_retrieval.modeling.fused_elementwise import geglu
 
             return self.Wo(geglu(self.Wi(x)))
@@ -192,7 +165,7 @@ class Layer(nn.Module):
             x = add_before_norm(x, pending)
         attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
         x = add_before_norm(x, attended)
-        return x, self.mlp(self.mlp_norm(x), backend)
+        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
 
 
 def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -308,14 +281,6 @@ class ModernBert(nn.Module):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for layer in self.layers:
             layer.compile(dynamic=True, **compile_kwargs)
-        return self
-
-    def use_fused_projections(self, enabled: bool = True) -> ModernBert:
-        """Run Wqkv + rotary and Wi + GeGLU as single GEMMs in inference on the triton backend (the
-        default), or as GEMM and elementwise pass (`enabled=False`, to compare)."""
-        for module in self.modules():
-            if isinstance(module, (Attention, GeGLU)):
-                module.fuse_projection = enabled
         return self
 
     def check_packed_inputs(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> None:
