@@ -67,6 +67,26 @@ def test_bf16_model_on_cuda_matches_fp32_reference(hf_encoder_dir):
     assert ((out - ref).norm() / ref.norm()) < 2e-2
 
 
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "varlen"])
+def test_whole_forward_compiled_on_cuda_matches_eager(hf_encoder_dir, backend):
+    """torch.compile of the whole packed forward, sequence ids and positions inside the graph: on
+    CUDA, inductor's searchsorted once misread a sliced `cu_seqlens` (wrong sequence per token, NaN
+    out of the window kernel)."""
+    model = ModernBert.from_pretrained(
+        hf_encoder_dir, dtype=torch.bfloat16, device="cuda", attn_backend=backend
+    )
+    lengths = [300, 5, 40, 129, 1, 257]
+    ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).cuda()
+    compiled = torch.compile(model.forward_packed, dynamic=True)
+    with torch.inference_mode():
+        eager = model.forward_packed(ids, cu, max(lengths)).float()
+        got = compiled(ids, cu, max(lengths), check_inputs=False).float()
+    assert torch.isfinite(got).all()
+    assert (got - eager).norm() / eager.norm() < 2e-2
+
+
 @pytest.mark.parametrize("window_half", [None, 8])
 def test_repadded_reference_equals_per_sequence_loop(window_half):
     torch.manual_seed(0)

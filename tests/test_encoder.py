@@ -10,6 +10,7 @@ from transformers import ModernBertForMaskedLM as HFMaskedLM
 from transformers import ModernBertModel as HFModel
 
 from mbert_retrieval import ModernBert, ModernBertForMaskedLM, load_tokenizer
+from mbert_retrieval.modeling.attention import sequence_of
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens, unpad
 
 LENGTHS = [600, 5, 17, 130, 64, 333]  # below, at and far above the 16-token local window
@@ -79,6 +80,13 @@ def test_sequence_independent_of_batch_mates_and_padding(hf_encoder_dir):
 def test_positions_restart_in_every_sequence():
     cu = torch.tensor([0, 3, 3 + 1, 9], dtype=torch.int32)
     assert positions_from_cu_seqlens(cu, 9).tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+
+
+def test_sequence_of_each_token_skips_empty_sequences():
+    cu = torch.tensor([0, 3, 3, 4, 9], dtype=torch.int32)  # the second sequence is empty
+    assert sequence_of(cu, torch.arange(9, dtype=torch.int32)).tolist() == [0, 0, 0, 2, 3, 3, 3, 3, 3]
+    compiled = torch.compile(sequence_of, dynamic=True)  # inside a graph, as in a compiled forward
+    assert compiled(cu, torch.arange(9, dtype=torch.int32)).tolist() == [0, 0, 0, 2, 3, 3, 3, 3, 3]
 
 
 def test_save_loads_in_transformers(tmp_path, hf_encoder_dir, hf_mlm_dir):

@@ -77,6 +77,15 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return "packed_sdpa" if device.type == "cpu" and not torch.is_grad_enabled() else "reference"
 
 
+def sequence_of(cu_seqlens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The sequence that token `index` belongs to: the number of starts at or before it, minus one.
+
+    Searches all of `cu_seqlens`, never a slice of it: inductor's CUDA searchsorted ignores a view's
+    storage offset (torch 2.11), so `searchsorted(cu_seqlens[1:], ...)` came out one too high under
+    torch.compile of the whole forward (benchmarks/NOTES.md)."""
+    return torch.searchsorted(cu_seqlens, index, right=True, out_int32=True) - 1
+
+
 def packed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,9 +224,7 @@ def blocked_window_sdpa(
     queries = F.pad(q, (0, 0, 0, 0, 0, tail)).view(blocks, block, heads, dim).transpose(1, 2)
     # Each token's sequence; the padding gets -1 (padded queries attend to padded keys, so no row
     # is empty and no NaN appears, even in gradients).
-    sequence = torch.searchsorted(
-        cu_seqlens[1:], torch.arange(total, device=q.device, dtype=cu_seqlens.dtype), right=True
-    )
+    sequence = sequence_of(cu_seqlens, torch.arange(total, device=q.device, dtype=cu_seqlens.dtype))
     query_sequence = F.pad(sequence, (0, tail), value=-1).view(blocks, block)
     key_sequence = F.pad(sequence, (window_half, tail + window_half), value=-1).unfold(0, span, block)
     # query i of a block sits at key slot i + window_half of the same block

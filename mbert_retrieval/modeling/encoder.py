@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbert_retrieval.modeling.attention import check_backend_name, packed_attention, resolve_backend
+from mbert_retrieval.modeling.attention import (
+    check_backend_name,
+    packed_attention,
+    resolve_backend,
+    sequence_of,
+)
 from mbert_retrieval.modeling.config import ModernBertConfig
 from mbert_retrieval.modeling.io import (
     CheckpointError,
@@ -435,5 +440,4 @@ def repad(packed: torch.Tensor, keep: torch.Tensor, shape: torch.Size) -> torch.
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Each token's index within its own sequence, computed on the device without a host sync."""
     token_index = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
-    sequence = torch.searchsorted(cu_seqlens[1:], token_index, right=True)
-    return token_index - cu_seqlens[sequence]
+    return token_index - cu_seqlens[sequence_of(cu_seqlens, token_index)]

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mbert_retrieval.modeling.attention import sequence_of
+
 LOG2_E = 1.4426950408889634
 
 
@@ -212,7 +214,7 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 def sequence_ids(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
     """Each packed token's sequence index [N] int32, on the device without a host sync."""
     index = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], index, right=True, out_int32=True)
+    return sequence_of(cu_seqlens, index)
 
 
 def _scales(head_dim: int) -> tuple[float, float]:

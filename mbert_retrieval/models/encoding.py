@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mbert_retrieval.modeling.attention import sequence_of
+
 logger = logging.getLogger("mbert_retrieval")
 
 DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # on accelerators
@@ -333,7 +335,7 @@ def plan_batches(lengths: Sequence[int], max_tokens: int) -> list[np.ndarray]:
 def sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """For each packed token, the index of its sequence (computed on the device, no host sync)."""
     tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+    return sequence_of(cu_seqlens, tokens).long()
 
 
 def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
