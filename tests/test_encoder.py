@@ -174,3 +174,29 @@ def test_compiled_layers_match_eager(hf_encoder_dir):
             expected = eager.forward_packed(packed, cu_seqlens, max_len)
             actual = compiled.forward_packed(packed, cu_seqlens, max_len)
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_forward_matches_eager_with_gradients_and_in_a_copy(hf_encoder_dir):
+    """The whole forward as one graph: outputs and gradients as eager for two token counts, and a
+    deep copy runs its own weights (the compiled function takes the model as an argument)."""
+    import copy
+
+    eager = ModernBert.from_pretrained(hf_encoder_dir).train()
+    compiled = ModernBert.from_pretrained(hf_encoder_dir).train().compile_forward()
+    for lengths in ([40, 7, 90], [13, 200]):
+        ids, mask = padded_batch(lengths)
+        packed, cu_seqlens, max_len, _ = unpad(ids, mask.bool())
+        outputs = [model.forward_packed(packed, cu_seqlens, max_len) for model in (eager, compiled)]
+        for out in outputs:
+            out.square().mean().backward()
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+        for (name, expected), got in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(got.grad, expected.grad, rtol=1e-3, atol=1e-5, msg=name)
+            expected.grad, got.grad = None, None
+    copied = copy.deepcopy(compiled).eval()
+    with torch.no_grad():
+        copied.layers[0].attn.Wo.weight.zero_()  # the copy's own weights must show in its output
+        changed = copied.forward_packed(packed, cu_seqlens, max_len)
+        original = compiled.eval().forward_packed(packed, cu_seqlens, max_len)
+    assert not torch.allclose(changed, original)

@@ -113,7 +113,13 @@ class RunOptions:
     gradient_checkpointing: Annotated[
         bool, typer.Option(help="Recompute activations in backward to save memory.")
     ] = False
-    compile: Annotated[bool, typer.Option(help="torch.compile the encoder layers (CUDA).")] = False
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="torch.compile the encoder (CUDA): its whole forward as one graph in one process, "
+            "layer by layer under torchrun or with gradient checkpointing."
+        ),
+    ] = False
     tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard.")] = False
     device: Device = None
     logging_steps: Annotated[int, typer.Option(help="Write metrics every this many steps.")] = 10

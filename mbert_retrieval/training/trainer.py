@@ -170,12 +170,14 @@ class Trainer:
         model = self.task.model.to(self.device)
         model.train()
         self.task.encoder.gradient_checkpointing = self.args.gradient_checkpointing
-        if self.args.compile:
+        if self.args.compile and (self.world.distributed or self.args.gradient_checkpointing):
             # Under DDP, dynamo would cut each compiled layer at DDP's bucket boundaries (its
             # "DDPOptimizer", made for one graph of a whole model): two graphs and more host work per
             # layer for nothing, as per-layer graphs already let communication overlap the backward.
             torch._dynamo.config.optimize_ddp = False
             self.task.encoder.compile_layers()
+        elif self.args.compile:  # one process: one graph for the whole encoder, the least host work
+            self.task.encoder.compile_forward()
         return model
 
     def _start(self) -> _Run:
