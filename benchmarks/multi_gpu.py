@@ -13,7 +13,9 @@ BPE tokenizer trained here on those texts (benchmarks/common.py), bf16 on the GP
   largest difference between the first two runs' logged losses (each mode starts from caches
   filled by an untimed run, so no compilation falls in the timed steps; compiled runs also report
   `recompiles_in_timed_steps`, the graphs dynamo compiled after the warm-up on rank 0, from the
-  trainer's `compiled_graphs`); then (`--profile`, the
+  trainer's `compiled_graphs`; with `--compile` the trainer compiles the whole forward in one
+  process and each layer under 2, so the compiled pair compares each setting's own best); then
+  (`--profile`, the
   default) a few steps of the headline mode on 1 and on 2 GPUs under torch.profiler (MBERT_RETRIEVAL_PROFILE):
   per rank, ms per step of wall time, GPU busy time, NCCL kernels and host time in data, forward,
   backward, optimizer and the loss sync. Also how fast one host process builds global batches (read,
