@@ -10,8 +10,8 @@ from transformers import ModernBertForMaskedLM as HFMaskedLM
 from transformers import ModernBertModel as HFModel
 
 from mbert_retrieval import ModernBert, ModernBertForMaskedLM, load_tokenizer
-from mbert_retrieval.modeling.attention import sequence_of
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens, unpad
+from mbert_retrieval.modeling.packing import sequence_of
 
 LENGTHS = [600, 5, 17, 130, 64, 333]  # below, at and far above the 16-token local window
 

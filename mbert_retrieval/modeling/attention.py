@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mbert_retrieval.modeling.packing import sequence_of
+
 BACKENDS = ("auto", "triton", "varlen", "flash_attn", "packed_sdpa", "reference")
 _HALF = (torch.float16, torch.bfloat16)
 PADDED_SCORES_LIMIT = 2**26  # B x L x L mask entries the re-padded reference path may build
@@ -75,15 +77,6 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     # CPU training keeps the reference path and its exact numerics; name packed_sdpa to train with it
     # (its gradients match the reference's, tests/test_attention_backends.py).
     return "packed_sdpa" if device.type == "cpu" and not torch.is_grad_enabled() else "reference"
-
-
-def sequence_of(cu_seqlens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The sequence that token `index` belongs to: the number of starts at or before it, minus one.
-
-    Searches all of `cu_seqlens`, never a slice of it: inductor's CUDA searchsorted ignores a view's
-    storage offset (torch 2.11), so `searchsorted(cu_seqlens[1:], ...)` came out one too high under
-    torch.compile of the whole forward (benchmarks/NOTES.md)."""
-    return torch.searchsorted(cu_seqlens, index, right=True, out_int32=True) - 1
 
 
 def packed_attention(

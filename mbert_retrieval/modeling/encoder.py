@@ -14,12 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbert_retrieval.modeling.attention import (
-    check_backend_name,
-    packed_attention,
-    resolve_backend,
-    sequence_of,
-)
+from mbert_retrieval.modeling.attention import check_backend_name, packed_attention, resolve_backend
 from mbert_retrieval.modeling.config import ModernBertConfig
 from mbert_retrieval.modeling.io import (
     CheckpointError,
@@ -29,6 +24,7 @@ from mbert_retrieval.modeling.io import (
     resolve_model_dir,
     save_safetensors,
 )
+from mbert_retrieval.modeling.packing import sequence_of
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -294,7 +290,9 @@ class ModernBert(nn.Module):
         Under DDP prefer `compile_layers`: a single backward graph hands over all its gradients at
         its end, so their all-reduce could not overlap the backward.
         """
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # see compile_layers
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, 64
+        )  # see compile_layers
         # The unbound function takes the model as an argument, so a copy of the model runs itself.
         self._compiled_forward = torch.compile(ModernBert._forward_checked, dynamic=True, **compile_kwargs)
         return self

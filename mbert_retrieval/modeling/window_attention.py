@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.attention import sequence_of
+from mbert_retrieval.modeling.packing import sequence_of
 
 LOG2_E = 1.4426950408889634
 

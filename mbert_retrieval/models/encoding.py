@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mbert_retrieval.modeling.attention import sequence_of
+from mbert_retrieval.modeling.packing import sequence_of
 
 logger = logging.getLogger("mbert_retrieval")
 
