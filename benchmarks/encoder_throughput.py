@@ -148,11 +148,6 @@ def ours_forward(model, packed, cu, max_len, positions):
     return model.forward_packed(packed, cu, max_len, position_ids=positions, check_inputs=False)
 
 
-def compiled_forward(model):
-    """torch.compile over the whole packed forward; token counts vary, so shapes are dynamic."""
-    return torch.compile(model.forward_packed, dynamic=True)
-
-
 class Ceiling:
     """The model's GEMMs and attention kernels alone, on the model's shapes, nothing between them.
 
@@ -502,11 +497,7 @@ def main() -> None:
     models = ModelVariants(ours)
     variants = {}
     for name in args.variants.split(","):
-        if name == "compiled":
-            compiled = compiled_forward(ours)
-            variants[name] = lambda p, c, m, pos, f=compiled: f(p, c, m, position_ids=pos, check_inputs=False)
-        else:
-            variants[name] = lambda *a, model=models.get(name): ours_forward(model, *a)
+        variants[name] = lambda *a, model=models.get(name): ours_forward(model, *a)
 
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -537,7 +528,7 @@ def main() -> None:
 class ModelVariants:
     """The benchmarked model (`eager`) and copies of it, made on first use: compiled layers,
     compiled layers with FlashAttention in every layer (`_varlen`), or the whole forward compiled
-    (`compiled_model`)."""
+    (`compiled`, also named `compiled_model`)."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -551,8 +542,8 @@ class ModelVariants:
                 model.compile_layers()
             elif name == "autotune_layers":
                 model.compile_layers(mode="max-autotune-no-cudagraphs")
-            elif name == "compiled_model":  # the whole packed forward as one graph, one backward graph
-                model.forward_packed = torch.compile(model.forward_packed, dynamic=True)
+            elif name in ("compiled", "compiled_model"):  # the whole forward as one graph (and one backward)
+                model.compile_forward()
             else:
                 raise ValueError(f"unknown variant {name!r}")
             self.made[name] = model

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mbert_retrieval.modeling.packing import sequence_of
+from mbert_retrieval.modeling.packing import sequence_ids
 
 BACKENDS = ("auto", "triton", "varlen", "flash_attn", "packed_sdpa", "reference")
 _HALF = (torch.float16, torch.bfloat16)
@@ -94,7 +94,7 @@ def packed_attention(
 
     `key_mask` [N] (reference backend; packed_sdpa falls back to it) keeps tokens others may attend to; every token still
     computes its own output. A token left with nothing to attend to gets zeros. `sequence_ids` [N]
-    int32 (`window_attention.sequence_ids`), for the triton backend, is made once per forward.
+    int32 (`packing.sequence_ids`), for the triton backend, is made once per forward.
     """
     if backend == "triton":
         if uses_window_kernel(backend, window_half, max_seqlen, q.shape[-1]):
@@ -217,7 +217,7 @@ def blocked_window_sdpa(
     queries = F.pad(q, (0, 0, 0, 0, 0, tail)).view(blocks, block, heads, dim).transpose(1, 2)
     # Each token's sequence; the padding gets -1 (padded queries attend to padded keys, so no row
     # is empty and no NaN appears, even in gradients).
-    sequence = sequence_of(cu_seqlens, torch.arange(total, device=q.device, dtype=cu_seqlens.dtype))
+    sequence = sequence_ids(cu_seqlens, total)
     query_sequence = F.pad(sequence, (0, tail), value=-1).view(blocks, block)
     key_sequence = F.pad(sequence, (window_half, tail + window_half), value=-1).unfold(0, span, block)
     # query i of a block sits at key slot i + window_half of the same block

@@ -24,6 +24,7 @@ from mbert_retrieval.modeling.io import (
     resolve_model_dir,
     save_safetensors,
 )
+from mbert_retrieval.modeling.packing import sequence_ids as make_sequence_ids
 from mbert_retrieval.modeling.packing import sequence_of
 
 ACTIVATIONS = {
@@ -169,6 +170,11 @@ class Layer(nn.Module):
         return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
 
 
+def _raise_recompile_limit(limit: int = 64) -> None:
+    """Dynamo falls back to eager, silently, past its graphs-per-function limit (8 by default)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     """x + update, for a sum that a LayerNorm reads next. Under torch.compile it is written as
     x - (-update), the same number: inductor would fold `x + matmul` into addmm(x, ...), which
@@ -267,8 +273,6 @@ class ModernBert(nn.Module):
         global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
         sequence_ids = None
         if backend == "triton":  # the window kernel's masks, made once for all layers
-            from mbert_retrieval.modeling.window_attention import sequence_ids as make_sequence_ids
-
             sequence_ids = make_sequence_ids(cu_seqlens, input_ids.shape[0])
         x, pending = self.embeddings(input_ids), None
         for layer in self.layers:
@@ -290,9 +294,7 @@ class ModernBert(nn.Module):
         Under DDP prefer `compile_layers`: a single backward graph hands over all its gradients at
         its end, so their all-reduce could not overlap the backward.
         """
-        torch._dynamo.config.recompile_limit = max(
-            torch._dynamo.config.recompile_limit, 64
-        )  # see compile_layers
+        _raise_recompile_limit()
         # The unbound function takes the model as an argument, so a copy of the model runs itself.
         self._compiled_forward = torch.compile(ModernBert._forward_checked, dynamic=True, **compile_kwargs)
         return self
@@ -304,7 +306,7 @@ class ModernBert(nn.Module):
         Global / local x training / inference x a few shape specialisations can pass dynamo's default
         limit of 8 graphs per function, after which it silently falls back to eager: raise it.
         """
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _raise_recompile_limit()
         for layer in self.layers:
             layer.compile(dynamic=True, **compile_kwargs)
         return self

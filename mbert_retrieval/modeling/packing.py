@@ -12,3 +12,8 @@ def sequence_of(cu_seqlens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     storage offset (torch 2.11), so `searchsorted(cu_seqlens[1:], ...)` came out one too high under
     torch.compile of the whole forward (benchmarks/NOTES.md)."""
     return torch.searchsorted(cu_seqlens, index, right=True, out_int32=True) - 1
+
+
+def sequence_ids(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each of the `tokens` packed tokens' sequence index [N] int32, on the device without a host sync."""
+    return sequence_of(cu_seqlens, torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype))

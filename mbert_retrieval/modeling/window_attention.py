@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.packing import sequence_of
+from mbert_retrieval.modeling.packing import sequence_ids
 
 LOG2_E = 1.4426950408889634
 
@@ -209,12 +209,6 @@ def _window_bwd_dq(
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def sequence_ids(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Each packed token's sequence index [N] int32, on the device without a host sync."""
-    index = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return sequence_of(cu_seqlens, index)
 
 
 def _scales(head_dim: int) -> tuple[float, float]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mbert_retrieval.modeling.packing import sequence_of
+from mbert_retrieval.modeling.packing import sequence_ids
 
 logger = logging.getLogger("mbert_retrieval")
 
@@ -332,12 +332,6 @@ def plan_batches(lengths: Sequence[int], max_tokens: int) -> list[np.ndarray]:
 # -- pooling over packed sequences -------------------------------------------------------------------
 
 
-def sequence_ids(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """For each packed token, the index of its sequence (computed on the device, no host sync)."""
-    tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return sequence_of(cu_seqlens, tokens).long()
-
-
 def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """[N, H] -> [B, H] float32 means over each sequence's tokens.
 
@@ -346,7 +340,7 @@ def mean_pool_packed(hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Te
     run, or one shard of a corpus, to the next."""
     num_sequences = cu_seqlens.shape[0] - 1
     sums = hidden.new_zeros(num_sequences, hidden.shape[-1], dtype=torch.float64)
-    sums.index_add_(0, sequence_ids(cu_seqlens, hidden.shape[0]), hidden.double())
+    sums.index_add_(0, sequence_ids(cu_seqlens, hidden.shape[0]).long(), hidden.double())
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float64)
     return (sums / lengths[:, None]).float()
 

@@ -27,7 +27,7 @@ def pad_packed(
     values: torch.Tensor, cu_seqlens: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed rows [N, ...] -> padded [B, length, ...] (zeros after each sequence) and mask [B, length]."""
-    from mbert_retrieval.models.encoding import sequence_ids
+    from mbert_retrieval.modeling.packing import sequence_ids
 
     sequence = sequence_ids(cu_seqlens, values.shape[0]).long()
     position = torch.arange(values.shape[0], device=values.device) - cu_seqlens.long()[sequence]
