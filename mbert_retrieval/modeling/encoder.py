@@ -204,7 +204,7 @@ class ModernBert(nn.Module):
         self.global_rotary = Rotary(head_dim, config.global_rope_theta, max_pos)
         self.local_rotary = Rotary(head_dim, config.local_rope_theta, max_pos)
         self.gradient_checkpointing = False
-        self._compiled_forward = None  # set by `compile_forward`
+        self._compiled_layers = None  # set by `compile_forward`
 
     @property
     def device(self) -> torch.device:
@@ -255,13 +255,15 @@ class ModernBert(nn.Module):
         """
         if check_inputs:
             self.check_packed_inputs(input_ids, cu_seqlens, max_seqlen)
-        run = self._compiled_forward or ModernBert._forward_checked
-        return run(self, input_ids, cu_seqlens, max_seqlen, position_ids, key_mask)
+        return self._forward_checked(input_ids, cu_seqlens, max_seqlen, position_ids, key_mask)
 
     def _forward_checked(
         self, input_ids, cu_seqlens, max_seqlen: int, position_ids, key_mask
     ) -> torch.Tensor:
-        """`forward_packed` past its input checks: what `compile_forward` compiles."""
+        """`forward_packed` past its input checks: what every layer needs is made once, eagerly, then
+        the layers run (as one compiled graph after `compile_forward`). Made inside a compiled
+        graph, positions and RoPE tables were recomputed by every layer's rotary kernel, a binary
+        search per element (benchmarks/NOTES.md, run 12)."""
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
         # Under autocast (fp32 weights, bf16 compute) the attention kernels see the autocast dtype.
@@ -270,10 +272,18 @@ class ModernBert(nn.Module):
         backend = resolve_backend(self.attn_backend, self.device, compute_dtype)
         if key_mask is not None:  # the packed kernels have no per-key mask
             backend = "reference"
-        global_rope, local_rope = self.global_rotary(position_ids), self.local_rotary(position_ids)
+        ropes = (self.global_rotary(position_ids), self.local_rotary(position_ids))
         sequence_ids = None
         if backend == "triton":  # the window kernel's masks, made once for all layers
             sequence_ids = make_sequence_ids(cu_seqlens, input_ids.shape[0])
+        run = self._compiled_layers or ModernBert._run_layers
+        return run(self, input_ids, cu_seqlens, max_seqlen, ropes, backend, key_mask, sequence_ids)
+
+    def _run_layers(
+        self, input_ids, cu_seqlens, max_seqlen: int, ropes: tuple, backend: str, key_mask, sequence_ids
+    ) -> torch.Tensor:
+        """Embeddings, the layers and the final norm: what `compile_forward` compiles."""
+        global_rope, local_rope = ropes
         x, pending = self.embeddings(input_ids), None
         for layer in self.layers:
             rope = global_rope if layer.is_global else local_rope
@@ -285,18 +295,24 @@ class ModernBert(nn.Module):
         return self.final_norm(x + pending)
 
     def compile_forward(self, **compile_kwargs) -> ModernBert:
-        """torch.compile the whole packed forward as one graph, for varying token counts.
+        """torch.compile the embeddings, all layers and the final norm as one graph, for varying
+        token counts.
 
         One compiled call per forward (and one backward) instead of one per layer as with
         `compile_layers`, so less host work per step: on one H200, training on short variable
         batches ran 9-12% faster than with compiled layers, and short inference stayed GPU-bound on
-        a slow host; where the GPU is the limit it runs 1-4% slower (benchmarks/NOTES.md, runs 8-9).
+        a slow host (benchmarks/NOTES.md, runs 8-9 and 12).
         Under DDP prefer `compile_layers`: a single backward graph hands over all its gradients at
         its end, so their all-reduce could not overlap the backward.
         """
         _raise_recompile_limit()
+        if "mode" not in compile_kwargs:
+            # Store each residual sum once (it has two readers, the LayerNorm and the next sum).
+            # By default inductor recomputes a chain of up to 4 sums inside every reader, so
+            # LayerNorm kernels read 3-5 activations instead of 2 (benchmarks/NOTES.md, run 12).
+            compile_kwargs["options"] = {"realize_reads_threshold": 1, **compile_kwargs.get("options", {})}
         # The unbound function takes the model as an argument, so a copy of the model runs itself.
-        self._compiled_forward = torch.compile(ModernBert._forward_checked, dynamic=True, **compile_kwargs)
+        self._compiled_layers = torch.compile(ModernBert._run_layers, dynamic=True, **compile_kwargs)
         return self
 
     def compile_layers(self, **compile_kwargs) -> ModernBert:
