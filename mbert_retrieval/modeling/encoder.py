@@ -87,6 +87,12 @@ def uses_fused_kernels(backend: str) -> bool:
     return backend == "triton" and not torch.compiler.is_compiling()
 
 
+def uses_fused_geglu(backend: str) -> bool:
+    """GeGLU's Triton kernels: eagerly on CUDA, and also under torch.compile when gradients are on,
+    where inductor's fusion of the plain code makes a slow backward (benchmarks/NOTES.md, run 12)."""
+    return backend == "triton" and (not torch.compiler.is_compiling() or torch.is_grad_enabled())
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, 2, heads, head_dim] (q and k; rotate-half convention), in float32 like `transformers`."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -167,7 +173,7 @@ class Layer(nn.Module):
             x = add_before_norm(x, pending)
         attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
         x = add_before_norm(x, attended)
-        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
+        return x, self.mlp(self.mlp_norm(x), uses_fused_geglu(backend))
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
