@@ -108,6 +108,7 @@ def ddp_worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: s
             if rank == 0:
                 result = {"loss": total, "grads": gradients(task.model)}
                 torch.save(result, Path(out_dir) / f"{name}-{chunk_tokens}.pt")
+            sync.release()  # before the group goes: else a possible hang at exit (GradientSync.release)
     finally:
         dist.destroy_process_group()
 
@@ -220,11 +221,20 @@ def trainer_worker(rank: int, world: int, port: int, model_dir: str, data: str, 
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    wrapped = []  # per wrap: did the model train inside DistributedDataParallel?
+    original_wrap = GradientSync.wrap
+
+    def recording_wrap(model):
+        sync = original_wrap(model)
+        wrapped.append(isinstance(sync.ddp, DistributedDataParallel) and sync.ddp.module.model is model)
+        return sync
+
+    GradientSync.wrap = staticmethod(recording_wrap)
     try:
         for name, settings in TRAINER_RUNS.items():
             result, trainer = trainer_run(Path(model_dir), Path(data), Path(out_dir) / name, **settings)
-            ddp = trainer.gradient_sync.ddp  # the model trains inside DistributedDataParallel
-            assert isinstance(ddp, DistributedDataParallel) and ddp.module.model is trainer.task.model
+            assert wrapped.pop() is True
+            assert trainer.gradient_sync.ddp is None  # released before the process group goes
             if rank == 0:
                 state = {"losses": result.losses, "weights": trainer.task.model.state_dict()}
                 torch.save(state, Path(out_dir) / f"{name}.pt")

@@ -13,6 +13,7 @@ Together they give the gradients of one process on the whole batch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,16 @@ class GradientSync:
         # gradient_as_bucket_view: gradients live in DDP's buckets, saving a copy and their memory
         ddp = DistributedDataParallel(_ModelPass(model), gradient_as_bucket_view=True)
         return cls(ddp)
+
+    def release(self) -> None:
+        """Drop the DDP wrapper once training is done, before the process group is destroyed.
+
+        Left for later, DDP's reducer would hold the last reference to a destroyed gloo group, and
+        freeing it from Python blocks on the group's worker threads while holding the GIL, which
+        one of them may need to free a tensor: a hang at exit (seen in a CPU test of two ranks)."""
+        if self.ddp is not None:
+            self.ddp = None
+            gc.collect()  # DDP's hooks and modules form reference cycles
 
     def __call__(self, function: Callable[..., T], *args, **kwargs) -> T:
         """`function(*args, **kwargs)`: a forward pass of the model whose backward DDP all-reduces."""

@@ -362,6 +362,7 @@ class Trainer:
             run.model.eval()
             self.task.save(result.final_model)
         barrier()
+        self.gradient_sync.release()
         return result
 
     def _out_of_time(self, started: float) -> bool:
