@@ -210,7 +210,7 @@ class ModernBert(nn.Module):
         self.global_rotary = Rotary(head_dim, config.global_rope_theta, max_pos)
         self.local_rotary = Rotary(head_dim, config.local_rope_theta, max_pos)
         self.gradient_checkpointing = False
-        self._compiled_layers = None  # set by `compile_forward`
+        self._compiled_run_layers = None  # set by `compile_forward`
         self._graph_shapes: GraphShapes | None = None  # set by `compile_forward(cuda_graphs=True)`
         self._graph_backward_pending = False
 
@@ -320,7 +320,7 @@ class ModernBert(nn.Module):
         sequence_ids = None
         if backend == "triton":  # the window kernel's masks, made once for all layers
             sequence_ids = make_sequence_ids(cu_seqlens, input_ids.shape[0])
-        run = self._compiled_layers or ModernBert._run_layers
+        run = self._compiled_run_layers or ModernBert._run_layers
         return run(self, input_ids, cu_seqlens, max_seqlen, ropes, backend, key_mask, sequence_ids)
 
     def _run_layers(
@@ -369,7 +369,7 @@ class ModernBert(nn.Module):
         self._graph_shapes = (graph_shapes or GraphShapes()) if cuda_graphs else None
         self._graph_backward_pending = False
         # The unbound function takes the model as an argument, so a copy of the model runs itself.
-        self._compiled_layers = torch.compile(ModernBert._run_layers, dynamic=True, **compile_kwargs)
+        self._compiled_run_layers = torch.compile(ModernBert._run_layers, dynamic=True, **compile_kwargs)
         return self
 
     def compile_layers(self, **compile_kwargs) -> ModernBert:
