@@ -68,6 +68,26 @@ def test_rotary_matches_plain_code_with_gradients(dtype, heads, head_dim, length
     assert relative_error(got_grad, expected_grad) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("used", [3, 1])
+def test_rotary_operator_under_torch_compile_matches_plain_code_with_gradients(used):
+    """What a compiled training step runs: the kernels as operators with their own backward (with all
+    three outputs used, and with only q, so k's and v's gradients are missing)."""
+    generator = torch.Generator().manual_seed(used)
+    base = torch.randn(40, 3, 2, 16, generator=generator).to(DEVICE)
+    upstream = [torch.randn(40, 2, 16, generator=generator).to(DEVICE) for _ in range(used)]
+    cos, sin = rope_for([30, 10], 16)
+    results = []
+    for rotate in (torch.compile(fused.rotary_qkv, dynamic=True), plain_rotary):
+        qkv = base.clone().requires_grad_()
+        outputs = rotate(qkv, cos, sin)
+        sum((out * grad).sum() for out, grad in zip(outputs, upstream)).backward()
+        results.append((outputs, qkv.grad))
+    (got, got_grad), (expected, expected_grad) = results
+    for got_part, expected_part in zip(got, expected):
+        assert relative_error(got_part, expected_part) < 1e-5
+    assert relative_error(got_grad, expected_grad) < 1e-5
+
+
 def test_rotary_backward_with_an_unused_output():
     """Attention that never reads v (or k) leaves its gradient None: it counts as zeros."""
     qkv = torch.randn(9, 3, 2, 16, device=DEVICE).requires_grad_()

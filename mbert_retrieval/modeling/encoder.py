@@ -82,14 +82,10 @@ class Rotary(nn.Module):
 
 
 def uses_fused_kernels(backend: str) -> bool:
-    """Whether a layer runs rotary and GeGLU as single Triton kernels: on the eager CUDA path
-    (`fused_elementwise.py`); under torch.compile inductor fuses the plain code itself."""
-    return backend == "triton" and not torch.compiler.is_compiling()
-
-
-def uses_fused_geglu(backend: str) -> bool:
-    """GeGLU's Triton kernels: eagerly on CUDA, and also under torch.compile when gradients are on,
-    where inductor's fusion of the plain code makes a slow backward (benchmarks/NOTES.md, run 12)."""
+    """Whether a layer runs rotary and GeGLU as single Triton kernels (`fused_elementwise.py`): on
+    the eager CUDA path, and under torch.compile when gradients are on, where inductor's fusion of
+    the plain code makes slower backward kernels (benchmarks/NOTES.md, runs 12-13). For compiled
+    inference inductor's own fusion is as good."""
     return backend == "triton" and (not torch.compiler.is_compiling() or torch.is_grad_enabled())
 
 
@@ -173,7 +169,7 @@ class Layer(nn.Module):
             x = add_before_norm(x, pending)
         attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
         x = add_before_norm(x, attended)
-        return x, self.mlp(self.mlp_norm(x), uses_fused_geglu(backend))
+        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:

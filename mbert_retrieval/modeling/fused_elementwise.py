@@ -64,60 +64,106 @@ def _copy_part(
 
 @triton.jit
 def _rotary_kernel(
-    SRC, DST, COS, SIN, n_tokens, heads,
-    ss_t, ss_p, ss_h, sd_t, sd_p, sd_h, sc_t,
-    direction: tl.constexpr, COPY_V: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    QS, KS, VS, QD, KD, VD, COS, SIN, n_tokens, heads,
+    sqs_t, sqs_h, sks_t, sks_h, svs_t, svs_h, sqd_t, sqd_h, skd_t, skd_h, svd_t, svd_h, sc_t,
+    direction: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF_COLS: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
-    """One block of tokens: q and k rotated (and v copied when COPY_V) from SRC [N, 3, heads, dim]
-    (any strides but unit along dim) to DST. The forward and the backward differ only in the
-    rotation's sign."""
+    """One block of tokens: q and k rotated and v copied, from QS, KS, VS [N, heads, dim] to QD, KD,
+    VD (any strides but unit along dim; q, k, v may be views into one [N, 3, heads, dim] buffer).
+    The forward and the backward differ only in the rotation's sign."""
     tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)  # int64: N x stride can pass 2**31
     half: tl.constexpr = HEAD_DIM // 2
     rows = heads * half
-    for part in tl.static_range(2):
-        _rotate(SRC, DST, COS, SIN, tokens, rows, n_tokens, ss_t, ss_p, ss_h, sd_t, sd_p, sd_h, sc_t,
-                part, direction, half, HALF_COLS)  # fmt: skip
-    if COPY_V:
-        _copy_part(SRC, DST, tokens, n_tokens, ss_t, ss_p, ss_h, sd_t, sd_p, sd_h,
-                   2, HEAD_DIM, COLS, heads * HEAD_DIM)  # fmt: skip
+    _rotate(QS, QD, COS, SIN, tokens, rows, n_tokens, sqs_t, 0, sqs_h, sqd_t, 0, sqd_h, sc_t,
+            0, direction, half, HALF_COLS)  # fmt: skip
+    _rotate(KS, KD, COS, SIN, tokens, rows, n_tokens, sks_t, 0, sks_h, skd_t, 0, skd_h, sc_t,
+            0, direction, half, HALF_COLS)  # fmt: skip
+    _copy_part(VS, VD, tokens, n_tokens, svs_t, 0, svs_h, svd_t, 0, svd_h,
+               0, HEAD_DIM, COLS, heads * HEAD_DIM)  # fmt: skip
 
 
-def _run_rotary(src: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, direction: int):
-    tokens, _, heads, head_dim = src.shape
+def _run_rotary(sources, targets, cos: torch.Tensor, sin: torch.Tensor, direction: int) -> None:
+    """q, k, v `sources` [N, heads, dim] rotated (q, k) and copied (v) into `targets`."""
+    tokens, heads, head_dim = sources[0].shape
+    strides = [stride for t in (*sources, *targets) for stride in (t.stride(0), t.stride(1))]
     grid = (triton.cdiv(tokens, ROTARY_TOKENS),)
     _rotary_kernel[grid](
-        src, dst, cos, sin, tokens, heads,
-        src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
-        cos.stride(0), direction=direction, COPY_V=src is not dst, TOKENS=ROTARY_TOKENS, HEAD_DIM=head_dim,
+        *sources, *targets, cos, sin, tokens, heads, *strides, cos.stride(0),
+        direction=direction, TOKENS=ROTARY_TOKENS, HEAD_DIM=head_dim,
         HALF_COLS=triton.next_power_of_2(heads * head_dim // 2),
         COLS=triton.next_power_of_2(heads * head_dim),
     )  # fmt: skip
 
 
+def _rotary_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    """q, k rotated and v, each [N, heads, dim] in a buffer of its own."""
+    targets = [qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3)]
+    _run_rotary(qkv.unbind(1), targets, cos, sin, direction=1)
+    return targets
+
+
+def _rotary_backward(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of qkv [N, 3, heads, dim] in one pass: q's and k's rotated back, v's copied."""
+    grad_qkv = grad_q.new_empty(grad_q.shape[0], 3, *grad_q.shape[1:])
+    _run_rotary((grad_q, grad_k, grad_v), grad_qkv.unbind(1), cos, sin, direction=-1)
+    return grad_qkv
+
+
 class _RotaryQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin):
-        out = torch.empty_like(qkv, memory_format=torch.contiguous_format)
-        _run_rotary(qkv, out, cos, sin, direction=1)
         ctx.save_for_backward(cos, sin)
-        return out.unbind(1)
+        return tuple(_rotary_forward(qkv, cos, sin))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        cos, sin = ctx.saved_tensors
-        grads = torch.stack([_dense(g, grad_q, grad_k, grad_v) for g in (grad_q, grad_k, grad_v)], dim=1)
-        # In place: each program reads a token's halves before it writes them; v's gradient stays.
-        _run_rotary(grads, grads, cos, sin, direction=-1)
-        return grads, None, None
+        grads = [_dense(g, grad_q, grad_k, grad_v) for g in (grad_q, grad_k, grad_v)]
+        return _rotary_backward(*grads, *ctx.saved_tensors), None, None
+
+
+# The same kernels as operators that torch.compile calls as they are. Inductor's own code for the
+# backward takes two passes of ~50 us each per layer at 16k tokens on an H200 (benchmarks/NOTES.md,
+# run 12's training profile), this one pass.
+rotary_forward_op = torch.library.custom_op("mbert_retrieval::rotary_qkv_fwd", mutates_args=())(
+    _rotary_forward
+)
+rotary_backward_op = torch.library.custom_op("mbert_retrieval::rotary_qkv_bwd", mutates_args=())(
+    _rotary_backward
+)
+
+
+@rotary_forward_op.register_fake
+def _(qkv, cos, sin):
+    return [qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3)]
+
+
+@rotary_backward_op.register_fake
+def _(grad_q, grad_k, grad_v, cos, sin):
+    return grad_q.new_empty(grad_q.shape[0], 3, *grad_q.shape[1:])
+
+
+def _save_rotation(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _rotary_op_backward(ctx, grads):
+    grads = [_dense(g, *grads) for g in grads]
+    return rotary_backward_op(*grads, *ctx.saved_tensors), None, None
+
+
+rotary_forward_op.register_autograd(_rotary_op_backward, setup_context=_save_rotation)
 
 
 def _dense(grad: torch.Tensor | None, *like: torch.Tensor | None) -> torch.Tensor:
-    """A missing gradient (an output that nothing used) as zeros."""
+    """A gradient as the kernels read it: unit stride along the last dim (a sum's gradient comes
+    expanded, stride 0), and a missing one (an output that nothing used) as zeros."""
     if grad is not None:
-        return grad
+        return grad if grad.stride(-1) == 1 else grad.contiguous()
     shape_of = next(g for g in like if g is not None)
-    return torch.zeros_like(shape_of)
+    return torch.zeros(shape_of.shape, dtype=shape_of.dtype, device=shape_of.device)
 
 
 def rotary_qkv(
@@ -129,6 +175,8 @@ def rotary_qkv(
     if parts != 3 or head_dim % 2 or qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be [tokens, 3, heads, even head_dim] with unit stride, got {qkv.shape}")
     cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
+    if torch.compiler.is_compiling():  # an operator inductor calls, not an autograd.Function to trace
+        return tuple(rotary_forward_op(qkv, cos, sin))
     return _RotaryQKV.apply(qkv, cos, sin)
 
 
