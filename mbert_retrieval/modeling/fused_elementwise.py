@@ -6,8 +6,9 @@ out of the projection), and GeGLU as two forward and four backward. On a GPU who
 the host's kernel launches (two GPUs sharing a global batch: benchmarks/NOTES.md), every launch
 saved is time saved. The arithmetic is the reference's: float32 inside, rounded where it rounds.
 
-Used by the model's eager CUDA path (the "triton" attention backend); under `torch.compile`
-inductor fuses the plain code by itself. On a CPU the kernels run under Triton's interpreter
+Used by the model's eager CUDA path (the "triton" attention backend), and as operators inside
+torch.compile'd training graphs, where they beat inductor's fusion of the plain code in the backward;
+compiled inference runs inductor's fusion. On a CPU the kernels run under Triton's interpreter
 (TRITON_INTERPRET=1, set before import), which is how the tests check them without a GPU.
 """
 
