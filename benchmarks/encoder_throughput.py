@@ -526,7 +526,7 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "compiled_model, compiled_model_inductor_reads, graphed_model "
+        "compiled_model, compiled_model_inductor_reads "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
@@ -535,7 +535,7 @@ def main() -> None:
         default="eager,compiled_layers",
         help="comma list of: eager, compiled_layers, compiled_layers_varlen, compiled_model (one graph "
         "for the whole forward: fewer compiled calls per step for the host), "
-        "compiled_model_inductor_reads, graphed_model (that, replayed as CUDA graphs)",
+        "compiled_model_inductor_reads",
     )
     parser.add_argument(
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
@@ -584,8 +584,7 @@ class ModelVariants:
     """The benchmarked model (`eager`) and copies of it, made on first use: compiled layers,
     compiled layers with FlashAttention in every layer (`_varlen`), the whole forward compiled
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
-    chains of sums in each reader (`compiled_model_inductor_reads`), or replayed as CUDA graphs
-    (`graphed_model`: batches padded to a multiple of 256 tokens; tokens/s counts real tokens)."""
+    chains of sums in each reader (`compiled_model_inductor_reads`)."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -601,8 +600,6 @@ class ModelVariants:
                 model.compile_layers(mode="max-autotune-no-cudagraphs")
             elif name in ("compiled", "compiled_model"):  # the whole forward as one graph (and one backward)
                 model.compile_forward()
-            elif name == "graphed_model":  # the same, recorded and replayed as CUDA graphs
-                model.compile_forward(cuda_graphs=True)
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:

@@ -11,7 +11,7 @@ from transformers import ModernBertModel as HFModel
 
 from mbert_retrieval import ModernBert, ModernBertForMaskedLM, load_tokenizer
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens, unpad
-from mbert_retrieval.modeling.packing import GraphShapes, pad_to_graph_shape, sequence_of
+from mbert_retrieval.modeling.packing import sequence_of
 
 LENGTHS = [600, 5, 17, 130, 64, 333]  # below, at and far above the 16-token local window
 
@@ -87,39 +87,6 @@ def test_sequence_of_each_token_skips_empty_sequences():
     assert sequence_of(cu, torch.arange(9, dtype=torch.int32)).tolist() == [0, 0, 0, 2, 3, 3, 3, 3, 3]
     compiled = torch.compile(sequence_of, dynamic=True)  # inside a graph, as in a compiled forward
     assert compiled(cu, torch.arange(9, dtype=torch.int32)).tolist() == [0, 0, 0, 2, 3, 3, 3, 3, 3]
-
-
-@pytest.mark.parametrize("lengths", [[40, 7, 90], [64, 64], [1], [128, 128, 3, 200]])
-@pytest.mark.parametrize("shapes", [GraphShapes(), GraphShapes(tokens=100, sequences=3, pad_length=7)])
-def test_padding_to_a_graph_shape(lengths, shapes):
-    """Rounded shapes, real tokens first and unchanged, padding as short sequences, then empty ones."""
-    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    ids = torch.arange(3, 3 + sum(lengths))
-    padded_ids, padded_cu, longest = pad_to_graph_shape(ids, cu_seqlens, max(lengths), shapes, pad_id=0)
-    assert padded_ids.numel() % shapes.tokens == 0 and padded_ids.numel() - ids.numel() < shapes.tokens
-    assert (padded_cu.numel() - 1) % shapes.sequences == 0 and padded_cu.dtype == torch.int32
-    assert torch.equal(padded_ids[: ids.numel()], ids) and bool((padded_ids[ids.numel() :] == 0).all())
-    assert torch.equal(padded_cu[: cu_seqlens.numel()], cu_seqlens)
-    assert int(padded_cu[-1]) == padded_ids.numel()
-    added = padded_cu[cu_seqlens.numel() - 1 :].diff()
-    assert bool((added >= 0).all()) and bool((added <= shapes.pad_length).all())
-    assert longest >= max(lengths) and longest >= shapes.pad_length and longest & (longest - 1) == 0
-
-
-@pytest.mark.parametrize("backend", ["reference", "packed_sdpa"])
-def test_padding_sequences_leave_real_tokens_unchanged(hf_encoder_dir, backend):
-    """What the CUDA-graph path runs: the batch padded to a graph shape (extra short sequences, then
-    empty ones) gives the real tokens the same states as the batch alone."""
-    model = ModernBert.from_pretrained(hf_encoder_dir, attn_backend=backend)
-    ids, mask = padded_batch([40, 7, 90, 33])
-    packed, cu_seqlens, max_len, _ = unpad(ids, mask.bool())
-    shapes = GraphShapes(tokens=64, sequences=8, pad_length=16)
-    padded_ids, padded_cu, longest = pad_to_graph_shape(packed, cu_seqlens, max_len, shapes, pad_id=0)
-    assert padded_cu.numel() - 1 > 6  # padding sequences and empty ones are both present
-    with torch.no_grad():
-        alone = model.forward_packed(packed, cu_seqlens, max_len)
-        padded = model.forward_packed(padded_ids, padded_cu, longest)
-    torch.testing.assert_close(padded[: packed.numel()], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_save_loads_in_transformers(tmp_path, hf_encoder_dir, hf_mlm_dir):

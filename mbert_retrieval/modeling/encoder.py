@@ -24,8 +24,8 @@ from mbert_retrieval.modeling.io import (
     resolve_model_dir,
     save_safetensors,
 )
-from mbert_retrieval.modeling.packing import GraphShapes, pad_to_graph_shape, sequence_of
 from mbert_retrieval.modeling.packing import sequence_ids as make_sequence_ids
+from mbert_retrieval.modeling.packing import sequence_of
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -207,8 +207,6 @@ class ModernBert(nn.Module):
         self.local_rotary = Rotary(head_dim, config.local_rope_theta, max_pos)
         self.gradient_checkpointing = False
         self._compiled_run_layers = None  # set by `compile_forward`
-        self._graph_shapes: GraphShapes | None = None  # set by `compile_forward(cuda_graphs=True)`
-        self._graph_backward_pending = False
 
     @property
     def device(self) -> torch.device:
@@ -259,43 +257,7 @@ class ModernBert(nn.Module):
         """
         if check_inputs:
             self.check_packed_inputs(input_ids, cu_seqlens, max_seqlen)
-        if self._graph_shapes is not None and input_ids.is_cuda:
-            return self._forward_graphed(input_ids, cu_seqlens, max_seqlen, position_ids, key_mask)
         return self._forward_checked(input_ids, cu_seqlens, max_seqlen, position_ids, key_mask)
-
-    def _forward_graphed(
-        self, input_ids, cu_seqlens, max_seqlen: int, position_ids, key_mask
-    ) -> torch.Tensor:
-        """The compiled forward on the batch padded to a `GraphShapes` shape, real tokens' rows out."""
-        training = torch.is_grad_enabled()
-        if training and self._graph_backward_pending:
-            raise RuntimeError(
-                "compile_forward(cuda_graphs=True) trains with one forward per backward: this forward "
-                "came before the previous one's backward. Run forwards without gradients under "
-                "torch.no_grad(); for gradient caching or several forwards per step use "
-                "compile_forward() without CUDA graphs"
-            )
-        tokens = input_ids.shape[0]
-        ids, cu_seqlens, max_seqlen = pad_to_graph_shape(
-            input_ids, cu_seqlens, max_seqlen, self._graph_shapes, self.config.pad_token_id or 0
-        )
-        padding = ids.shape[0] - tokens
-        if position_ids is not None:  # padding sequences attend only to themselves: any position does
-            position_ids = F.pad(position_ids, (0, padding))
-        if key_mask is not None:
-            key_mask = F.pad(key_mask, (0, padding), value=True)
-        # A new step: the graphs may reuse the memory of the previous step's outputs (copied out
-        # below) and, once its backward has run, of what it saved for the backward.
-        torch.compiler.cudagraph_mark_step_begin()
-        hidden = self._forward_checked(ids, cu_seqlens, max_seqlen, position_ids, key_mask)
-        hidden = hidden[:tokens].clone()  # out of the graphs' memory pool, which the next replay reuses
-        if training and hidden.requires_grad:
-            self._graph_backward_pending = True
-            hidden.register_hook(self._backward_started)
-        return hidden
-
-    def _backward_started(self, grad: torch.Tensor) -> None:
-        self._graph_backward_pending = False
 
     def _forward_checked(
         self, input_ids, cu_seqlens, max_seqlen: int, position_ids, key_mask
@@ -334,9 +296,7 @@ class ModernBert(nn.Module):
                 x, pending = layer(x, pending, *args)
         return self.final_norm(x + pending)
 
-    def compile_forward(
-        self, cuda_graphs: bool = False, graph_shapes: GraphShapes | None = None, **compile_kwargs
-    ) -> ModernBert:
+    def compile_forward(self, **compile_kwargs) -> ModernBert:
         """torch.compile the embeddings, all layers and the final norm as one graph, for varying
         token counts.
 
@@ -347,23 +307,14 @@ class ModernBert(nn.Module):
         Under DDP prefer `compile_layers`: a single backward graph hands over all its gradients at
         its end, so their all-reduce could not overlap the backward.
 
-        `cuda_graphs=True` also records the compiled forward and backward as CUDA graphs and replays
-        them: two launches a step instead of a thousand kernels, for steps the host cannot launch
-        as fast as the GPU runs them. Batches on CUDA are padded to a few shapes (`graph_shapes`,
-        default `GraphShapes()`), each recorded on first use; outputs are copied out of the graphs'
-        memory. Each call starts a new step, so training must run one forward per backward.
         """
         _raise_recompile_limit()
         if "mode" not in compile_kwargs:
             # Store each residual sum once (it has two readers, the LayerNorm and the next sum).
             # By default inductor recomputes a chain of up to 4 sums inside every reader, so
             # LayerNorm kernels read 3-5 activations instead of 2 (benchmarks/NOTES.md, run 12).
-            options = {"realize_reads_threshold": 1, "triton.cudagraphs": cuda_graphs}
+            options = {"realize_reads_threshold": 1}
             compile_kwargs["options"] = {**options, **compile_kwargs.get("options", {})}
-        elif cuda_graphs:
-            raise ValueError("cuda_graphs=True sets torch.compile's options; pass no `mode` with it")
-        self._graph_shapes = (graph_shapes or GraphShapes()) if cuda_graphs else None
-        self._graph_backward_pending = False
         # The unbound function takes the model as an argument, so a copy of the model runs itself.
         self._compiled_run_layers = torch.compile(ModernBert._run_layers, dynamic=True, **compile_kwargs)
         return self
