@@ -386,6 +386,10 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
         tokens, max_len = sum(lengths), max(lengths)
 
         def step(name, model):
+            # As a trainer's step: gradients set to None first, so the backward hands each
+            # parameter its gradient instead of adding it to the previous step's (one kernel per
+            # parameter, ~134 launches per step).
+            model.zero_grad(set_to_none=True)
             if name == "hf_sdpa":
                 out = model(input_ids=padded, attention_mask=mask).last_hidden_state[mask.bool()]
             else:
@@ -526,7 +530,7 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "compiled_model, compiled_model_inductor_reads, compiled_model_unfused "
+        "compiled_model, compiled_model_inductor_reads "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
@@ -584,8 +588,7 @@ class ModelVariants:
     """The benchmarked model (`eager`) and copies of it, made on first use: compiled layers,
     compiled layers with FlashAttention in every layer (`_varlen`), the whole forward compiled
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
-    chains of sums in each reader (`compiled_model_inductor_reads`), or with Wqkv and Wi as cuBLAS GEMMs
-    followed by separate kernels instead of the fused projections (`compiled_model_unfused`)."""
+    chains of sums in each reader (`compiled_model_inductor_reads`)."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -600,9 +603,6 @@ class ModelVariants:
             elif name == "autotune_layers":
                 model.compile_layers(mode="max-autotune-no-cudagraphs")
             elif name in ("compiled", "compiled_model"):  # the whole forward as one graph (and one backward)
-                model.compile_forward()
-            elif name == "compiled_model_unfused":  # cuBLAS + inductor's kernels for Wqkv and Wi
-                model.fuse_projections = False
                 model.compile_forward()
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})

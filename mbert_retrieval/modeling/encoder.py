@@ -104,28 +104,8 @@ class Attention(nn.Module):
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(
-        self,
-        x,
-        rope: tuple,
-        cu_seqlens,
-        max_seqlen: int,
-        backend: str,
-        key_mask=None,
-        sequence_ids=None,
-        fuse_projection: bool = False,
+        self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
     ):
-        """`fuse_projection`: Wqkv and the rotation of q and k as one Triton GEMM (`fused_projection`),
-        q and k stored with their head dimensions interleaved, which attention's dot products ignore."""
-        if fuse_projection:
-            from mbert_retrieval.modeling.fused_projection import rotary_projection
-
-            cos, sin = (table.reshape(x.shape[0], -1) for table in rope)
-            qkv = rotary_projection(x, self.Wqkv.weight, cos, sin).view(-1, 3, self.num_heads, self.head_dim)
-            q, k, v = qkv.unbind(dim=1)
-            out = packed_attention(
-                q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
-            )
-            return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
         if uses_fused_kernels(backend):
             from mbert_retrieval.modeling.fused_elementwise import rotary_qkv
@@ -151,13 +131,8 @@ class GeGLU(nn.Module):
         self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_activation]
 
-    def forward(self, x: torch.Tensor, fused: bool = False, fuse_projection: bool = False) -> torch.Tensor:
-        """`fused`: GELU and gate in one Triton kernel (CUDA, exact GELU only). `fuse_projection`: Wi,
-        GELU and gate as one Triton GEMM (`fused_projection`)."""
-        if fuse_projection and self.act is F.gelu:
-            from mbert_retrieval.modeling.fused_projection import geglu_projection
-
-            return self.Wo(geglu_projection(x, self.Wi.weight))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """`fused`: GELU and gate in one Triton kernel (CUDA, exact GELU only)."""
         if fused and self.act is F.gelu:
             from mbert_retrieval.modeling.fused_elementwise import geglu
 
@@ -187,17 +162,14 @@ class Layer(nn.Module):
         backend: str,
         key_mask=None,
         sequence_ids=None,
-        fuse_projections: bool = False,
     ):
         """Returns the residual stream and the MLP's output not yet added to it (`pending`): the next
         layer adds it as its first step, or the model before the final norm."""
         if pending is not None:
             x = add_before_norm(x, pending)
-        attended = self.attn(
-            self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids, fuse_projections
-        )
+        attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
         x = add_before_norm(x, attended)
-        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend), fuse_projections)
+        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -235,9 +207,6 @@ class ModernBert(nn.Module):
         self.local_rotary = Rotary(head_dim, config.local_rope_theta, max_pos)
         self.gradient_checkpointing = False
         self._compiled_run_layers = None  # set by `compile_forward`
-        # Inference on the triton backend runs Wqkv and Wi with their follow-up as one GEMM each
-        # (`fused_projection`) where the GPU has TMA; False keeps cuBLAS plus separate kernels.
-        self.fuse_projections = True
 
     @property
     def device(self) -> torch.device:
@@ -309,40 +278,18 @@ class ModernBert(nn.Module):
         sequence_ids = None
         if backend == "triton":  # the window kernel's masks, made once for all layers
             sequence_ids = make_sequence_ids(cu_seqlens, input_ids.shape[0])
-        fuse = backend == "triton" and not autocast and self._can_fuse_projections()
         run = self._compiled_run_layers or ModernBert._run_layers
-        return run(self, input_ids, cu_seqlens, max_seqlen, ropes, backend, key_mask, sequence_ids, fuse)
-
-    def _can_fuse_projections(self) -> bool:
-        """Inference, no biases, exact GELU, and shapes the fused GEMMs tile (`fused_projection`)."""
-        config = self.config
-        if not self.fuse_projections or torch.is_grad_enabled() or config.attention_bias or config.mlp_bias:
-            return False
-        from mbert_retrieval.modeling.fused_projection import ROTARY_TILE, supported
-
-        tiles_heads = ROTARY_TILE.block_n % config.head_dim == 0
-        tiles_qk = (2 * config.hidden_size) % ROTARY_TILE.block_n == 0
-        aligned = config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0  # 16-byte TMA rows
-        exact_gelu = config.hidden_activation == "gelu"
-        return supported(self.device) and tiles_heads and tiles_qk and aligned and exact_gelu
+        return run(self, input_ids, cu_seqlens, max_seqlen, ropes, backend, key_mask, sequence_ids)
 
     def _run_layers(
-        self,
-        input_ids,
-        cu_seqlens,
-        max_seqlen: int,
-        ropes: tuple,
-        backend: str,
-        key_mask,
-        sequence_ids,
-        fuse_projections: bool = False,
+        self, input_ids, cu_seqlens, max_seqlen: int, ropes: tuple, backend: str, key_mask, sequence_ids
     ) -> torch.Tensor:
         """Embeddings, the layers and the final norm: what `compile_forward` compiles."""
         global_rope, local_rope = ropes
         x, pending = self.embeddings(input_ids), None
         for layer in self.layers:
             rope = global_rope if layer.is_global else local_rope
-            args = (rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids, fuse_projections)
+            args = (rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
             if self.gradient_checkpointing and self.training:
                 x, pending = torch.utils.checkpoint.checkpoint(layer, x, pending, *args, use_reentrant=False)
             else:
