@@ -22,6 +22,12 @@ ROTARY_TOKENS = 16  # tokens per program; each program covers all heads of q, k 
 GEGLU_ELEMENTS = 4096  # per program
 
 
+def _launcher(kernel, traced: bool):
+    """The kernel itself for eager calls; wrapped for the operators, so that torch.compile sees the
+    launch and inductor makes it from its own generated code (no Python operator call per launch)."""
+    return torch.library.wrap_triton(kernel) if traced else kernel
+
+
 # -- rotary ------------------------------------------------------------------------------------------
 
 
@@ -84,12 +90,14 @@ def _rotary_kernel(
                0, HEAD_DIM, COLS, heads * HEAD_DIM)  # fmt: skip
 
 
-def _run_rotary(sources, targets, cos: torch.Tensor, sin: torch.Tensor, direction: int) -> None:
+def _run_rotary(
+    sources, targets, cos: torch.Tensor, sin: torch.Tensor, direction: int, traced: bool = False
+) -> None:
     """q, k, v `sources` [N, heads, dim] rotated (q, k) and copied (v) into `targets`."""
     tokens, heads, head_dim = sources[0].shape
     strides = [stride for t in (*sources, *targets) for stride in (t.stride(0), t.stride(1))]
     grid = (triton.cdiv(tokens, ROTARY_TOKENS),)
-    _rotary_kernel[grid](
+    _launcher(_rotary_kernel, traced)[grid](
         *sources, *targets, cos, sin, tokens, heads, *strides, cos.stride(0),
         direction=direction, TOKENS=ROTARY_TOKENS, HEAD_DIM=head_dim,
         HALF_COLS=triton.next_power_of_2(heads * head_dim // 2),
@@ -97,19 +105,26 @@ def _run_rotary(sources, targets, cos: torch.Tensor, sin: torch.Tensor, directio
     )  # fmt: skip
 
 
-def _rotary_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+def _rotary_forward(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, traced: bool = False
+) -> list[torch.Tensor]:
     """q, k rotated and v, each [N, heads, dim] in a buffer of its own."""
     targets = [qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3)]
-    _run_rotary(qkv.unbind(1), targets, cos, sin, direction=1)
+    _run_rotary(qkv.unbind(1), targets, cos, sin, 1, traced)
     return targets
 
 
 def _rotary_backward(
-    grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    grad_q: torch.Tensor,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    traced: bool = False,
 ) -> torch.Tensor:
     """The gradient of qkv [N, 3, heads, dim] in one pass: q's and k's rotated back, v's copied."""
     grad_qkv = grad_q.new_empty(grad_q.shape[0], 3, *grad_q.shape[1:])
-    _run_rotary((grad_q, grad_k, grad_v), grad_qkv.unbind(1), cos, sin, direction=-1)
+    _run_rotary((grad_q, grad_k, grad_v), grad_qkv.unbind(1), cos, sin, -1, traced)
     return grad_qkv
 
 
@@ -125,25 +140,19 @@ class _RotaryQKV(torch.autograd.Function):
         return _rotary_backward(*grads, *ctx.saved_tensors), None, None
 
 
-# The same kernels as operators that torch.compile calls as they are. Inductor's own code for the
-# backward takes two passes of ~50 us each per layer at 16k tokens on an H200 (benchmarks/NOTES.md,
-# run 12's training profile), this one pass.
-rotary_forward_op = torch.library.custom_op("mbert_retrieval::rotary_qkv_fwd", mutates_args=())(
-    _rotary_forward
-)
-rotary_backward_op = torch.library.custom_op("mbert_retrieval::rotary_qkv_bwd", mutates_args=())(
-    _rotary_backward
-)
+# The same kernels as operators for torch.compile; inductor launches them from its generated code.
+# Its own code for the backward takes two passes of ~50 us each per layer at 16k tokens on an H200
+# (benchmarks/NOTES.md, run 12's training profile), this one pass.
+@torch.library.triton_op("mbert_retrieval::rotary_qkv_fwd", mutates_args=())
+def rotary_forward_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> list[torch.Tensor]:
+    return _rotary_forward(qkv, cos, sin, traced=True)
 
 
-@rotary_forward_op.register_fake
-def _(qkv, cos, sin):
-    return [qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3)]
-
-
-@rotary_backward_op.register_fake
-def _(grad_q, grad_k, grad_v, cos, sin):
-    return grad_q.new_empty(grad_q.shape[0], 3, *grad_q.shape[1:])
+@torch.library.triton_op("mbert_retrieval::rotary_qkv_bwd", mutates_args=())
+def rotary_backward_op(
+    grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    return _rotary_backward(grad_q, grad_k, grad_v, cos, sin, traced=True)
 
 
 def _save_rotation(ctx, inputs, output):
@@ -235,20 +244,22 @@ def _geglu_tiles(tokens: int, width: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(tokens, rows), triton.cdiv(width, cols)), rows, cols
 
 
-def _geglu_forward(hidden: torch.Tensor) -> torch.Tensor:
+def _geglu_forward(hidden: torch.Tensor, traced: bool = False) -> torch.Tensor:
     tokens, width = hidden.shape[0], hidden.shape[1] // 2
     out = hidden.new_empty(tokens, width)
     grid, rows, cols = _geglu_tiles(tokens, width)
-    _geglu_fwd[grid](hidden, out, tokens, width, hidden.stride(0), out.stride(0), rows, cols)
+    _launcher(_geglu_fwd, traced)[grid](
+        hidden, out, tokens, width, hidden.stride(0), out.stride(0), rows, cols
+    )
     return out
 
 
-def _geglu_backward(hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _geglu_backward(hidden: torch.Tensor, grad: torch.Tensor, traced: bool = False) -> torch.Tensor:
     grad = grad.contiguous()
     tokens, width = grad.shape
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     grid, rows, cols = _geglu_tiles(tokens, width)
-    _geglu_bwd[grid](
+    _launcher(_geglu_bwd, traced)[grid](
         hidden, grad, grad_hidden, tokens, width,
         hidden.stride(0), grad.stride(0), grad_hidden.stride(0), rows, cols,
     )  # fmt: skip
@@ -267,21 +278,18 @@ class _GeGLU(torch.autograd.Function):
         return _geglu_backward(hidden, grad)
 
 
-# The same kernels as operators that torch.compile calls as they are. Inductor's own GeGLU backward
-# writes the [N, 2 * width] gradient one element at a time and computes both halves' GELU (erf, exp)
-# for every element: 132 us per layer at 16k tokens on an H200 (benchmarks/NOTES.md, run 12).
-geglu_forward_op = torch.library.custom_op("mbert_retrieval::geglu_fwd", mutates_args=())(_geglu_forward)
-geglu_backward_op = torch.library.custom_op("mbert_retrieval::geglu_bwd", mutates_args=())(_geglu_backward)
+# The same kernels as operators for torch.compile; inductor launches them from its generated code.
+# Its own GeGLU backward writes the [N, 2 * width] gradient one element at a time and computes both
+# halves' GELU (erf, exp) for every element: 132 us per layer at 16k tokens on an H200
+# (benchmarks/NOTES.md, run 12).
+@torch.library.triton_op("mbert_retrieval::geglu_fwd", mutates_args=())
+def geglu_forward_op(hidden: torch.Tensor) -> torch.Tensor:
+    return _geglu_forward(hidden, traced=True)
 
 
-@geglu_forward_op.register_fake
-def _(hidden):
-    return hidden.new_empty(hidden.shape[0], hidden.shape[1] // 2)
-
-
-@geglu_backward_op.register_fake
-def _(hidden, grad):
-    return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+@torch.library.triton_op("mbert_retrieval::geglu_bwd", mutates_args=())
+def geglu_backward_op(hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return _geglu_backward(hidden, grad, traced=True)
 
 
 def _save_geglu_input(ctx, inputs, output):
