@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -147,9 +146,6 @@ def main() -> None:
     out = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
-        "code": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
         "command": f"PYTHONPATH=. python3 benchmarks/operator_host_time.py --tokens {args.tokens} --steps {args.steps}",
         "tokens": ids.numel(),
         "summary": summary,
