@@ -115,6 +115,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="each form measured this many times, taking turns"
     )
+    parser.add_argument(
+        "--forms",
+        default="triton_op,custom_op",
+        help="comma list of triton_op (the code as it is), custom_op; one form alone gives the host time of "
+        "the tree's own training step, for comparing two trees run one after the other",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/operator_host_time.json"))
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -122,7 +128,9 @@ def main() -> None:
     base = ModernBert(ModernBertConfig(), attn_backend="triton").to(device, torch.bfloat16).train()
     ids, cu, max_len = batch(args.tokens, device, torch.Generator().manual_seed(0))
     forms = {"triton_op": {name: getattr(fused, name) for name in ("rotary_forward_op", "geglu_forward_op")}}
-    forms["custom_op"] = custom_op_forms()
+    if "custom_op" in args.forms.split(","):
+        forms["custom_op"] = custom_op_forms()
+    forms = {name: ops for name, ops in forms.items() if name in args.forms.split(",")}
 
     def use(name: str) -> None:  # compiled code guards on these globals: each form has its graphs
         for attribute, op in forms[name].items():
@@ -146,7 +154,8 @@ def main() -> None:
     out = {
         "device": torch.cuda.get_device_name(device),
         "torch": torch.__version__,
-        "command": f"PYTHONPATH=. python3 benchmarks/operator_host_time.py --tokens {args.tokens} --steps {args.steps}",
+        "command": "PYTHONPATH=. python3 benchmarks/operator_host_time.py "
+        f"--tokens {args.tokens} --steps {args.steps} --forms {args.forms}",
         "tokens": ids.numel(),
         "summary": summary,
         "runs": results,
