@@ -530,7 +530,7 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "compiled_model, compiled_model_inductor_reads "
+        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
@@ -539,7 +539,7 @@ def main() -> None:
         default="eager,compiled_layers",
         help="comma list of: eager, compiled_layers, compiled_layers_varlen, compiled_model (one graph "
         "for the whole forward: fewer compiled calls per step for the host), "
-        "compiled_model_inductor_reads",
+        "compiled_model_inductor_reads, compiled_model_cpp (its kernels launched from generated C++)",
     )
     parser.add_argument(
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
@@ -588,7 +588,8 @@ class ModelVariants:
     """The benchmarked model (`eager`) and copies of it, made on first use: compiled layers,
     compiled layers with FlashAttention in every layer (`_varlen`), the whole forward compiled
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
-    chains of sums in each reader (`compiled_model_inductor_reads`)."""
+    chains of sums in each reader (`compiled_model_inductor_reads`), or launching its kernels from
+    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper)."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -604,6 +605,8 @@ class ModelVariants:
                 model.compile_layers(mode="max-autotune-no-cudagraphs")
             elif name in ("compiled", "compiled_model"):  # the whole forward as one graph (and one backward)
                 model.compile_forward()
+            elif name == "compiled_model_cpp":  # no Python per kernel launch
+                model.compile_forward(options={"cpp_wrapper": True})
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:
