@@ -306,7 +306,6 @@ class ModernBert(nn.Module):
         a slow host (benchmarks/NOTES.md, runs 8-9 and 12).
         Under DDP prefer `compile_layers`: a single backward graph hands over all its gradients at
         its end, so their all-reduce could not overlap the backward.
-
         """
         _raise_recompile_limit()
         if "mode" not in compile_kwargs:
