@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mbert_retrieval import ModernBert
 from mbert_retrieval.modeling.attention import (
-    EagerFlashAttention,
+    FlashAttention,
     blocked_window_sdpa,
     packed_attention,
     reference_attention,
@@ -45,7 +45,7 @@ def test_eager_flash_attention_matches_varlen_attn_with_gradients(window_half):
     window = (-1, -1) if window_half is None else (window_half, window_half)
     results = []
     for run in (
-        lambda q, k, v: EagerFlashAttention.apply(q, k, v, cu, max(LENGTHS), window_half),
+        lambda q, k, v: FlashAttention.apply(q, k, v, cu, max(LENGTHS), window_half),
         lambda q, k, v: varlen_attn(q, k, v, cu, cu, max(LENGTHS), max(LENGTHS), window_size=window),
     ):
         buffer = qkv.clone().requires_grad_()

@@ -101,11 +101,9 @@ def packed_attention(
             from mbert_retrieval.modeling.window_attention import window_attention
 
             return window_attention(q, k, v, cu_seqlens, window_half, sequence_ids)
-        backend = "varlen"
         if window_half is not None and max_seqlen <= window_half + 1:
             window_half = None  # a window wider than every sequence is no window
-        if not torch.compiler.is_compiling():
-            return EagerFlashAttention.apply(q, k, v, cu_seqlens, max_seqlen, window_half)
+        return FlashAttention.apply(q, k, v, cu_seqlens, max_seqlen, window_half)
     window = (window_half, window_half) if window_half is not None else (-1, -1)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn
@@ -125,12 +123,13 @@ def packed_attention(
     return reference_attention(q, k, v, cu_seqlens, window_half, key_mask)
 
 
-class EagerFlashAttention(torch.autograd.Function):
-    """The FlashAttention kernels behind `varlen_attn`, called directly: for eager runs of the triton
-    backend. varlen_attn wraps them in custom operators (for torch.compile), whose autograd wrapper
-    adds host time to every eager call (~50 us for our own window operator with gradients,
-    benchmarks/results/launch_overhead.json), and eager steps of one rank of several are bound by
-    the host; compiled graphs keep varlen_attn."""
+class FlashAttention(torch.autograd.Function):
+    """The FlashAttention kernels behind `varlen_attn`, called directly, for the triton backend's
+    global layers. varlen_attn wraps them in Python operators: eagerly, their autograd wrapper adds
+    host time to every call (~50 us for our own window operator with gradients,
+    benchmarks/results/launch_overhead.json); compiled, inductor calls each through Python (a Python
+    operator call cost ~190 us of host time in run 19, benchmarks/NOTES.md), while these aten
+    operators it calls directly. Steps of short batches are bound by the host."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window_half: int | None):

@@ -231,6 +231,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must be int32")
 
 
+def _launcher(kernel, traced: bool):
+    """The kernel itself for eager calls; wrapped for the operators, so that torch.compile sees the
+    launch and inductor makes it from its own generated code (no Python operator call per launch)."""
+    return torch.library.wrap_triton(kernel) if traced else kernel
+
+
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -238,6 +244,7 @@ def _forward(
     cu_seqlens: torch.Tensor,
     seq_ids: torch.Tensor,
     window: int,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
@@ -246,7 +253,7 @@ def _forward(
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
     tiles = FORWARD
-    _window_fwd[(triton.cdiv(tokens, tiles.block_m), heads)](
+    _launcher(_window_fwd, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
         q, k, v, out, lse, cu_seqlens, seq_ids,
         tokens, window, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -256,15 +263,17 @@ def _forward(
     return out, lse
 
 
-# `_forward` as an operator that torch.compile keeps opaque (its schema from the annotations).
-window_attention_fwd = torch.library.custom_op("mbert_retrieval::window_attention_fwd", mutates_args=())(
-    _forward
-)
-
-
-@window_attention_fwd.register_fake
-def _(q, k, v, cu_seqlens, seq_ids, window):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+# `_forward` as an operator for torch.compile; inductor launches its kernel from its generated code.
+@torch.library.triton_op("mbert_retrieval::window_attention_fwd", mutates_args=())
+def window_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, cu_seqlens, seq_ids, window, traced=True)
 
 
 def _backward_kernels(
@@ -277,13 +286,14 @@ def _backward_kernels(
     cu_seqlens: torch.Tensor,
     seq_ids: torch.Tensor,
     window: int,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each [N, heads, dim]."""
     grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
     tokens, heads, dim = q.shape
     scale, scale_log2 = _scales(dim)
     delta = torch.empty_like(lse)
-    _window_bwd_delta[(triton.cdiv(tokens, 64), heads)](
+    _launcher(_window_bwd_delta, traced)[(triton.cdiv(tokens, 64), heads)](
         out, grad_out, delta, tokens, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         BLOCK_M=64, HEAD_DIM=dim, num_warps=4,
     )  # fmt: skip
@@ -291,7 +301,7 @@ def _backward_kernels(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     strides += (grad_out.stride(0), grad_out.stride(1))
     tiles = BACKWARD_DKDV
-    _window_bwd_dkdv[(triton.cdiv(tokens, tiles.block_n), heads)](
+    _launcher(_window_bwd_dkdv, traced)[(triton.cdiv(tokens, tiles.block_n), heads)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seq_ids,
         tokens, window, scale_log2, scale,
         *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -299,7 +309,7 @@ def _backward_kernels(
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     tiles = BACKWARD_DQ
-    _window_bwd_dq[(triton.cdiv(tokens, tiles.block_m), heads)](
+    _launcher(_window_bwd_dq, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, seq_ids,
         tokens, window, scale_log2, scale,
         *strides, dq.stride(0), dq.stride(1),
@@ -309,14 +319,19 @@ def _backward_kernels(
     return dq, dk, dv
 
 
-window_attention_bwd = torch.library.custom_op("mbert_retrieval::window_attention_bwd", mutates_args=())(
-    _backward_kernels
-)
-
-
-@window_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+@torch.library.triton_op("mbert_retrieval::window_attention_bwd", mutates_args=())
+def window_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_kernels(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window, traced=True)
 
 
 def _setup_context(ctx, inputs, output):
