@@ -9,8 +9,9 @@ FlashAttention's windowed varlen kernel was measured slower on ~250-token docume
 global one (benchmarks/NOTES.md). Tokens' sequence indices (`sequence_ids`, made once per forward)
 give the masks and, with `cu_seqlens`, each block's range of keys.
 
-Under `torch.compile`, `window_attention` is a `torch.library` custom op with its own backward, so
-the compiler keeps it as one opaque call; run eagerly, it calls the kernels without the operator.
+Under `torch.compile`, `window_attention` is a `torch.library.triton_op` with its own backward:
+inductor launches its kernels from its generated code; run eagerly, it calls the kernels without the
+operator.
 On a CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before import): that
 is how the tests check them without a GPU.
 """
