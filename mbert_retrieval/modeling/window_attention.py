@@ -57,10 +57,12 @@ def _visible_range(CU, SEQ, first, count, n_tokens, window):
     return tl.maximum(first - window, first_start), tl.minimum(last + window + 1, last_end)
 
 
+# The scales are constexpr: inductor passes a float argument of a triton_op's kernel as fp64, which would
+# turn the softmax's running statistics into fp64.
 @triton.jit
 def _window_fwd(
     Q, K, V, OUT, LSE, CU, SEQ,
-    n_tokens, window, scale_log2,
+    n_tokens, window, scale_log2: tl.constexpr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
@@ -119,7 +121,7 @@ def _window_bwd_delta(
 @triton.jit
 def _window_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEQ,
-    n_tokens, window, scale_log2, scale,
+    n_tokens, window, scale_log2: tl.constexpr, scale: tl.constexpr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
@@ -170,7 +172,7 @@ def _window_bwd_dkdv(
 @triton.jit
 def _window_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, CU, SEQ,
-    n_tokens, window, scale_log2, scale,
+    n_tokens, window, scale_log2: tl.constexpr, scale: tl.constexpr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
