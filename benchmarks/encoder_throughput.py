@@ -369,9 +369,9 @@ def relative_error_vs_fp32(small: bool, ours, device, generator) -> float:
     return ((fast - exact).norm() / exact.norm()).item()
 
 
-def measure_training(args, config, ours_models: dict, hf, device, workloads):
-    """Forward + backward of the encoder with the same loss on the same batches."""
-    results = {}
+def measure_training(args, config, ours_models: dict, hf, device, workloads, results: dict, save):
+    """Forward + backward of the encoder with the same loss on the same batches; each workload's row
+    goes into `results` and is saved at once, so a run cut short keeps what it measured."""
     generator = torch.Generator().manual_seed(2)
     models = {**ours_models, "hf_sdpa": hf}
     first = next(iter(ours_models.values()))
@@ -427,6 +427,11 @@ def measure_training(args, config, ours_models: dict, hf, device, workloads):
             print(profile_calls(lambda: step(best, model), count=3), flush=True)
             model.zero_grad(set_to_none=True)
         results[workload.name] = row
+        save()
+        for name in models:
+            if f"{name}_tok_s" in row:
+                print(f"    {name}: {row[f'{name}_tok_s'] / 1e3:.0f} k tok/s, back to back "
+                      f"{row[f'{name}_back_to_back_tok_s'] / 1e3:.0f} k")  # fmt: skip
         print(
             f"  train {workload.name}: ours {row['ours_tok_s'] / 1e3:.0f} k tok/s ({best}, "
             f"peak {row['ours_peak_gib'] or 0:.1f} GiB), hf {row['hf_sdpa_tok_s'] / 1e3:.0f} k tok/s, "
@@ -545,6 +550,7 @@ def main() -> None:
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
     )
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
+    parser.add_argument("--workloads", default="", help="comma list of workload names (default: all)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
@@ -553,6 +559,11 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, ours, hf = build_models(args.small, device, dtype, "auto")
     workloads = SMALL if args.small else FULL
+    if args.workloads:
+        unknown = set(args.workloads.split(",")) - {w.name for w in workloads}
+        if unknown:
+            parser.error(f"unknown workloads {sorted(unknown)}; known: {[w.name for w in workloads]}")
+        workloads = [w for w in workloads if w.name in args.workloads.split(",")]
     models = ModelVariants(ours)
     variants = {}
     for name in args.variants.split(","):
@@ -580,8 +591,11 @@ def main() -> None:
         print(f"\nprofile of {workloads[0].name}, {best}:\n{table}")
     if args.train:
         ours_models = {f"ours_{name}": models.get(name) for name in args.train_variants.split(",")}
-        results["training"] = measure_training(args, config, ours_models, hf, device, workloads)
-        write_result(results, args.out)
+        results["training"] = {}
+        measure_training(
+            args, config, ours_models, hf, device, workloads, results["training"],
+            save=lambda: write_result(results, args.out),
+        )  # fmt: skip
 
 
 class ModelVariants:
