@@ -11,6 +11,9 @@ each form in turn, in one process, and reports per step:
   fewer kernels than CUDA's queue holds, so this is the host's own time, whatever the GPU's speed);
 - `gpu_ms`: the step timed with CUDA events, waiting for each step (as `encoder_throughput.py`).
 
+Form `inductor_norm` is the shipped code with the residual sum and LayerNorm left to inductor
+instead of `modeling/fused_norm.py`'s kernels: an A/B of GPU time (`step_ms`) more than host time.
+
     PYTHONPATH=. python3 benchmarks/operator_host_time.py
 """
 
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mbert_retrieval import ModernBert
+from mbert_retrieval.modeling import encoder
 from mbert_retrieval.modeling import fused_elementwise as fused
 from mbert_retrieval.modeling.config import ModernBertConfig
 
@@ -70,6 +74,12 @@ def custom_op_forms():
         lambda ctx, grad: geglu_bwd(ctx.saved_tensors[0], grad), setup_context=fused._save_geglu_input
     )
     return {"rotary_forward_op": rotary_fwd, "geglu_forward_op": geglu_fwd}
+
+
+def inductor_add_and_norm(x, update, norm, backend):
+    """The residual sum and LayerNorm as plain code, for inductor to fuse (no `fused_norm` kernels)."""
+    x = encoder.add_before_norm(x, update)
+    return x, norm(x)
 
 
 def batch(tokens_target: int, device, generator):
@@ -118,8 +128,9 @@ def main() -> None:
     parser.add_argument(
         "--forms",
         default="triton_op,custom_op",
-        help="comma list of triton_op (the code as it is), custom_op; one form alone gives the host time of "
-        "the tree's own training step, for comparing two trees run one after the other",
+        help="comma list of triton_op (the code as it is), custom_op, inductor_norm (the residual sum "
+        "and LayerNorm left to inductor); one form alone gives the host time of the tree's own training "
+        "step, for comparing two trees run one after the other",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/operator_host_time.json"))
     args = parser.parse_args()
@@ -127,14 +138,18 @@ def main() -> None:
     torch.manual_seed(0)
     base = ModernBert(ModernBertConfig(), attn_backend="triton").to(device, torch.bfloat16).train()
     ids, cu, max_len = batch(args.tokens, device, torch.Generator().manual_seed(0))
-    forms = {"triton_op": {name: getattr(fused, name) for name in ("rotary_forward_op", "geglu_forward_op")}}
+    as_shipped = {(fused, name): getattr(fused, name) for name in ("rotary_forward_op", "geglu_forward_op")}
+    as_shipped[encoder, "add_and_norm"] = encoder.add_and_norm
+    forms = {"triton_op": as_shipped}
     if "custom_op" in args.forms.split(","):
-        forms["custom_op"] = custom_op_forms()
+        forms["custom_op"] = {**as_shipped, **{(fused, k): v for k, v in custom_op_forms().items()}}
+    if "inductor_norm" in args.forms.split(","):
+        forms["inductor_norm"] = {**as_shipped, (encoder, "add_and_norm"): inductor_add_and_norm}
     forms = {name: ops for name, ops in forms.items() if name in args.forms.split(",")}
 
     def use(name: str) -> None:  # compiled code guards on these globals: each form has its graphs
-        for attribute, op in forms[name].items():
-            setattr(fused, attribute, op)
+        for (module, attribute), value in forms[name].items():
+            setattr(module, attribute, value)
 
     models = {}
     for name in forms:

@@ -82,10 +82,10 @@ class Rotary(nn.Module):
 
 
 def uses_fused_kernels(backend: str) -> bool:
-    """Whether a layer runs rotary and GeGLU as single Triton kernels (`fused_elementwise.py`): on
-    the eager CUDA path, and under torch.compile when gradients are on, where inductor's fusion of
-    the plain code makes slower backward kernels (benchmarks/NOTES.md, runs 12-13). For compiled
-    inference inductor's own fusion is as good."""
+    """Whether a layer runs rotary, GeGLU and each residual sum + LayerNorm as single Triton kernels
+    (`fused_elementwise.py`, `fused_norm.py`): on the eager CUDA path, and under torch.compile when
+    gradients are on, where inductor's fusion of the plain code makes slower backward kernels
+    (benchmarks/NOTES.md, runs 12-13). For compiled inference inductor's own fusion is as good."""
     return backend == "triton" and (not torch.compiler.is_compiling() or torch.is_grad_enabled())
 
 
@@ -166,10 +166,12 @@ class Layer(nn.Module):
         """Returns the residual stream and the MLP's output not yet added to it (`pending`): the next
         layer adds it as its first step, or the model before the final norm."""
         if pending is not None:
-            x = add_before_norm(x, pending)
-        attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
-        x = add_before_norm(x, attended)
-        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
+            x, normed = add_and_norm(x, pending, self.attn_norm, backend)
+        else:
+            normed = self.attn_norm(x)
+        attended = self.attn(normed, rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
+        x, normed = add_and_norm(x, attended, self.mlp_norm, backend)
+        return x, self.mlp(normed, uses_fused_kernels(backend))
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -187,6 +189,17 @@ def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return x - update.neg()
     return x + update
+
+
+def add_and_norm(x: torch.Tensor, update: torch.Tensor, norm: nn.Module, backend: str):
+    """The residual sum `x + update` and `norm` of it; one Triton kernel each way where the rotary
+    and GeGLU kernels are used (`fused_norm.py`)."""
+    if uses_fused_kernels(backend) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
+        from mbert_retrieval.modeling.fused_norm import add_layer_norm
+
+        return add_layer_norm(x, update, norm.weight, norm.eps)
+    x = add_before_norm(x, update)
+    return x, norm(x)
 
 
 class ModernBert(nn.Module):
@@ -294,7 +307,7 @@ class ModernBert(nn.Module):
                 x, pending = torch.utils.checkpoint.checkpoint(layer, x, pending, *args, use_reentrant=False)
             else:
                 x, pending = layer(x, pending, *args)
-        return self.final_norm(x + pending)
+        return add_and_norm(x, pending, self.final_norm, backend)[1]
 
     def compile_forward(self, **compile_kwargs) -> ModernBert:
         """torch.compile the embeddings, all layers and the final norm as one graph, for varying
