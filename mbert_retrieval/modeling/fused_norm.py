@@ -97,7 +97,7 @@ def _add_norm_forward(
     _launcher(_add_norm_fwd, traced)[(triton.cdiv(tokens, FORWARD_ROWS),)](
         x, update, weight, total, normed, mean, rstd, tokens,
         x.stride(0), update.stride(0), total.stride(0), normed.stride(0),
-        width, eps, FORWARD_ROWS, triton.next_power_of_2(width),
+        WIDTH=width, EPS=eps, ROWS=FORWARD_ROWS, BLOCK=triton.next_power_of_2(width),
     )  # fmt: skip
     return [total, normed, mean, rstd]
 
@@ -123,7 +123,8 @@ def _add_norm_backward(
     _launcher(_add_norm_bwd, traced)[(programs,)](
         total, grad_normed, grad_total, weight, mean, rstd, grad_x, partial, tokens,
         total.stride(0), grad_normed.stride(0), grad_total.stride(0), grad_x.stride(0),
-        width, has_grad_total, BACKWARD_ROWS, ROWS_PER_PROGRAM, block,
+        WIDTH=width, HAS_GRAD_SUM=has_grad_total, ROWS=BACKWARD_ROWS, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
+        BLOCK=block,
     )  # fmt: skip
     return [grad_x, partial[:, :width].sum(0).to(weight.dtype)]
 
