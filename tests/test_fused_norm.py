@@ -142,7 +142,8 @@ def test_model_with_the_fused_kernels_matches_the_plain_path(hf_encoder_dir, mon
     cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
     results = {}
     for fused in (True, False):
-        monkeypatch.setattr(encoder, "uses_fused_kernels", lambda backend, _fused=fused: _fused)
+        for gate in ("uses_fused_kernels", "uses_fused_norm"):
+            monkeypatch.setattr(encoder, gate, lambda backend, _fused=fused: _fused)
         model = ModernBert.from_pretrained(hf_encoder_dir, device=DEVICE, attn_backend="packed_sdpa").train()
         out = model.forward_packed(ids, cu, max(lengths))
         out.square().mean().backward()

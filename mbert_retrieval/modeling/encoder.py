@@ -82,11 +82,19 @@ class Rotary(nn.Module):
 
 
 def uses_fused_kernels(backend: str) -> bool:
-    """Whether a layer runs rotary, GeGLU and each residual sum + LayerNorm as single Triton kernels
-    (`fused_elementwise.py`, `fused_norm.py`): on the eager CUDA path, and under torch.compile when
-    gradients are on, where inductor's fusion of the plain code makes slower backward kernels
-    (benchmarks/NOTES.md, runs 12-13). For compiled inference inductor's own fusion is as good."""
+    """Whether a layer runs rotary and GeGLU as single Triton kernels (`fused_elementwise.py`): on
+    the eager CUDA path, and under torch.compile when gradients are on, where inductor's fusion of
+    the plain code makes slower backward kernels (benchmarks/NOTES.md, runs 12-13). For compiled
+    inference inductor's own fusion is as good."""
     return backend == "triton" and (not torch.compiler.is_compiling() or torch.is_grad_enabled())
+
+
+def uses_fused_norm(backend: str) -> bool:
+    """Whether each residual sum + LayerNorm runs as `fused_norm.py`'s operator: in compiled training
+    graphs, where inductor's backward sums the norm's weight gradient in a pass of its own. Eagerly,
+    PyTorch's LayerNorm backward does not, and an operator call costs more host time than its two
+    aten calls."""
+    return backend == "triton" and torch.compiler.is_compiling() and torch.is_grad_enabled()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -192,9 +200,9 @@ def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 
 
 def add_and_norm(x: torch.Tensor, update: torch.Tensor, norm: nn.Module, backend: str):
-    """The residual sum `x + update` and `norm` of it; one Triton kernel each way where the rotary
-    and GeGLU kernels are used (`fused_norm.py`)."""
-    if uses_fused_kernels(backend) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
+    """The residual sum `x + update` and `norm` of it; one Triton kernel each way in compiled
+    training (`fused_norm.py`)."""
+    if uses_fused_norm(backend) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
         from mbert_retrieval.modeling.fused_norm import add_layer_norm
 
         return add_layer_norm(x, update, norm.weight, norm.eps)

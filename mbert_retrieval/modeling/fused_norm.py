@@ -7,9 +7,9 @@ step on an H200 (benchmarks/NOTES.md, run 12), leaves one extra reduction per no
 gradient (45 a step, 19 us each). Here each backward program sums its own rows' share of the
 weight's gradient as it goes and writes one partial row; a small sum over the programs finishes it.
 
-Used where the rotary and GeGLU kernels are (`fused_elementwise.py`): the eager CUDA path of the
-triton backend, and as operators inside torch.compile'd training graphs. Arithmetic in float32,
-rounded where eager PyTorch rounds: the sum in its dtype, the norm's output in the sum's dtype.
+Used inside torch.compile'd training graphs of the triton backend (`encoder.uses_fused_norm`); eager
+PyTorch's own LayerNorm backward has no such extra pass. Arithmetic in float32, rounded where eager
+PyTorch rounds: the sum in its dtype, the norm's output in the sum's dtype.
 """
 
 from __future__ import annotations
@@ -129,25 +129,8 @@ def _add_norm_backward(
     return [grad_x, partial[:, :width].sum(0).to(weight.dtype)]
 
 
-class _AddLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, update, weight, eps):
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a tensor of zeros
-        total, normed, mean, rstd = _add_norm_forward(x, update, weight, eps)
-        ctx.save_for_backward(total, weight, mean, rstd)
-        ctx.input_dtypes = (x.dtype, update.dtype)
-        return total, normed
-
-    @staticmethod
-    def backward(ctx, grad_total, grad_normed):
-        total, weight, mean, rstd = ctx.saved_tensors
-        if grad_normed is None:
-            grad_normed = torch.zeros_like(total)
-        grad, grad_weight = _add_norm_backward(total, weight, mean, rstd, grad_normed, grad_total)
-        return grad.to(ctx.input_dtypes[0]), grad.to(ctx.input_dtypes[1]), grad_weight, None
-
-
-# The same kernels as operators for torch.compile; inductor launches them from its generated code.
+# Operators, so that inductor launches the kernels from its generated code; called eagerly they run
+# the same kernels.
 @torch.library.triton_op("mbert_retrieval::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_forward_op(
     x: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float
@@ -195,7 +178,5 @@ def add_layer_norm(
             f"add_layer_norm needs x and update [tokens, width] and weight [width], got "
             f"{tuple(x.shape)}, {tuple(update.shape)}, {tuple(weight.shape)}"
         )
-    if torch.compiler.is_compiling():  # an operator inductor calls, not an autograd.Function to trace
-        total, normed, _, _ = add_layer_norm_forward_op(x, update, weight, eps)
-        return total, normed
-    return _AddLayerNorm.apply(x, update, weight, eps)
+    total, normed, _, _ = add_layer_norm_forward_op(x, update, weight, eps)
+    return total, normed
