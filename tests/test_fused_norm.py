@@ -7,27 +7,17 @@ Without either (or without Triton) the tests are skipped.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_kernels import DEVICE, ON_GPU, needs_gpu_compile, relative_error, skip_unless_kernels_run
 
-triton = pytest.importorskip("triton")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the fused kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+skip_unless_kernels_run("the fused kernels")
 
 from mbert_retrieval.modeling import fused_norm  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_gpu_compile = pytest.mark.skipif(not ON_GPU, reason="inductor launches Triton kernels on a GPU only")
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 EPS = 1e-5
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def plain_add_norm(x, update, weight, eps=EPS):
