@@ -22,7 +22,7 @@ ROTARY_TOKENS = 16  # tokens per program; each program covers all heads of q, k 
 GEGLU_ELEMENTS = 4096  # per program
 
 
-def _launcher(kernel, traced: bool):
+def launcher(kernel, traced: bool):
     """The kernel itself for eager calls; wrapped for the operators, so that torch.compile sees the
     launch and inductor makes it from its own generated code (no Python operator call per launch)."""
     return torch.library.wrap_triton(kernel) if traced else kernel
@@ -97,7 +97,7 @@ def _run_rotary(
     tokens, heads, head_dim = sources[0].shape
     strides = [stride for t in (*sources, *targets) for stride in (t.stride(0), t.stride(1))]
     grid = (triton.cdiv(tokens, ROTARY_TOKENS),)
-    _launcher(_rotary_kernel, traced)[grid](
+    launcher(_rotary_kernel, traced)[grid](
         *sources, *targets, cos, sin, tokens, heads, *strides, cos.stride(0),
         direction=direction, TOKENS=ROTARY_TOKENS, HEAD_DIM=head_dim,
         HALF_COLS=triton.next_power_of_2(heads * head_dim // 2),
@@ -248,7 +248,7 @@ def _geglu_forward(hidden: torch.Tensor, traced: bool = False) -> torch.Tensor:
     tokens, width = hidden.shape[0], hidden.shape[1] // 2
     out = hidden.new_empty(tokens, width)
     grid, rows, cols = _geglu_tiles(tokens, width)
-    _launcher(_geglu_fwd, traced)[grid](
+    launcher(_geglu_fwd, traced)[grid](
         hidden, out, tokens, width, hidden.stride(0), out.stride(0), rows, cols
     )
     return out
@@ -259,7 +259,7 @@ def _geglu_backward(hidden: torch.Tensor, grad: torch.Tensor, traced: bool = Fal
     tokens, width = grad.shape
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     grid, rows, cols = _geglu_tiles(tokens, width)
-    _launcher(_geglu_bwd, traced)[grid](
+    launcher(_geglu_bwd, traced)[grid](
         hidden, grad, grad_hidden, tokens, width,
         hidden.stride(0), grad.stride(0), grad_hidden.stride(0), rows, cols,
     )  # fmt: skip

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mbert_retrieval.modeling.fused_elementwise import launcher
 from mbert_retrieval.modeling.packing import sequence_ids
 
 LOG2_E = 1.4426950408889634
@@ -234,12 +235,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must be int32")
 
 
-def _launcher(kernel, traced: bool):
-    """The kernel itself for eager calls; wrapped for the operators, so that torch.compile sees the
-    launch and inductor makes it from its own generated code (no Python operator call per launch)."""
-    return torch.library.wrap_triton(kernel) if traced else kernel
-
-
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -256,7 +251,7 @@ def _forward(
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
     tiles = FORWARD
-    _launcher(_window_fwd, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
+    launcher(_window_fwd, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
         q, k, v, out, lse, cu_seqlens, seq_ids,
         tokens, window, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -296,7 +291,7 @@ def _backward_kernels(
     tokens, heads, dim = q.shape
     scale, scale_log2 = _scales(dim)
     delta = torch.empty_like(lse)
-    _launcher(_window_bwd_delta, traced)[(triton.cdiv(tokens, 64), heads)](
+    launcher(_window_bwd_delta, traced)[(triton.cdiv(tokens, 64), heads)](
         out, grad_out, delta, tokens, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         BLOCK_M=64, HEAD_DIM=dim, num_warps=4,
     )  # fmt: skip
@@ -304,7 +299,7 @@ def _backward_kernels(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     strides += (grad_out.stride(0), grad_out.stride(1))
     tiles = BACKWARD_DKDV
-    _launcher(_window_bwd_dkdv, traced)[(triton.cdiv(tokens, tiles.block_n), heads)](
+    launcher(_window_bwd_dkdv, traced)[(triton.cdiv(tokens, tiles.block_n), heads)](
         q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seq_ids,
         tokens, window, scale_log2, scale,
         *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -312,7 +307,7 @@ def _backward_kernels(
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     tiles = BACKWARD_DQ
-    _launcher(_window_bwd_dq, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
+    launcher(_window_bwd_dq, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
         q, k, v, grad_out, lse, delta, dq, cu_seqlens, seq_ids,
         tokens, window, scale_log2, scale,
         *strides, dq.stride(0), dq.stride(1),
