@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.fused_elementwise import _launcher
+from mbert_retrieval.modeling.fused_elementwise import launcher
 
 FORWARD_ROWS = 4  # rows per forward program
 BACKWARD_ROWS = 4  # rows per step of a backward program
@@ -94,7 +94,7 @@ def _add_norm_forward(
     dtype = torch.promote_types(x.dtype, update.dtype)
     total, normed = x.new_empty(tokens, width, dtype=dtype), x.new_empty(tokens, width, dtype=dtype)
     mean, rstd = (x.new_empty(tokens, dtype=torch.float32) for _ in range(2))
-    _launcher(_add_norm_fwd, traced)[(triton.cdiv(tokens, FORWARD_ROWS),)](
+    launcher(_add_norm_fwd, traced)[(triton.cdiv(tokens, FORWARD_ROWS),)](
         x, update, weight, total, normed, mean, rstd, tokens,
         x.stride(0), update.stride(0), total.stride(0), normed.stride(0),
         WIDTH=width, EPS=eps, ROWS=FORWARD_ROWS, BLOCK=triton.next_power_of_2(width),
@@ -120,7 +120,7 @@ def _add_norm_backward(
     partial = total.new_empty(programs, block, dtype=torch.float32)
     has_grad_total = grad_total is not None
     grad_total = _rows(grad_total) if has_grad_total else grad_normed  # not read without its flag
-    _launcher(_add_norm_bwd, traced)[(programs,)](
+    launcher(_add_norm_bwd, traced)[(programs,)](
         total, grad_normed, grad_total, weight, mean, rstd, grad_x, partial, tokens,
         total.stride(0), grad_normed.stride(0), grad_total.stride(0), grad_x.stride(0),
         WIDTH=width, HAS_GRAD_SUM=has_grad_total, ROWS=BACKWARD_ROWS, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
