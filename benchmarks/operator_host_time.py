@@ -72,8 +72,7 @@ def custom_op_forms():
         return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
     def rotary_backward(ctx, grads):
-        grads = [fused._dense(g, *grads) for g in grads]
-        return rotary_bwd(*grads, *ctx.saved_tensors), None, None
+        return rotary_bwd(*fused._dense_grads(grads), *ctx.saved_tensors), None, None
 
     rotary_fwd.register_autograd(rotary_backward, setup_context=fused._save_rotation)
     geglu_fwd.register_autograd(

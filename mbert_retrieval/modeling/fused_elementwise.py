@@ -136,7 +136,7 @@ class _RotaryQKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        grads = [_dense(g, grad_q, grad_k, grad_v) for g in (grad_q, grad_k, grad_v)]
+        grads = _dense_grads((grad_q, grad_k, grad_v))
         return _rotary_backward(*grads, *ctx.saved_tensors), None, None
 
 
@@ -160,20 +160,22 @@ def _save_rotation(ctx, inputs, output):
 
 
 def _rotary_op_backward(ctx, grads):
-    grads = [_dense(g, *grads) for g in grads]
-    return rotary_backward_op(*grads, *ctx.saved_tensors), None, None
+    return rotary_backward_op(*_dense_grads(grads), *ctx.saved_tensors), None, None
 
 
 rotary_forward_op.register_autograd(_rotary_op_backward, setup_context=_save_rotation)
 
 
-def _dense(grad: torch.Tensor | None, *like: torch.Tensor | None) -> torch.Tensor:
-    """A gradient as the kernels read it: unit stride along the last dim (a sum's gradient comes
-    expanded, stride 0), and a missing one (an output that nothing used) as zeros."""
-    if grad is not None:
-        return grad if grad.stride(-1) == 1 else grad.contiguous()
-    shape_of = next(g for g in like if g is not None)
-    return torch.zeros(shape_of.shape, dtype=shape_of.dtype, device=shape_of.device)
+def _dense_grads(grads) -> list[torch.Tensor]:
+    """q's, k's and v's gradients as the kernels read them: unit stride along the last dim (a sum's
+    gradient comes expanded, stride 0), and a missing one (an output that nothing used) as zeros."""
+    like = next(g for g in grads if g is not None)
+    dense = []
+    for grad in grads:
+        if grad is None:
+            grad = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        dense.append(grad if grad.stride(-1) == 1 else grad.contiguous())
+    return dense
 
 
 def rotary_qkv(
