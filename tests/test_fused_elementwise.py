@@ -7,35 +7,23 @@ Without either (or without Triton) the tests are skipped.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_kernels import DEVICE, ON_GPU, needs_gpu_compile, relative_error, skip_unless_kernels_run
 
 from mbert_retrieval import ModernBert
 from mbert_retrieval.modeling.encoder import Rotary, apply_rotary
 
-triton = pytest.importorskip("triton")
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("the fused kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+skip_unless_kernels_run("the fused kernels")
 
 from mbert_retrieval.modeling import fused_elementwise as fused  # noqa: E402
 
-DEVICE = "cuda" if ON_GPU else "cpu"
-# Compiled, the operators are launched from inductor's generated code (torch.library.triton_op),
-# which needs the GPU: the interpreter's kernels cannot be traced.
-needs_gpu_compile = pytest.mark.skipif(not ON_GPU, reason="inductor launches Triton kernels on a GPU only")
 DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32]
 
 
 def tolerance(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 1e-2
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def rope_for(lengths: list[int], head_dim: int, theta: float = 10000.0):

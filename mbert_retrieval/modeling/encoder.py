@@ -89,6 +89,14 @@ def uses_fused_kernels(backend: str) -> bool:
     return backend == "triton" and (not torch.compiler.is_compiling() or torch.is_grad_enabled())
 
 
+def uses_fused_norm(backend: str) -> bool:
+    """Whether each residual sum + LayerNorm runs as `fused_norm.py`'s operator: in compiled training
+    graphs, where inductor's backward sums the norm's weight gradient in a pass of its own. Eagerly,
+    PyTorch's LayerNorm backward does not, and an operator call costs more host time than its two
+    aten calls."""
+    return backend == "triton" and torch.compiler.is_compiling() and torch.is_grad_enabled()
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, 2, heads, head_dim] (q and k; rotate-half convention), in float32 like `transformers`."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -166,10 +174,12 @@ class Layer(nn.Module):
         """Returns the residual stream and the MLP's output not yet added to it (`pending`): the next
         layer adds it as its first step, or the model before the final norm."""
         if pending is not None:
-            x = add_before_norm(x, pending)
-        attended = self.attn(self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
-        x = add_before_norm(x, attended)
-        return x, self.mlp(self.mlp_norm(x), uses_fused_kernels(backend))
+            x, normed = add_and_norm(x, pending, self.attn_norm, backend)
+        else:
+            normed = self.attn_norm(x)
+        attended = self.attn(normed, rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
+        x, normed = add_and_norm(x, attended, self.mlp_norm, backend)
+        return x, self.mlp(normed, uses_fused_kernels(backend))
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -187,6 +197,17 @@ def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return x - update.neg()
     return x + update
+
+
+def add_and_norm(x: torch.Tensor, update: torch.Tensor, norm: nn.Module, backend: str):
+    """The residual sum `x + update` and `norm` of it; one Triton kernel each way in compiled
+    training (`fused_norm.py`)."""
+    if uses_fused_norm(backend) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
+        from mbert_retrieval.modeling.fused_norm import add_layer_norm
+
+        return add_layer_norm(x, update, norm.weight, norm.eps)
+    x = add_before_norm(x, update)
+    return x, norm(x)
 
 
 class ModernBert(nn.Module):
@@ -294,7 +315,7 @@ class ModernBert(nn.Module):
                 x, pending = torch.utils.checkpoint.checkpoint(layer, x, pending, *args, use_reentrant=False)
             else:
                 x, pending = layer(x, pending, *args)
-        return self.final_norm(x + pending)
+        return add_and_norm(x, pending, self.final_norm, backend)[1]
 
     def compile_forward(self, **compile_kwargs) -> ModernBert:
         """torch.compile the embeddings, all layers and the final norm as one graph, for varying
