@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_name, write_result
 
 COSQA = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cosqa-dev"
@@ -171,35 +171,13 @@ def main() -> None:
         "ndcg_delta_is": "the largest in size over the sets, ONNX int8 minus torch float32",
         "held_out_sets": quality,
         "subsets": {"max_queries": args.max_queries, "max_documents": args.max_documents},
-        "device": f"{platform.processor() or platform.machine()}, {cpu_name()}",
+        "device": f"{platform.machine()}, {cpu_name()}",
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "command": "python3 " + " ".join(sys.argv),
     }
     write_result(result, args.out)
     print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
-
-
-INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # onnxruntime picks these by itself
-
-
-def cpu_name() -> str:
-    """Model name, family / model numbers and the int8 dot-product instructions the CPU has: the same
-    name covers CPUs with and without them, and they decide the int8 path's speed."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    int8 = [flag for flag in INT8_DOT_PRODUCT_FLAGS if flag in flags] or ["none (avx2 only)"]
-    return (
-        f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, "
-        f"model {fields.get('model', '?')}; int8 dot products: {', '.join(int8)})"
-    )
 
 
 if __name__ == "__main__":
