@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import platform
 import random
 import sysconfig
 from collections.abc import Callable, Hashable, Iterator
@@ -112,3 +113,25 @@ def write_result(result: dict, out: str | Path, table: str | None = None) -> Non
         atomic_write_text(out.with_suffix(".md"), table + "\n")
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if table is not None else ""), flush=True)
+
+
+INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # onnxruntime picks these by itself
+
+
+def cpu_name() -> str:
+    """Model name, family / model numbers and the int8 dot-product instructions the CPU has: the same
+    name covers CPUs with and without them, and they decide the int8 path's speed."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    int8 = [flag for flag in INT8_DOT_PRODUCT_FLAGS if flag in flags] or ["none (avx2 only)"]
+    return (
+        f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, "
+        f"model {fields.get('model', '?')}; int8 dot products: {', '.join(int8)})"
+    )

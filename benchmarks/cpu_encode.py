@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_name, write_result
 
 COSQA = (
     Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cosqa-dev"
@@ -171,23 +171,13 @@ def main() -> None:
         "ndcg_delta_is": "the largest in size over the sets, ONNX int8 minus torch float32",
         "held_out_sets": quality,
         "subsets": {"max_queries": args.max_queries, "max_documents": args.max_documents},
-        "device": f"{platform.processor() or platform.machine()}, {cpu_name()}",
+        "device": f"{platform.machine()}, {cpu_name()}",
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
         "command": "python3 " + " ".join(sys.argv),
     }
     write_result(result, args.out)
     print(json.dumps({k: result[k] for k in list(result)[:5]}, indent=1))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

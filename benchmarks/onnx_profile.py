@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_name, write_result
 
 INT8_LINEAR_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLinear")
 
@@ -89,7 +89,7 @@ def main() -> None:
     linear_ms = sum(operators.get(op, 0.0) for op in INT8_LINEAR_OPS)
     minilm_config = minilm[0].auto_model.config
     result = {
-        "device": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "device": f"{platform.machine()}, {cpu_name()}",
         "command": "PYTHONPATH=. python3 benchmarks/onnx_profile.py " + " ".join(sys.argv[1:]),
         "texts": len(texts),
         "threads": args.threads,

@@ -10,7 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_kernels import DEVICE, ON_GPU, needs_gpu_compile, relative_error, skip_unless_kernels_run
+from triton_kernels import (
+    DEVICE,
+    ON_GPU,
+    assert_autocast_training_matches_the_plain_path,
+    needs_gpu_compile,
+    relative_error,
+    skip_unless_kernels_run,
+)
 
 skip_unless_kernels_run("the fused kernels")
 
@@ -160,15 +167,4 @@ def test_compiled_autocast_training_matches_the_plain_path(hf_encoder_dir, cpp_w
         for backend in ("triton", "varlen")
     }
     models["triton"].compile_forward(options={"cpp_wrapper": cpp_wrapper})
-    lengths = [300, 5, 40, 129, 1]
-    ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
-    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to("cuda")
-    outputs = {}
-    for backend, model in models.items():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            outputs[backend] = model.forward_packed(ids, cu, max(lengths))
-        outputs[backend].float().square().mean().backward()
-    assert relative_error(outputs["triton"], outputs["varlen"]) < 2e-2
-    plain = dict(models["varlen"].named_parameters())
-    for name, param in models["triton"].named_parameters():
-        assert relative_error(param.grad, plain[name].grad) < 5e-2, name
+    assert_autocast_training_matches_the_plain_path(models, lengths=[300, 5, 40, 129, 1])
