@@ -12,7 +12,6 @@ function to one file, an update with nothing changed, and single-query search la
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import statistics
 import sysconfig
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_name, write_result
 from mbert_retrieval.code.index import CodeIndex, build_code_index
 from mbert_retrieval.models.dense import DenseRetriever
 from mbert_retrieval.tokenization import train_tokenizer
@@ -111,9 +110,7 @@ def main() -> None:
         print(f"search {mode:<7} p50 {values['p50_ms']:.1f} ms  max {values['max_ms']:.1f} ms")
 
     result = {
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
         "small": args.small,
         "chunks": full.chunks,
         "files": full.files,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import platform
 import tempfile
 import textwrap
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import make_model_folder, sample_source_files, write_result
+from benchmarks.common import cpu_name, make_model_folder, sample_source_files, write_result
 from mbert_retrieval import DenseRetriever
 
 MAX_FUNCTIONS_PER_FILE = 25
@@ -142,7 +141,7 @@ def main() -> None:
     for row in rows.values():
         row["speedup"] = baseline / row["seconds"]
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "sentence_transformers": __import__("sentence_transformers").__version__,

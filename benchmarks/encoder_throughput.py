@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_name, write_result
 from mbert_retrieval import ModernBert
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens
 
@@ -570,7 +569,7 @@ def main() -> None:
         variants[name] = lambda *a, model=models.get(name): ours_forward(model, *a)
 
     results = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "triton": triton_version(),
         "dtype": str(dtype),

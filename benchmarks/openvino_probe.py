@@ -16,7 +16,6 @@ Needs the `onnx` extra, and `pip install openvino nncf` (not dependencies of the
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import cpu_name, write_result
 from benchmarks.encode_throughput import python_functions
 from mbert_retrieval.models import onnx_backend
 from mbert_retrieval.models.dense import DenseRetriever
@@ -136,7 +135,7 @@ def main() -> None:
 
     result = {
         "command": "python3 " + " ".join(sys.argv),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "threads": 1,
         "texts": len(texts),
         "openvino": openvino.__version__,
