@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_result
+from benchmarks.common import print_sweep, recorder, write_result
 from benchmarks.encoder_throughput import FULL
-from benchmarks.window_kernel_sweep import microseconds
 from mbert_retrieval.modeling import fused_norm as kernels
 
 WIDTH, EPS = 768, 1e-5
@@ -52,11 +51,7 @@ def measure(tokens: int) -> dict:
     weight = torch.rand(WIDTH, device=device) + 0.5
     row = {"tokens": tokens}
 
-    def record(name, fn):
-        try:
-            row[name] = microseconds(fn)
-        except Exception as err:  # a launch shape that does not fit is reported, not fatal
-            row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:300]
+    record = recorder(row)
 
     compiled = torch.compile(plain, dynamic=False)
     with torch.no_grad():
@@ -103,12 +98,7 @@ def main() -> None:
         if workload.mean is not None:
             results[workload.name] = measure(sum(workload.lengths(generator)))
             write_result(results, args.out)  # after each workload
-    for name, row in results.items():
-        if isinstance(row, dict) and "tokens" in row:
-            print(f"\n{name} ({row['tokens']} tokens), us per call (CUDA-graph replays):")
-            for key, value in row.items():
-                if key != "tokens":
-                    print(f"  {key:28s} {value if isinstance(value, str) else f'{value:8.1f}'}")
+    print_sweep(results)
 
 
 if __name__ == "__main__":
