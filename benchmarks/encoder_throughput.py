@@ -534,7 +534,7 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp "
+        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, compiled_model_rotary_pass "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
@@ -602,7 +602,8 @@ class ModelVariants:
     compiled layers with FlashAttention in every layer (`_varlen`), the whole forward compiled
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
     chains of sums in each reader (`compiled_model_inductor_reads`), or launching its kernels from
-    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper)."""
+    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper), or with the local
+    layers' rotary pass before the window kernel instead of inside it (`compiled_model_rotary_pass`)."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -620,6 +621,10 @@ class ModelVariants:
                 model.compile_forward()
             elif name == "compiled_model_cpp":  # no Python per kernel launch
                 model.compile_forward(options={"cpp_wrapper": True})
+            elif name == "compiled_model_rotary_pass":  # local layers rotate q, k before the window kernel
+                for layer in model.layers:
+                    layer.attn.rotation_in_window_kernel = False
+                model.compile_forward()
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:

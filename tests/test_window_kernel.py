@@ -76,6 +76,32 @@ def test_forward_and_backward_match_reference(monkeypatch, window, blocks, lengt
         assert error < 2 * TOLERANCE, name
 
 
+@pytest.mark.parametrize("window", [0, 16, 64])
+@pytest.mark.parametrize("lengths", [LENGTHS, [1], [7, 7, 7, 300, 1, 1, 40]])
+def test_rotation_inside_the_kernel_matches_rotating_first(window, lengths):
+    """Inference on the projection: q and k rotated as the kernel loads them, against `apply_rotary`
+    and then the reference attention."""
+    from mbert_retrieval.modeling.encoder import Rotary, apply_rotary
+
+    generator = torch.Generator().manual_seed(window + len(lengths))
+    cu = cu_of(lengths)
+    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+    cos, sin = Rotary(DIM, 10000.0, max(lengths)).to(DEVICE)(positions)
+    with torch.no_grad():
+        out = kernels.window_attention_rotary(qkv, cos, sin, cu, window)
+        q, k = apply_rotary(qkv[:, :2], cos, sin).unbind(1)
+        expected = reference_attention(q.float(), k.float(), qkv[:, 2].float(), cu, window)
+    assert relative_error(out, expected) < TOLERANCE
+
+
+def test_rotation_inside_the_kernel_refuses_gradients():
+    qkv = torch.randn(9, 3, HEADS, DIM, device=DEVICE, requires_grad=True)
+    cos, sin = torch.ones(9, DIM // 2, device=DEVICE), torch.zeros(9, DIM // 2, device=DEVICE)
+    with pytest.raises(RuntimeError, match="no backward"):
+        kernels.window_attention_rotary(qkv, cos, sin, cu_of([9]), 4)
+
+
 def test_views_of_one_qkv_buffer_match_contiguous_copies():
     generator = torch.Generator().manual_seed(3)
     cu = cu_of(LENGTHS)
@@ -140,6 +166,32 @@ def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
     for name, param in exact.named_parameters():
         fast_grad = dict(fast.named_parameters())[name].grad
         assert relative_error(fast_grad, param.grad) < 5e-2, name
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
+def test_triton_backend_inference_rotates_inside_the_window_kernel(hf_encoder_dir, monkeypatch):
+    """Without gradients the local layers take qkv whole (rotation inside the kernel); the output as
+    the fp32 reference path's, eagerly and compiled."""
+    calls = []
+    original = kernels.window_attention_rotary
+    monkeypatch.setattr(
+        kernels, "window_attention_rotary", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    fast = ModernBert.from_pretrained(
+        hf_encoder_dir, dtype=torch.bfloat16, device="cuda", attn_backend="triton"
+    )
+    exact = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend="reference")
+    lengths = [300, 5, 40, 129]
+    ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
+    cu = cu_of(lengths)
+    with torch.inference_mode():
+        expected = exact.forward_packed(ids, cu, max(lengths))
+        eager = fast.forward_packed(ids, cu, max(lengths))
+        compiled = fast.compile_forward().forward_packed(ids, cu, max(lengths))
+    local_layers = sum(not layer.is_global for layer in fast.layers)
+    assert len(calls) >= local_layers
+    for got in (eager, compiled):
+        assert relative_error(got, expected) < 2e-2
 
 
 def test_bad_head_dim_is_a_clear_error():

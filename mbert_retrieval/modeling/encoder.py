@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mbert_retrieval.modeling.attention import check_backend_name, packed_attention, resolve_backend
+from mbert_retrieval.modeling.attention import (
+    check_backend_name,
+    packed_attention,
+    resolve_backend,
+    uses_window_kernel,
+)
 from mbert_retrieval.modeling.config import ModernBertConfig
 from mbert_retrieval.modeling.io import (
     CheckpointError,
@@ -110,11 +115,26 @@ class Attention(nn.Module):
         self.window_half = None if config.is_global(layer) else config.window_half
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.rotation_in_window_kernel = True  # False: a rotary pass first (benchmarks' A/B)
+
+    def rotates_in_window_kernel(self, backend: str, max_seqlen: int) -> bool:
+        """Inference on a local layer of the triton backend: the window kernel rotates q and k as it
+        loads them from qkv, so no rotary pass runs before it (it has no backward yet)."""
+        return (
+            self.rotation_in_window_kernel
+            and not torch.is_grad_enabled()
+            and uses_window_kernel(backend, self.window_half, max_seqlen, self.head_dim)
+        )
 
     def forward(
         self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
     ):
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
+        if self.rotates_in_window_kernel(backend, max_seqlen):
+            from mbert_retrieval.modeling.window_attention import window_attention_rotary
+
+            out = window_attention_rotary(qkv, *rope, cu_seqlens, self.window_half, sequence_ids)
+            return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
         if uses_fused_kernels(backend):
             from mbert_retrieval.modeling.fused_elementwise import rotary_qkv
 

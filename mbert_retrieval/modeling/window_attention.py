@@ -61,12 +61,29 @@ def _visible_range(CU, SEQ, first, count, n_tokens, window):
 # The scales are constexpr: inductor passes a float argument of a triton_op's kernel as fp64, which would
 # turn the softmax's running statistics into fp64.
 @triton.jit
+def _load_rotated(X, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM: tl.constexpr):
+    """Rows of X [N, heads, dim] rotated by their positions' cos and sin [N, dim / 2] (rotate-half,
+    float32 arithmetic rounded to X's dtype, as `encoder.apply_rotary`), with the two halves
+    interleaved along dim: q and k are both held so, and their dot products are the same."""
+    half: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, half)
+    at = X + rows[:, None] * s_t + head * s_h + dims[None, :]
+    x1 = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(at + half, mask=ok[:, None], other=0.0).to(tl.float32)
+    cos = tl.load(COS + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
+    sin = tl.load(SIN + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
+    rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # [rows, half, 2]
+    return tl.reshape(rotated, (rows.shape[0], HEAD_DIM)).to(X.dtype.element_ty)
+
+
+@triton.jit
 def _window_fwd(
-    Q, K, V, OUT, LSE, CU, SEQ,
+    Q, K, V, OUT, LSE, CU, SEQ, COS, SIN,
     n_tokens, window, scale_log2: tl.constexpr,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sc_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
 ):  # fmt: skip
+    """One block of queries. With ROTARY, q and k are rotated as they load (COS, SIN per token)."""
     head = tl.program_id(1)
     first = tl.program_id(0) * BLOCK_M
     rows = first + tl.arange(0, BLOCK_M)
@@ -75,7 +92,10 @@ def _window_fwd(
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
     key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if ROTARY:
+        q = _load_rotated(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM)
+    else:
+        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -83,7 +103,12 @@ def _window_fwd(
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < key_hi
         col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
-        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        if ROTARY:
+            k = _load_rotated(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM)
+        else:
+            k = tl.load(
+                K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0
+            )
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         distance = rows[:, None] - cols[None, :]
@@ -243,19 +268,23 @@ def _forward(
     seq_ids: torch.Tensor,
     window: int,
     traced: bool = False,
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
+    """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32).
+    `rotation`: cos and sin [N, dim / 2] (float32) to rotate q and k by as the kernel loads them."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
+    cos, sin = rotation if rotation is not None else (lse, lse)  # not read without a rotation
     tiles = FORWARD
     launcher(_window_fwd, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
-        q, k, v, out, lse, cu_seqlens, seq_ids,
+        q, k, v, out, lse, cu_seqlens, seq_ids, cos, sin,
         tokens, window, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        cos.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotation is not None,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out, lse
@@ -384,3 +413,42 @@ def window_attention(
     if torch.compiler.is_compiling():
         return window_attention_fwd(q, k, v, cu_seqlens, seq_ids, window)[0]
     return _EagerWindowAttention.apply(q, k, v, cu_seqlens, seq_ids, window)
+
+
+@torch.library.triton_op("mbert_retrieval::window_attention_rotary_fwd", mutates_args=())
+def window_attention_rotary_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    return _forward(q, k, v, cu_seqlens, seq_ids, window, traced=True, rotation=(cos, sin))[0]
+
+
+def window_attention_rotary(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window: int,
+    seq_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`window_attention` of q and k rotated by cos and sin (rotate-half) and v, all read from the
+    projection qkv [N, 3, heads, dim]: the kernel rotates q and k as it loads them, so no rotary pass
+    runs before it. cos, sin: [N, ..., dim / 2] float32 per token. Inference only (no backward)."""
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        raise RuntimeError("window_attention_rotary has no backward: call it without gradients")
+    tokens, parts, _, head_dim = qkv.shape
+    if parts != 3 or head_dim % 2 or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be [tokens, 3, heads, even head_dim] with unit stride, got {qkv.shape}")
+    cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
+    if seq_ids is None:
+        seq_ids = sequence_ids(cu_seqlens, tokens)
+    q, k, v = qkv.unbind(1)
+    if torch.compiler.is_compiling():
+        return window_attention_rotary_fwd(q, k, v, cos, sin, cu_seqlens, seq_ids, window)
+    return _forward(q, k, v, cu_seqlens, seq_ids, window, rotation=(cos, sin))[0]
