@@ -277,7 +277,7 @@ def _forward(
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
-    cos, sin = rotation if rotation is not None else (lse, lse)  # not read without a rotation
+    cos, sin = rotation if rotation is not None else (seq_ids, seq_ids)  # not read without a rotation
     tiles = FORWARD
     launcher(_window_fwd, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
         q, k, v, out, lse, cu_seqlens, seq_ids, cos, sin,
