@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import write_result
 
-# Each kernel's arguments that it stores to (its outputs).
+# Each kernel's arguments that it stores to (its outputs), or a function of its arguments giving them.
 WRITTEN = {
     "_rotary_fwd": ["QD", "KD", "VD"],
     "_rotary_bwd": ["GRAD_QKV"],
@@ -33,7 +33,7 @@ WRITTEN = {
     "_add_norm_bwd": ["GRAD_X", "PARTIAL"],
     "_window_fwd": ["OUT", "LSE"],
     "_window_bwd_delta": ["DELTA"],
-    "_window_bwd_dkdv": ["DK", "DV"],
+    "_window_bwd_dkdv": lambda kwargs: ["DK"] if kwargs.get("ROTARY") else ["DK", "DV"],
     "_window_bwd_dq": ["DQ"],
 }
 
@@ -44,7 +44,8 @@ def written_arguments(kernel_idx, constant_args_idx, kwargs, tma_descriptor_meta
     name = wrap.kernel_side_table.get_kernel(kernel_idx).fn.__name__
     if name not in WRITTEN:
         raise KeyError(f"add kernel {name!r} and the arguments it stores to, to WRITTEN")
-    return [argument for argument in WRITTEN[name] if argument in kwargs]
+    written = WRITTEN[name](kwargs) if callable(WRITTEN[name]) else WRITTEN[name]
+    return [argument for argument in written if argument in kwargs]
 
 
 def trace_training_step(layers: int, tokens_per_sequence: list[int]):

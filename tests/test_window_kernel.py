@@ -78,28 +78,32 @@ def test_forward_and_backward_match_reference(monkeypatch, window, blocks, lengt
 
 @pytest.mark.parametrize("window", [0, 16, 64])
 @pytest.mark.parametrize("lengths", [LENGTHS, [1], [7, 7, 7, 300, 1, 1, 40]])
-def test_rotation_inside_the_kernel_matches_rotating_first(window, lengths):
-    """Inference on the projection: q and k rotated as the kernel loads them, against `apply_rotary`
-    and then the reference attention."""
+def test_rotation_inside_the_kernels_matches_rotating_first(window, lengths):
+    """q and k rotated as the kernels load them from qkv (dq and dk rotated back into qkv's gradient),
+    against `apply_rotary` and then the reference attention, with gradients."""
     from mbert_retrieval.modeling.encoder import Rotary, apply_rotary
 
     generator = torch.Generator().manual_seed(window + len(lengths))
     cu = cu_of(lengths)
-    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
+    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE).requires_grad_()
     positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
     cos, sin = Rotary(DIM, 10000.0, max(lengths)).to(DEVICE)(positions)
-    with torch.no_grad():
-        out = kernels.window_attention_rotary(qkv, cos, sin, cu, window)
-        q, k = apply_rotary(qkv[:, :2], cos, sin).unbind(1)
-        expected = reference_attention(q.float(), k.float(), qkv[:, 2].float(), cu, window)
+    out = kernels.window_attention_rotary(qkv, cos, sin, cu, window)
+
+    qkv32 = qkv.detach().float().requires_grad_()
+    q, k = apply_rotary(qkv32[:, :2], cos, sin).unbind(1)
+    expected = reference_attention(q, k, qkv32[:, 2], cu, window)
     assert relative_error(out, expected) < TOLERANCE
 
-
-def test_rotation_inside_the_kernel_refuses_gradients():
-    qkv = torch.randn(9, 3, HEADS, DIM, device=DEVICE, requires_grad=True)
-    cos, sin = torch.ones(9, DIM // 2, device=DEVICE), torch.zeros(9, DIM // 2, device=DEVICE)
-    with pytest.raises(RuntimeError, match="no backward"):
-        kernels.window_attention_rotary(qkv, cos, sin, cu_of([9]), 4)
+    weights = torch.randn(out.shape, generator=generator).to(DEVICE, DTYPE)
+    (grad,) = torch.autograd.grad((out * weights).sum(), qkv)
+    (expected_grad,) = torch.autograd.grad((expected * weights.float()).sum(), qkv32)
+    scale = expected_grad[:, 2].norm()  # window 0: dq and dk are exactly zero, as in the test above
+    for part, name in enumerate("qkv"):
+        error = (grad[:, part].float() - expected_grad[:, part]).norm() / max(
+            expected_grad[:, part].norm(), 0.1 * scale
+        )
+        assert error < 2 * TOLERANCE, name
 
 
 def test_views_of_one_qkv_buffer_match_contiguous_copies():

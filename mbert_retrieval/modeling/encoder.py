@@ -118,12 +118,10 @@ class Attention(nn.Module):
         self.rotation_in_window_kernel = True  # False: a rotary pass first (benchmarks' A/B)
 
     def rotates_in_window_kernel(self, backend: str, max_seqlen: int) -> bool:
-        """Inference on a local layer of the triton backend: the window kernel rotates q and k as it
-        loads them from qkv, so no rotary pass runs before it (it has no backward yet)."""
-        return (
-            self.rotation_in_window_kernel
-            and not torch.is_grad_enabled()
-            and uses_window_kernel(backend, self.window_half, max_seqlen, self.head_dim)
+        """A local layer of the triton backend: the window kernels rotate q and k as they load them
+        from qkv (and rotate their gradients back), so no rotary pass runs either way."""
+        return self.rotation_in_window_kernel and uses_window_kernel(
+            backend, self.window_half, max_seqlen, self.head_dim
         )
 
     def forward(
