@@ -9,6 +9,10 @@ FlashAttention's windowed varlen kernel was measured slower on ~250-token docume
 global one (benchmarks/NOTES.md). Tokens' sequence indices (`sequence_ids`, made once per forward)
 give the masks and, with `cu_seqlens`, each block's range of keys.
 
+`window_attention_rotary` takes the projection qkv [N, 3, heads, dim] instead, with the rotary
+embedding's cos and sin: the kernels rotate q and k as they load them and rotate dq and dk back as
+they store them into qkv's gradient, so the model's local layers run no rotary pass of their own.
+
 Under `torch.compile`, `window_attention` is a `torch.library.triton_op` with its own backward:
 inductor launches its kernels from its generated code; run eagerly, it calls the kernels without the
 operator.
