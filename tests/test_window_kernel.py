@@ -152,18 +152,24 @@ def test_sequence_ids():
     assert kernels.sequence_ids(cu, 6).tolist() == [0, 0, 0, 1, 2, 2]
 
 
-@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
-def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
-    """The whole encoder (local layers on the window kernel) against the fp32 reference path."""
+def triton_and_reference_models(hf_encoder_dir):
+    """The encoder on the triton backend (bf16) and on the reference path (fp32), and a packed batch."""
     fast = ModernBert.from_pretrained(
         hf_encoder_dir, dtype=torch.bfloat16, device="cuda", attn_backend="triton"
     )
     exact = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend="reference")
     lengths = [300, 5, 40, 129]
     ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
-    cu = cu_of(lengths)
-    got = fast.train().forward_packed(ids, cu, max(lengths))
-    expected = exact.train().forward_packed(ids, cu, max(lengths))
+    return fast, exact, ids, cu_of(lengths), max(lengths)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
+def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
+    """The whole encoder (local layers on the window kernels, rotating q and k inside them) against
+    the fp32 reference path."""
+    fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
+    got = fast.train().forward_packed(ids, cu, max_len)
+    expected = exact.train().forward_packed(ids, cu, max_len)
     assert relative_error(got, expected) < 2e-2
     got.float().square().mean().backward()
     expected.square().mean().backward()
@@ -174,24 +180,18 @@ def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
 
 @pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
 def test_triton_backend_inference_rotates_inside_the_window_kernel(hf_encoder_dir, monkeypatch):
-    """Without gradients the local layers take qkv whole (rotation inside the kernel); the output as
-    the fp32 reference path's, eagerly and compiled."""
+    """Inference: the local layers take qkv whole (rotation inside the kernel); the output as the fp32
+    reference path's, eagerly and compiled."""
     calls = []
     original = kernels.window_attention_rotary
     monkeypatch.setattr(
         kernels, "window_attention_rotary", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
-    fast = ModernBert.from_pretrained(
-        hf_encoder_dir, dtype=torch.bfloat16, device="cuda", attn_backend="triton"
-    )
-    exact = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend="reference")
-    lengths = [300, 5, 40, 129]
-    ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
-    cu = cu_of(lengths)
+    fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
     with torch.inference_mode():
-        expected = exact.forward_packed(ids, cu, max(lengths))
-        eager = fast.forward_packed(ids, cu, max(lengths))
-        compiled = fast.compile_forward().forward_packed(ids, cu, max(lengths))
+        expected = exact.forward_packed(ids, cu, max_len)
+        eager = fast.forward_packed(ids, cu, max_len)
+        compiled = fast.compile_forward().forward_packed(ids, cu, max_len)
     local_layers = sum(not layer.is_global for layer in fast.layers)
     assert len(calls) >= local_layers
     for got in (eager, compiled):
