@@ -543,7 +543,8 @@ def main() -> None:
         default="eager,compiled_layers",
         help="comma list of: eager, compiled_layers, compiled_layers_varlen, compiled_model (one graph "
         "for the whole forward: fewer compiled calls per step for the host), "
-        "compiled_model_inductor_reads, compiled_model_cpp (its kernels launched from generated C++)",
+        "compiled_model_inductor_reads, compiled_model_cpp (its kernels launched from generated C++), "
+        "compiled_model_rotary_pass[_cpp]",
     )
     parser.add_argument(
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
@@ -621,10 +622,11 @@ class ModelVariants:
                 model.compile_forward()
             elif name == "compiled_model_cpp":  # no Python per kernel launch
                 model.compile_forward(options={"cpp_wrapper": True})
-            elif name == "compiled_model_rotary_pass":  # local layers rotate q, k before the window kernel
+            elif name.startswith("compiled_model_rotary_pass"):  # local layers rotate q, k first
                 for layer in model.layers:
                     layer.attn.rotation_in_window_kernel = False
-                model.compile_forward()
+                cpp = name.endswith("_cpp")
+                model.compile_forward(options={"cpp_wrapper": cpp})
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:
