@@ -28,6 +28,11 @@ def launcher(kernel, traced: bool):
     return torch.library.wrap_triton(kernel) if traced else kernel
 
 
+def unit_stride(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as the kernels read it: unit stride along the last dim (copied only if needed)."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 # -- rotary ------------------------------------------------------------------------------------------
 
 
@@ -208,7 +213,7 @@ def _dense_grads(grads) -> list[torch.Tensor]:
     for grad in grads:
         if grad is None:
             grad = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
-        dense.append(grad if grad.stride(-1) == 1 else grad.contiguous())
+        dense.append(unit_stride(grad))
     return dense
 
 

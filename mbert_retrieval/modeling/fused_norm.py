@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.fused_elementwise import launcher
+from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,10 @@ def _add_norm_bwd(
     tl.store(PARTIAL_W + tl.program_id(0) * BLOCK + cols, grad_weight, mask=col_ok)
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
 def _add_norm_forward(
     x: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float, traced: bool = False
 ) -> list[torch.Tensor]:
-    x, update = _rows(x), _rows(update)
+    x, update = unit_stride(x), unit_stride(update)
     tokens, width = x.shape
     dtype = torch.promote_types(x.dtype, update.dtype)
     total, normed = x.new_empty(tokens, width, dtype=dtype), x.new_empty(tokens, width, dtype=dtype)
@@ -127,7 +123,7 @@ def _add_norm_backward(
     traced: bool = False,
 ) -> list[torch.Tensor]:
     """The sum's whole gradient (through the norm, plus its own if any) and the weight's."""
-    grad_normed = _rows(grad_normed)
+    grad_normed = unit_stride(grad_normed)
     tokens, width = total.shape
     block = triton.next_power_of_2(width)
     launch = BACKWARD
@@ -135,7 +131,7 @@ def _add_norm_backward(
     grad_x = torch.empty_like(total, memory_format=torch.contiguous_format)
     partial = total.new_empty(programs, block, dtype=torch.float32)
     has_grad_total = grad_total is not None
-    grad_total = _rows(grad_total) if has_grad_total else grad_normed  # not read without its flag
+    grad_total = unit_stride(grad_total) if has_grad_total else grad_normed  # not read without its flag
     launcher(_add_norm_bwd, traced)[(programs,)](
         total, grad_normed, grad_total, weight, mean, rstd, grad_x, partial, tokens,
         total.stride(0), grad_normed.stride(0), grad_total.stride(0), grad_x.stride(0),

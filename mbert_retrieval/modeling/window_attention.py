@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.fused_elementwise import launcher
+from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 from mbert_retrieval.modeling.packing import sequence_ids
 
 LOG2_E = 1.4426950408889634
@@ -211,10 +211,6 @@ def _window_bwd_dq(
     )
 
 
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _scales(head_dim: int) -> tuple[float, float]:
     scale = 1.0 / math.sqrt(head_dim)
     return scale, scale * LOG2_E
@@ -245,7 +241,7 @@ def _forward(
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    q, k, v = (unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
@@ -287,7 +283,7 @@ def _backward_kernels(
     traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, each [N, heads, dim]."""
-    grad_out, q, k, v, out = (_unit_stride(t) for t in (grad_out, q, k, v, out))
+    grad_out, q, k, v, out = (unit_stride(t) for t in (grad_out, q, k, v, out))
     tokens, heads, dim = q.shape
     scale, scale_log2 = _scales(dim)
     delta = torch.empty_like(lse)
