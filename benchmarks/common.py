@@ -135,3 +135,33 @@ def cpu_name() -> str:
         f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, "
         f"model {fields.get('model', '?')}; int8 dot products: {', '.join(int8)})"
     )
+
+
+def microseconds(fn) -> float:
+    """Median GPU time of one call, from CUDA-graph replays (no launch overhead)."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
+
+
+def recorder(row: dict) -> Callable:
+    """record(name, fn): fn's microseconds into row[name]; a launch shape that fails is reported in
+    row[name + "_error"], not fatal to the sweep."""
+
+    def record(name: str, fn) -> None:
+        try:
+            row[name] = microseconds(fn)
+        except Exception as err:
+            row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:300]
+
+    return record
+
+
+def print_sweep(results: dict) -> None:
+    """Each workload's row of a kernel sweep, us per call."""
+    for name, row in results.items():
+        if isinstance(row, dict) and "tokens" in row:
+            print(f"\n{name} ({row['tokens']} tokens), us per call (CUDA-graph replays):")
+            for key, value in row.items():
+                if key != "tokens":
+                    print(f"  {key:32s} {value if isinstance(value, str) else f'{value:8.1f}'}")

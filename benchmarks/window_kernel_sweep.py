@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import write_result
+from benchmarks.common import print_sweep, recorder, write_result
 from benchmarks.encoder_throughput import FULL
 from mbert_retrieval.modeling import window_attention as kernels
 
@@ -55,13 +55,6 @@ def fwd_bwd(attend, q, k, v, grad):
     torch.autograd.grad(attend(q, k, v), (q, k, v), grad)
 
 
-def microseconds(fn) -> float:
-    """Median GPU time of one call, from CUDA-graph replays (no launch overhead)."""
-    import triton.testing
-
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=25, return_mode="median")
-
-
 def tiles_name(tiles) -> str:
     return f"{tiles.block_m}x{tiles.block_n}_w{tiles.warps}_s{tiles.stages}"
 
@@ -77,11 +70,7 @@ def measure(lengths: list[int]) -> dict:
     max_len = max(lengths)
     row = {"tokens": tokens}
 
-    def record(name, fn):
-        try:
-            row[name] = microseconds(fn)
-        except Exception as err:  # a launch shape that does not fit is reported, not fatal
-            row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:300]
+    record = recorder(row)
 
     for window, label in ((WINDOW, "varlen_window"), (-1, "varlen_global")):
         with torch.inference_mode():
@@ -125,12 +114,7 @@ def main() -> None:
         if workload.mean is not None:
             results[workload.name] = measure(workload.lengths(generator))
             write_result(results, args.out)  # after each workload
-    for name, row in results.items():
-        if isinstance(row, dict):
-            print(f"\n{name} ({row['tokens']} tokens), us per call (CUDA-graph replays):")
-            for key, value in row.items():
-                if key != "tokens":
-                    print(f"  {key:32s} {value if isinstance(value, str) else f'{value:8.1f}'}")
+    print_sweep(results)
 
 
 if __name__ == "__main__":

@@ -154,15 +154,17 @@ def test_model_with_the_fused_kernels_matches_the_plain_path(hf_encoder_dir, mon
 
 
 @needs_gpu_compile
-def test_compiled_autocast_training_matches_the_plain_path(hf_encoder_dir):
+@pytest.mark.parametrize("cpp_wrapper", [False, True], ids=["python_launcher", "cpp_launcher"])
+def test_compiled_autocast_training_matches_the_plain_path(hf_encoder_dir, cpp_wrapper):
     """What `train --compile` runs on a GPU: float32 weights under bf16 autocast, the whole forward
     compiled on the triton backend (every fused kernel an operator in the graph; the residual stream
-    float32, the updates bf16) against the varlen backend's plain code, eagerly."""
+    float32, the updates bf16; kernels launched from C++ as the trainer does, or from Python)
+    against the varlen backend's plain code, eagerly."""
     from mbert_retrieval import ModernBert
 
     models = {
         backend: ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend=backend).train()
         for backend in ("triton", "varlen")
     }
-    models["triton"].compile_forward()
+    models["triton"].compile_forward(options={"cpp_wrapper": cpp_wrapper})
     assert_autocast_training_matches_the_plain_path(models, lengths=[300, 5, 40, 129, 1])

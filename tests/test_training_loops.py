@@ -263,6 +263,21 @@ def test_cli_trains_and_reports_bad_input(hf_mlm_dir, tmp_path):
     assert missing.exit_code == 2 and "error:" in missing.output and "nope.jsonl" in missing.output
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled training on CUDA")
+def test_compiled_training_on_cuda_follows_the_eager_losses(hf_mlm_dir, code_pairs, tmp_path):
+    """`train --compile` on a GPU (one graph, its kernels launched from inductor's C++): the losses of
+    the first steps as those of eager steps on the same batches."""
+    losses = {}
+    for compiled in (False, True):
+        model = DenseRetriever.from_pretrained(hf_mlm_dir, max_length=64, device="cuda")
+        out = tmp_path / ("compiled" if compiled else "eager")
+        args = arguments(out, max_steps=4, logging_steps=1, compile=compiled, device="cuda")
+        Trainer(DenseTask(model, query_max_length=32), BeirExamples(code_pairs, "train"), args).train()
+        losses[compiled] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses[True]) == 4
+    np.testing.assert_allclose(losses[True], losses[False], rtol=5e-2)
+
+
 def test_compiled_training_logs_how_many_graphs_it_compiled(hf_mlm_dir, code_pairs, tmp_path):
     """`compiled_graphs` in the metrics lets a benchmark see recompiles inside its timed steps."""
     model = DenseRetriever.from_pretrained(hf_mlm_dir, max_length=64, device="cpu")

@@ -75,48 +75,76 @@ def _copy_part(
 
 
 @triton.jit
-def _rotary_kernel(
+def _rotary_parts(
     QS, KS, VS, QD, KD, VD, COS, SIN, n_tokens, heads,
-    sqs_t, sqs_h, sks_t, sks_h, svs_t, svs_h, sqd_t, sqd_h, skd_t, skd_h, svd_t, svd_h, sc_t,
+    sqs_t, sqs_p, sqs_h, sks_t, sks_p, sks_h, svs_t, svs_p, svs_h,
+    sqd_t, sqd_p, sqd_h, skd_t, skd_p, skd_h, svd_t, svd_p, svd_h, sc_t,
     direction: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF_COLS: tl.constexpr, COLS: tl.constexpr,
 ):  # fmt: skip
-    """One block of tokens: q and k rotated and v copied, from QS, KS, VS [N, heads, dim] to QD, KD,
-    VD (any strides but unit along dim; q, k, v may be views into one [N, 3, heads, dim] buffer).
-    The forward and the backward differ only in the rotation's sign."""
+    """One block of tokens: q and k rotated and v copied from QS, KS, VS to QD, KD, VD. q, k and v are
+    parts 0, 1 and 2: of one [N, 3, heads, dim] tensor (its part stride) or tensors of their own
+    (part stride 0). The forward and the backward differ only in the rotation's sign."""
     tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)  # int64: N x stride can pass 2**31
     half: tl.constexpr = HEAD_DIM // 2
     rows = heads * half
-    _rotate(QS, QD, COS, SIN, tokens, rows, n_tokens, sqs_t, 0, sqs_h, sqd_t, 0, sqd_h, sc_t,
+    _rotate(QS, QD, COS, SIN, tokens, rows, n_tokens, sqs_t, sqs_p, sqs_h, sqd_t, sqd_p, sqd_h, sc_t,
             0, direction, half, HALF_COLS)  # fmt: skip
-    _rotate(KS, KD, COS, SIN, tokens, rows, n_tokens, sks_t, 0, sks_h, skd_t, 0, skd_h, sc_t,
-            0, direction, half, HALF_COLS)  # fmt: skip
-    _copy_part(VS, VD, tokens, n_tokens, svs_t, 0, svs_h, svd_t, 0, svd_h,
-               0, HEAD_DIM, COLS, heads * HEAD_DIM)  # fmt: skip
+    _rotate(KS, KD, COS, SIN, tokens, rows, n_tokens, sks_t, sks_p, sks_h, skd_t, skd_p, skd_h, sc_t,
+            1, direction, half, HALF_COLS)  # fmt: skip
+    _copy_part(VS, VD, tokens, n_tokens, svs_t, svs_p, svs_h, svd_t, svd_p, svd_h,
+               2, HEAD_DIM, COLS, heads * HEAD_DIM)  # fmt: skip
 
 
-def _run_rotary(
-    sources, targets, cos: torch.Tensor, sin: torch.Tensor, direction: int, traced: bool = False
-) -> None:
-    """q, k, v `sources` [N, heads, dim] rotated (q, k) and copied (v) into `targets`."""
-    tokens, heads, head_dim = sources[0].shape
-    strides = [stride for t in (*sources, *targets) for stride in (t.stride(0), t.stride(1))]
-    grid = (triton.cdiv(tokens, ROTARY_TOKENS),)
-    launcher(_rotary_kernel, traced)[grid](
-        *sources, *targets, cos, sin, tokens, heads, *strides, cos.stride(0),
-        direction=direction, TOKENS=ROTARY_TOKENS, HEAD_DIM=head_dim,
+@triton.jit
+def _rotary_fwd(
+    QKV, QD, KD, VD, COS, SIN, n_tokens, heads, s_t, s_p, s_h,
+    sqd_t, sqd_h, skd_t, skd_h, svd_t, svd_h, sc_t,
+    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_COLS: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    """qkv [N, 3, heads, dim] to q and k rotated and v, each [N, heads, dim] of its own."""
+    _rotary_parts(QKV, QKV, QKV, QD, KD, VD, COS, SIN, n_tokens, heads,
+                  s_t, s_p, s_h, s_t, s_p, s_h, s_t, s_p, s_h,
+                  sqd_t, 0, sqd_h, skd_t, 0, skd_h, svd_t, 0, svd_h, sc_t,
+                  1, TOKENS, HEAD_DIM, HALF_COLS, COLS)  # fmt: skip
+
+
+@triton.jit
+def _rotary_bwd(
+    GQ, GK, GV, GRAD_QKV, COS, SIN, n_tokens, heads,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, s_t, s_p, s_h, sc_t,
+    TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_COLS: tl.constexpr, COLS: tl.constexpr,
+):  # fmt: skip
+    """q's, k's and v's gradients [N, heads, dim] to qkv's [N, 3, heads, dim]: rotated back, copied.
+    One output tensor, not three views of it: inside a compiled graph, a kernel that writes views
+    makes inductor copy each written view back into its base (three extra passes per layer)."""
+    _rotary_parts(GQ, GK, GV, GRAD_QKV, GRAD_QKV, GRAD_QKV, COS, SIN, n_tokens, heads,
+                  sq_t, 0, sq_h, sk_t, 0, sk_h, sv_t, 0, sv_h,
+                  s_t, s_p, s_h, s_t, s_p, s_h, s_t, s_p, s_h, sc_t,
+                  -1, TOKENS, HEAD_DIM, HALF_COLS, COLS)  # fmt: skip
+
+
+def _rotary_shape(heads: int, head_dim: int) -> dict:
+    return dict(
+        TOKENS=ROTARY_TOKENS,
+        HEAD_DIM=head_dim,
         HALF_COLS=triton.next_power_of_2(heads * head_dim // 2),
         COLS=triton.next_power_of_2(heads * head_dim),
-    )  # fmt: skip
+    )
 
 
 def _rotary_forward(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, traced: bool = False
 ) -> list[torch.Tensor]:
     """q, k rotated and v, each [N, heads, dim] in a buffer of its own."""
-    targets = [qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3]) for _ in range(3)]
-    _run_rotary(qkv.unbind(1), targets, cos, sin, 1, traced)
-    return targets
+    tokens, _, heads, head_dim = qkv.shape
+    q, k, v = (qkv.new_empty(tokens, heads, head_dim) for _ in range(3))
+    launcher(_rotary_fwd, traced)[(triton.cdiv(tokens, ROTARY_TOKENS),)](
+        qkv, q, k, v, cos, sin, tokens, heads, qkv.stride(0), qkv.stride(1), qkv.stride(2),
+        *(stride for t in (q, k, v) for stride in (t.stride(0), t.stride(1))), cos.stride(0),
+        **_rotary_shape(heads, head_dim),
+    )  # fmt: skip
+    return [q, k, v]
 
 
 def _rotary_backward(
@@ -128,8 +156,14 @@ def _rotary_backward(
     traced: bool = False,
 ) -> torch.Tensor:
     """The gradient of qkv [N, 3, heads, dim] in one pass: q's and k's rotated back, v's copied."""
-    grad_qkv = grad_q.new_empty(grad_q.shape[0], 3, *grad_q.shape[1:])
-    _run_rotary((grad_q, grad_k, grad_v), grad_qkv.unbind(1), cos, sin, -1, traced)
+    tokens, heads, head_dim = grad_q.shape
+    grad_qkv = grad_q.new_empty(tokens, 3, heads, head_dim)
+    launcher(_rotary_bwd, traced)[(triton.cdiv(tokens, ROTARY_TOKENS),)](
+        grad_q, grad_k, grad_v, grad_qkv, cos, sin, tokens, heads,
+        *(stride for t in (grad_q, grad_k, grad_v) for stride in (t.stride(0), t.stride(1))),
+        grad_qkv.stride(0), grad_qkv.stride(1), grad_qkv.stride(2), cos.stride(0),
+        **_rotary_shape(heads, head_dim),
+    )  # fmt: skip
     return grad_qkv
 
 

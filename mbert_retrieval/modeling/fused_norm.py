@@ -14,15 +14,28 @@ PyTorch rounds: the sum in its dtype, the norm's output in the sum's dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 
-FORWARD_ROWS = 4  # rows per forward program
-BACKWARD_ROWS = 4  # rows per step of a backward program
-ROWS_PER_PROGRAM = 64  # rows per backward program: one partial row of the weight's gradient each
+
+@dataclass(frozen=True)
+class Launch:
+    """A kernel's launch shape: rows per step, rows per program (the backward writes one partial row
+    of the weight's gradient per program; the forward takes one step), warps."""
+
+    rows: int
+    rows_per_program: int
+    warps: int = 4
+
+
+# benchmarks/norm_kernel_sweep.py times other shapes against inductor's kernels.
+FORWARD = Launch(rows=4, rows_per_program=4)
+BACKWARD = Launch(rows=4, rows_per_program=64)
 
 
 # Widths and eps are constexpr: inductor passes a float argument of a triton_op's kernel as fp64.
@@ -90,10 +103,12 @@ def _add_norm_forward(
     dtype = torch.promote_types(x.dtype, update.dtype)
     total, normed = x.new_empty(tokens, width, dtype=dtype), x.new_empty(tokens, width, dtype=dtype)
     mean, rstd = (x.new_empty(tokens, dtype=torch.float32) for _ in range(2))
-    launcher(_add_norm_fwd, traced)[(triton.cdiv(tokens, FORWARD_ROWS),)](
+    launch = FORWARD
+    launcher(_add_norm_fwd, traced)[(triton.cdiv(tokens, launch.rows),)](
         x, update, weight, total, normed, mean, rstd, tokens,
         x.stride(0), update.stride(0), total.stride(0), normed.stride(0),
-        WIDTH=width, EPS=eps, ROWS=FORWARD_ROWS, BLOCK=triton.next_power_of_2(width),
+        WIDTH=width, EPS=eps, ROWS=launch.rows, BLOCK=triton.next_power_of_2(width),
+        num_warps=launch.warps,
     )  # fmt: skip
     return [total, normed, mean, rstd]
 
@@ -111,7 +126,8 @@ def _add_norm_backward(
     grad_normed = unit_stride(grad_normed)
     tokens, width = total.shape
     block = triton.next_power_of_2(width)
-    programs = triton.cdiv(tokens, ROWS_PER_PROGRAM)
+    launch = BACKWARD
+    programs = triton.cdiv(tokens, launch.rows_per_program)
     grad_x = torch.empty_like(total, memory_format=torch.contiguous_format)
     partial = total.new_empty(programs, block, dtype=torch.float32)
     has_grad_total = grad_total is not None
@@ -119,8 +135,8 @@ def _add_norm_backward(
     launcher(_add_norm_bwd, traced)[(programs,)](
         total, grad_normed, grad_total, weight, mean, rstd, grad_x, partial, tokens,
         total.stride(0), grad_normed.stride(0), grad_total.stride(0), grad_x.stride(0),
-        WIDTH=width, HAS_GRAD_SUM=has_grad_total, ROWS=BACKWARD_ROWS, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM,
-        BLOCK=block,
+        WIDTH=width, HAS_GRAD_SUM=has_grad_total, ROWS=launch.rows, ROWS_PER_PROGRAM=launch.rows_per_program,
+        BLOCK=block, num_warps=launch.warps,
     )  # fmt: skip
     return [grad_x, partial[:, :width].sum(0).to(weight.dtype)]
 

@@ -116,8 +116,8 @@ class RunOptions:
     compile: Annotated[
         bool,
         typer.Option(
-            help="torch.compile the encoder (CUDA): its whole forward as one graph in one process, "
-            "layer by layer under torchrun or with gradient checkpointing."
+            help="torch.compile the encoder (CUDA): its whole forward as one graph in one process "
+            "(kernels launched from C++), layer by layer under torchrun or with gradient checkpointing."
         ),
     ] = False
     tensorboard: Annotated[bool, typer.Option(help="Also log to TensorBoard.")] = False

@@ -177,7 +177,10 @@ class Trainer:
             torch._dynamo.config.optimize_ddp = False
             self.task.encoder.compile_layers()
         elif self.args.compile:  # one process: one graph for the whole encoder, the least host work
-            self.task.encoder.compile_forward()
+            # On CUDA the graph's kernels are launched from inductor's generated C++, not Python: a
+            # short step (16k tokens) ran 19% faster so on one H200 (benchmarks/NOTES.md, run 24).
+            options = {"cpp_wrapper": True} if self.device.type == "cuda" else {}
+            self.task.encoder.compile_forward(options=options)
         return model
 
     def _start(self) -> _Run:
