@@ -7,6 +7,7 @@ Without either (or without Triton) the tests are skipped.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -180,21 +181,25 @@ def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
 
 @pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
 def test_triton_backend_inference_rotates_inside_the_window_kernel(hf_encoder_dir, monkeypatch):
-    """Inference: the local layers take qkv whole (rotation inside the kernel); the output as the fp32
-    reference path's, eagerly and compiled."""
+    """Inference: eagerly the local layers take qkv whole (rotation inside the kernel), compiled they
+    run a rotary pass first unless told otherwise; each output as the fp32 reference path's."""
     calls = []
     original = kernels.window_attention_rotary
     monkeypatch.setattr(
         kernels, "window_attention_rotary", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
+    inside = copy.deepcopy(fast)
+    for layer in inside.layers:
+        layer.attn.rotation_in_window_kernel = True
     with torch.inference_mode():
         expected = exact.forward_packed(ids, cu, max_len)
         eager = fast.forward_packed(ids, cu, max_len)
+        local_layers = sum(not layer.is_global for layer in fast.layers)
+        assert len(calls) == local_layers
         compiled = fast.compile_forward().forward_packed(ids, cu, max_len)
-    local_layers = sum(not layer.is_global for layer in fast.layers)
-    assert len(calls) >= local_layers
-    for got in (eager, compiled):
+        compiled_inside = inside.compile_forward().forward_packed(ids, cu, max_len)
+    for got in (eager, compiled, compiled_inside):
         assert relative_error(got, expected) < 2e-2
 
 
