@@ -1,6 +1,7 @@
-"""Copies that inductor would add around our Triton kernels in a compiled training step, found on a
-CPU: the joint forward / backward graph of a small base-width model (triton backend, bf16) traced with
-fake tensors, then inductor's reinplacing pass. A kernel argument the kernel writes is functionalised
+"""Copies that inductor would add around our Triton kernels in a compiled training step and a compiled
+inference forward, found on a CPU: the joint forward / backward graph and the inference graph of a
+small base-width model (triton backend, bf16) traced with fake tensors, then inductor's reinplacing
+pass. A kernel argument the kernel writes is functionalised
 (cloned, written, put back); reinplacing removes that where it can, and what it keeps is a copy on
 the GPU. Our kernels' written arguments are listed here by hand (`WRITTEN`): the analysis inductor
 runs for that compiles the kernel, which needs a GPU.
@@ -21,7 +22,7 @@ import torch
 
 from benchmarks.common import write_result
 
-# Each kernel's arguments that it stores to (its outputs).
+# Each kernel's arguments that it stores to (its outputs), or a function of its arguments giving them.
 WRITTEN = {
     "_rotary_fwd": ["QD", "KD", "VD"],
     "_rotary_bwd": ["GRAD_QKV"],
@@ -32,7 +33,7 @@ WRITTEN = {
     "_add_norm_bwd": ["GRAD_X", "PARTIAL"],
     "_window_fwd": ["OUT", "LSE"],
     "_window_bwd_delta": ["DELTA"],
-    "_window_bwd_dkdv": ["DK", "DV"],
+    "_window_bwd_dkdv": lambda kwargs: ["DK"] if kwargs.get("ROTARY") else ["DK", "DV"],
     "_window_bwd_dq": ["DQ"],
 }
 
@@ -43,11 +44,13 @@ def written_arguments(kernel_idx, constant_args_idx, kwargs, tma_descriptor_meta
     name = wrap.kernel_side_table.get_kernel(kernel_idx).fn.__name__
     if name not in WRITTEN:
         raise KeyError(f"add kernel {name!r} and the arguments it stores to, to WRITTEN")
-    return [argument for argument in WRITTEN[name] if argument in kwargs]
+    written = WRITTEN[name](kwargs) if callable(WRITTEN[name]) else WRITTEN[name]
+    return [argument for argument in written if argument in kwargs]
 
 
 def trace_training_step(layers: int, tokens_per_sequence: list[int]):
-    """(fake mode, forward graph, backward graph) of one training step: loss = mean(out ** 2)."""
+    """(fake mode, graphs): the forward and backward graphs of one training step (loss = mean(out **
+    2)), and the graph of the same forward without gradients."""
     import torch._higher_order_ops.triton_kernel_wrap as wrap
     from torch._functorch.aot_autograd import aot_function
     from torch._inductor.decomposition import select_decomp_table
@@ -98,6 +101,9 @@ def trace_training_step(layers: int, tokens_per_sequence: list[int]):
             decompositions=select_decomp_table(),
         )
         traced(params, ids, cu, sequence_ids, ropes).backward()
+        inference = aot_function(step, fw_compiler=keep("inference"), decompositions=select_decomp_table())
+        with torch.no_grad():  # the model's inference path (no gradients wanted)
+            inference([p.detach() for p in params], ids, cu, sequence_ids, ropes)
     return mode, graphs
 
 

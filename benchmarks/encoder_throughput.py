@@ -534,7 +534,8 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp "
+        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, eager_rotary_pass, "
+        "compiled_model_rotary_in_window[_cpp] "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
     parser.add_argument("--train", action="store_true", help="also time forward + backward")
@@ -543,7 +544,8 @@ def main() -> None:
         default="eager,compiled_layers",
         help="comma list of: eager, compiled_layers, compiled_layers_varlen, compiled_model (one graph "
         "for the whole forward: fewer compiled calls per step for the host), "
-        "compiled_model_inductor_reads, compiled_model_cpp (its kernels launched from generated C++)",
+        "compiled_model_inductor_reads, compiled_model_cpp (its kernels launched from generated C++), "
+        "eager_rotary_pass, compiled_model_rotary_in_window[_cpp]",
     )
     parser.add_argument(
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
@@ -602,7 +604,9 @@ class ModelVariants:
     compiled layers with FlashAttention in every layer (`_varlen`), the whole forward compiled
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
     chains of sums in each reader (`compiled_model_inductor_reads`), or launching its kernels from
-    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper)."""
+    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper). Where the local
+    layers rotate q and k, against the model's default: `eager_rotary_pass` (a rotary operator before
+    the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it)."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -620,12 +624,22 @@ class ModelVariants:
                 model.compile_forward()
             elif name == "compiled_model_cpp":  # no Python per kernel launch
                 model.compile_forward(options={"cpp_wrapper": True})
+            elif name == "eager_rotary_pass":  # local layers call the rotary operator eagerly too
+                set_window_rotation(model, False)
+            elif name.startswith("compiled_model_rotary_in_window"):  # rotation in the window kernels
+                set_window_rotation(model, True)
+                model.compile_forward(options={"cpp_wrapper": name.endswith("_cpp")})
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:
                 raise ValueError(f"unknown variant {name!r}")
             self.made[name] = model
         return self.made[name]
+
+
+def set_window_rotation(model, inside: bool) -> None:
+    for layer in model.layers:
+        layer.attn.rotation_in_window_kernel = inside
 
 
 def triton_version() -> str | None:

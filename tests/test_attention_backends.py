@@ -180,3 +180,21 @@ def test_packed_sdpa_model_equals_reference_model(hf_encoder_dir):
         got = fast.forward_packed(ids, cu, max(lengths))
         expected = slow.forward_packed(ids, cu, max(lengths))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_local_layers_rotate_inside_the_window_kernel_only_eagerly(hf_encoder_dir, monkeypatch):
+    """The default: no rotary operator call eagerly; under torch.compile a rotary pass that inductor
+    fuses; an explicit setting wins either way."""
+    from mbert_retrieval.modeling import encoder
+
+    monkeypatch.setattr(encoder, "uses_window_kernel", lambda *args: True)
+    model = ModernBert.from_pretrained(hf_encoder_dir)
+    attention = next(layer.attn for layer in model.layers if not layer.is_global)
+    assert attention.rotates_in_window_kernel("triton", max_seqlen=512)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not attention.rotates_in_window_kernel("triton", max_seqlen=512)
+    attention.rotation_in_window_kernel = True
+    assert attention.rotates_in_window_kernel("triton", max_seqlen=512)
+    attention.rotation_in_window_kernel = False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert not attention.rotates_in_window_kernel("triton", max_seqlen=512)

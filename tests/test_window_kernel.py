@@ -7,6 +7,7 @@ Without either (or without Triton) the tests are skipped.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -76,6 +77,36 @@ def test_forward_and_backward_match_reference(monkeypatch, window, blocks, lengt
         assert error < 2 * TOLERANCE, name
 
 
+@pytest.mark.parametrize("window", [0, 16, 64])
+@pytest.mark.parametrize("lengths", [LENGTHS, [1], [7, 7, 7, 300, 1, 1, 40]])
+def test_rotation_inside_the_kernels_matches_rotating_first(window, lengths):
+    """q and k rotated as the kernels load them from qkv (dq and dk rotated back into qkv's gradient),
+    against `apply_rotary` and then the reference attention, with gradients."""
+    from mbert_retrieval.modeling.encoder import Rotary, apply_rotary
+
+    generator = torch.Generator().manual_seed(window + len(lengths))
+    cu = cu_of(lengths)
+    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE).requires_grad_()
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+    cos, sin = Rotary(DIM, 10000.0, max(lengths)).to(DEVICE)(positions)
+    out = kernels.window_attention_rotary(qkv, cos, sin, cu, window)
+
+    qkv32 = qkv.detach().float().requires_grad_()
+    q, k = apply_rotary(qkv32[:, :2], cos, sin).unbind(1)
+    expected = reference_attention(q, k, qkv32[:, 2], cu, window)
+    assert relative_error(out, expected) < TOLERANCE
+
+    weights = torch.randn(out.shape, generator=generator).to(DEVICE, DTYPE)
+    (grad,) = torch.autograd.grad((out * weights).sum(), qkv)
+    (expected_grad,) = torch.autograd.grad((expected * weights.float()).sum(), qkv32)
+    scale = expected_grad[:, 2].norm()  # window 0: dq and dk are exactly zero, as in the test above
+    for part, name in enumerate("qkv"):
+        error = (grad[:, part].float() - expected_grad[:, part]).norm() / max(
+            expected_grad[:, part].norm(), 0.1 * scale
+        )
+        assert error < 2 * TOLERANCE, name
+
+
 def test_views_of_one_qkv_buffer_match_contiguous_copies():
     generator = torch.Generator().manual_seed(3)
     cu = cu_of(LENGTHS)
@@ -122,24 +153,54 @@ def test_sequence_ids():
     assert kernels.sequence_ids(cu, 6).tolist() == [0, 0, 0, 1, 2, 2]
 
 
-@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
-def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
-    """The whole encoder (local layers on the window kernel) against the fp32 reference path."""
+def triton_and_reference_models(hf_encoder_dir):
+    """The encoder on the triton backend (bf16) and on the reference path (fp32), and a packed batch."""
     fast = ModernBert.from_pretrained(
         hf_encoder_dir, dtype=torch.bfloat16, device="cuda", attn_backend="triton"
     )
     exact = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", attn_backend="reference")
     lengths = [300, 5, 40, 129]
     ids = torch.randint(3, 1000, (sum(lengths),), device="cuda")
-    cu = cu_of(lengths)
-    got = fast.train().forward_packed(ids, cu, max(lengths))
-    expected = exact.train().forward_packed(ids, cu, max(lengths))
+    return fast, exact, ids, cu_of(lengths), max(lengths)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
+def test_triton_backend_model_gradients_match_reference_model(hf_encoder_dir):
+    """The whole encoder (local layers on the window kernels, rotating q and k inside them) against
+    the fp32 reference path."""
+    fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
+    got = fast.train().forward_packed(ids, cu, max_len)
+    expected = exact.train().forward_packed(ids, cu, max_len)
     assert relative_error(got, expected) < 2e-2
     got.float().square().mean().backward()
     expected.square().mean().backward()
     for name, param in exact.named_parameters():
         fast_grad = dict(fast.named_parameters())[name].grad
         assert relative_error(fast_grad, param.grad) < 5e-2, name
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's global layers run varlen_attn (CUDA)")
+def test_triton_backend_inference_rotates_inside_the_window_kernel(hf_encoder_dir, monkeypatch):
+    """Inference: eagerly the local layers take qkv whole (rotation inside the kernel), compiled they
+    run a rotary pass first unless told otherwise; each output as the fp32 reference path's."""
+    calls = []
+    original = kernels.window_attention_rotary
+    monkeypatch.setattr(
+        kernels, "window_attention_rotary", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
+    inside = copy.deepcopy(fast)
+    for layer in inside.layers:
+        layer.attn.rotation_in_window_kernel = True
+    with torch.inference_mode():
+        expected = exact.forward_packed(ids, cu, max_len)
+        eager = fast.forward_packed(ids, cu, max_len)
+        local_layers = sum(not layer.is_global for layer in fast.layers)
+        assert len(calls) == local_layers
+        compiled = fast.compile_forward().forward_packed(ids, cu, max_len)
+        compiled_inside = inside.compile_forward().forward_packed(ids, cu, max_len)
+    for got in (eager, compiled, compiled_inside):
+        assert relative_error(got, expected) < 2e-2
 
 
 def test_bad_head_dim_is_a_clear_error():

@@ -9,6 +9,10 @@ FlashAttention's windowed varlen kernel was measured slower on ~250-token docume
 global one (benchmarks/NOTES.md). Tokens' sequence indices (`sequence_ids`, made once per forward)
 give the masks and, with `cu_seqlens`, each block's range of keys.
 
+`window_attention_rotary` takes the projection qkv [N, 3, heads, dim] instead, with the rotary
+embedding's cos and sin: the kernels rotate q and k as they load them and rotate dq and dk back as
+they store them into qkv's gradient, so the model's local layers run no rotary pass of their own.
+
 Under `torch.compile`, `window_attention` is a `torch.library.triton_op` with its own backward:
 inductor launches its kernels from its generated code; run eagerly, it calls the kernels without the
 operator.
@@ -61,12 +65,43 @@ def _visible_range(CU, SEQ, first, count, n_tokens, window):
 # The scales are constexpr: inductor passes a float argument of a triton_op's kernel as fp64, which would
 # turn the softmax's running statistics into fp64.
 @triton.jit
+def _load_rotated(X, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM: tl.constexpr):
+    """Rows of X [N, heads, dim] rotated by their positions' cos and sin [N, dim / 2] (rotate-half,
+    float32 arithmetic rounded to X's dtype, as `encoder.apply_rotary`), with the two halves
+    interleaved along dim: q and k are both held so, and their dot products are the same."""
+    half: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, half)
+    at = X + rows[:, None] * s_t + head * s_h + dims[None, :]
+    x1 = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(at + half, mask=ok[:, None], other=0.0).to(tl.float32)
+    cos = tl.load(COS + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
+    sin = tl.load(SIN + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
+    rotated = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # [rows, half, 2]
+    return tl.reshape(rotated, (rows.shape[0], HEAD_DIM)).to(X.dtype.element_ty)
+
+
+@triton.jit
+def _store_unrotated(DST, grad, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM: tl.constexpr):
+    """Store `grad` (float32, with respect to rotated rows held as `_load_rotated` holds them) as the
+    gradient with respect to the rows before their rotation, halves in place."""
+    half: tl.constexpr = HEAD_DIM // 2
+    dims = tl.arange(0, half)
+    g1, g2 = tl.split(tl.reshape(grad, (rows.shape[0], half, 2)))
+    cos = tl.load(COS + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
+    sin = tl.load(SIN + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
+    at = DST + rows[:, None] * s_t + head * s_h + dims[None, :]
+    tl.store(at, (g1 * cos + g2 * sin).to(DST.dtype.element_ty), mask=ok[:, None])
+    tl.store(at + half, (g2 * cos - g1 * sin).to(DST.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _window_fwd(
-    Q, K, V, OUT, LSE, CU, SEQ,
+    Q, K, V, OUT, LSE, CU, SEQ, COS, SIN,
     n_tokens, window, scale_log2: tl.constexpr,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sc_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
 ):  # fmt: skip
+    """One block of queries. With ROTARY, q and k are rotated as they load (COS, SIN per token)."""
     head = tl.program_id(1)
     first = tl.program_id(0) * BLOCK_M
     rows = first + tl.arange(0, BLOCK_M)
@@ -75,7 +110,10 @@ def _window_fwd(
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
     key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if ROTARY:
+        q = _load_rotated(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM)
+    else:
+        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -83,7 +121,12 @@ def _window_fwd(
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < key_hi
         col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
-        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        if ROTARY:
+            k = _load_rotated(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM)
+        else:
+            k = tl.load(
+                K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0
+            )
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         distance = rows[:, None] - cols[None, :]
@@ -121,12 +164,13 @@ def _window_bwd_delta(
 
 @triton.jit
 def _window_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEQ,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU, SEQ, COS, SIN, dk_offset, dv_offset,
     n_tokens, window, scale_log2: tl.constexpr, scale: tl.constexpr,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h, sc_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
 ):  # fmt: skip
-    """One block of keys: loop over the queries that can see them (the same window, mirrored)."""
+    """One block of keys: loop over the queries that can see them (the same window, mirrored). With
+    ROTARY, q and k are rotated as they load and dk is rotated back as it is stored."""
     head = tl.program_id(1)
     first = tl.program_id(0) * BLOCK_N
     cols = first + tl.arange(0, BLOCK_N)
@@ -135,14 +179,22 @@ def _window_bwd_dkdv(
     col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
     query_lo, query_hi = _visible_range(CU, SEQ, first, BLOCK_N, n_tokens, window)
 
-    k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+    if ROTARY:
+        k = _load_rotated(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM)
+    else:
+        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for block in range(query_lo, query_hi, BLOCK_M):
         rows = block + tl.arange(0, BLOCK_M)
         row_ok = rows < query_hi
-        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+        if ROTARY:
+            q = _load_rotated(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM)
+        else:
+            q = tl.load(
+                Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0
+            )
         do = tl.load(
             DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0
         )
@@ -158,24 +210,32 @@ def _window_bwd_dkdv(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
     dk = dk * scale
+    if ROTARY:
+        _store_unrotated(DK + dk_offset, dk, COS, SIN, cols, col_ok, sdk_t, sdk_h, sc_t, head, HEAD_DIM)
+    else:
+        tl.store(
+            DK + dk_offset + cols[:, None] * sdk_t + head * sdk_h + dims[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=col_ok[:, None],
+        )
+    # With ROTARY, dk and dv go into one tensor (qkv's gradient), DK, at their offsets.
+    if ROTARY:
+        dv_at = DK + dv_offset
+    else:
+        dv_at = DV + dv_offset
     tl.store(
-        DK + cols[:, None] * sdk_t + head * sdk_h + dims[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=col_ok[:, None],
-    )
-    tl.store(
-        DV + cols[:, None] * sdv_t + head * sdv_h + dims[None, :],
-        dv.to(DV.dtype.element_ty),
+        dv_at + cols[:, None] * sdv_t + head * sdv_h + dims[None, :],
+        dv.to(dv_at.dtype.element_ty),
         mask=col_ok[:, None],
     )
 
 
 @triton.jit
 def _window_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, CU, SEQ,
+    Q, K, V, DO, LSE, DELTA, DQ, CU, SEQ, COS, SIN, dq_offset,
     n_tokens, window, scale_log2: tl.constexpr, scale: tl.constexpr,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h, sc_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(1)
     first = tl.program_id(0) * BLOCK_M
@@ -185,7 +245,10 @@ def _window_bwd_dq(
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
     key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if ROTARY:
+        q = _load_rotated(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM)
+    else:
+        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + head * n_tokens + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + head * n_tokens + rows, mask=row_ok, other=0.0)
@@ -193,7 +256,12 @@ def _window_bwd_dq(
     for block in range(key_lo, key_hi, BLOCK_N):
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < key_hi
-        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+        if ROTARY:
+            k = _load_rotated(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM)
+        else:
+            k = tl.load(
+                K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0
+            )
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
         col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
         s = tl.dot(q, tl.trans(k)) * scale_log2
@@ -204,11 +272,14 @@ def _window_bwd_dq(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * scale
-    tl.store(
-        DQ + rows[:, None] * sdq_t + head * sdq_h + dims[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    if ROTARY:
+        _store_unrotated(DQ + dq_offset, dq, COS, SIN, rows, row_ok, sdq_t, sdq_h, sc_t, head, HEAD_DIM)
+    else:
+        tl.store(
+            DQ + dq_offset + rows[:, None] * sdq_t + head * sdq_h + dims[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
 
 
 def _scales(head_dim: int) -> tuple[float, float]:
@@ -239,19 +310,23 @@ def _forward(
     seq_ids: torch.Tensor,
     window: int,
     traced: bool = False,
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32)."""
+    """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32).
+    `rotation`: cos and sin [N, dim / 2] (float32) to rotate q and k by as the kernel loads them."""
     q, k, v = (unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
+    cos, sin = rotation if rotation is not None else (seq_ids, seq_ids)  # not read without a rotation
     tiles = FORWARD
     launcher(_window_fwd, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
-        q, k, v, out, lse, cu_seqlens, seq_ids,
+        q, k, v, out, lse, cu_seqlens, seq_ids, cos, sin,
         tokens, window, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        cos.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotation is not None,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out, lse
@@ -281,8 +356,10 @@ def _backward_kernels(
     seq_ids: torch.Tensor,
     window: int,
     traced: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, each [N, heads, dim]."""
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """dq, dk, dv, each [N, heads, dim]; with `rotation` (q and k rotated inside the kernels), the
+    gradient of the projection [N, 3, heads, dim] they came from, as one tensor."""
     grad_out, q, k, v, out = (unit_stride(t) for t in (grad_out, q, k, v, out))
     tokens, heads, dim = q.shape
     scale, scale_log2 = _scales(dim)
@@ -291,26 +368,36 @@ def _backward_kernels(
         out, grad_out, delta, tokens, out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
         BLOCK_M=64, HEAD_DIM=dim, num_warps=4,
     )  # fmt: skip
-    dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
+    if rotation is None:
+        dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))
+        offsets, cos, sin = (0, 0, 0), seq_ids, seq_ids  # the tables are not read without a rotation
+    else:
+        # One tensor written at three offsets, not three views of it: inside a compiled graph a
+        # kernel that writes views makes inductor copy each back (benchmarks/NOTES.md, run 24).
+        grad_qkv = q.new_empty(tokens, 3, heads, dim)
+        dq = dk = grad_qkv
+        dv = seq_ids  # not written: the kernel stores dv into DK (one tensor passed once)
+        offsets, (cos, sin) = tuple(part * grad_qkv.stride(1) for part in range(3)), rotation
+    out_strides = (dq.stride(0), dq.stride(-2))  # [N, heads, dim] or [N, 3, heads, dim]: token, head
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     strides += (grad_out.stride(0), grad_out.stride(1))
     tiles = BACKWARD_DKDV
     launcher(_window_bwd_dkdv, traced)[(triton.cdiv(tokens, tiles.block_n), heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seq_ids,
+        q, k, v, grad_out, lse, delta, dk, dv, cu_seqlens, seq_ids, cos, sin, offsets[1], offsets[2],
         tokens, window, scale_log2, scale,
-        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        *strides, *out_strides, *out_strides, cos.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotation is not None,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     tiles = BACKWARD_DQ
     launcher(_window_bwd_dq, traced)[(triton.cdiv(tokens, tiles.block_m), heads)](
-        q, k, v, grad_out, lse, delta, dq, cu_seqlens, seq_ids,
+        q, k, v, grad_out, lse, delta, dq, cu_seqlens, seq_ids, cos, sin, offsets[0],
         tokens, window, scale_log2, scale,
-        *strides, dq.stride(0), dq.stride(1),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
+        *strides, *out_strides, cos.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotation is not None,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
-    return dq, dk, dv
+    return [grad_qkv] if rotation is not None else [dq, dk, dv]
 
 
 @torch.library.triton_op("mbert_retrieval::window_attention_bwd", mutates_args=())
@@ -325,7 +412,7 @@ def window_attention_bwd(
     seq_ids: torch.Tensor,
     window: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_kernels(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window, traced=True)
+    return tuple(_backward_kernels(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window, traced=True))
 
 
 def _setup_context(ctx, inputs, output):
@@ -380,3 +467,96 @@ def window_attention(
     if torch.compiler.is_compiling():
         return window_attention_fwd(q, k, v, cu_seqlens, seq_ids, window)[0]
     return _EagerWindowAttention.apply(q, k, v, cu_seqlens, seq_ids, window)
+
+
+# The same with q and k rotated inside the kernels, taking the projection qkv [N, 3, heads, dim] whole
+# and giving back its gradient whole.
+@torch.library.triton_op("mbert_retrieval::window_attention_rotary_fwd", mutates_args=())
+def window_attention_rotary_fwd(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = qkv.unbind(1)
+    return _forward(q, k, v, cu_seqlens, seq_ids, window, traced=True, rotation=(cos, sin))
+
+
+@torch.library.triton_op("mbert_retrieval::window_attention_rotary_bwd", mutates_args=())
+def window_attention_rotary_bwd(
+    grad_out: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    seq_ids: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    q, k, v = qkv.unbind(1)
+    rotation = (cos, sin)
+    return _backward_kernels(grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, window, True, rotation)[0]
+
+
+def _setup_rotary_context(ctx, inputs, output):
+    qkv, cos, sin, cu_seqlens, seq_ids, window = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cos, sin, cu_seqlens, seq_ids)
+    ctx.window = window
+    ctx.mark_non_differentiable(lse)
+
+
+def _rotary_backward(ctx, grad_out, _grad_lse):
+    qkv, out, lse, cos, sin, cu_seqlens, seq_ids = ctx.saved_tensors
+    grad_qkv = window_attention_rotary_bwd(grad_out, qkv, out, lse, cos, sin, cu_seqlens, seq_ids, ctx.window)
+    return grad_qkv, None, None, None, None, None
+
+
+window_attention_rotary_fwd.register_autograd(_rotary_backward, setup_context=_setup_rotary_context)
+
+
+class _EagerRotaryWindowAttention(torch.autograd.Function):
+    """`window_attention_rotary` run eagerly: the kernels without the operator (less host time)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, cu_seqlens, seq_ids, window):
+        q, k, v = qkv.unbind(1)
+        out, lse = _forward(q, k, v, cu_seqlens, seq_ids, window, rotation=(cos, sin))
+        ctx.save_for_backward(qkv, out, lse, cos, sin, cu_seqlens, seq_ids)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, out, lse, cos, sin, cu_seqlens, seq_ids = ctx.saved_tensors
+        q, k, v = qkv.unbind(1)
+        grad_qkv = _backward_kernels(
+            grad_out, q, k, v, out, lse, cu_seqlens, seq_ids, ctx.window, rotation=(cos, sin)
+        )[0]
+        return grad_qkv, None, None, None, None, None
+
+
+def window_attention_rotary(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    window: int,
+    seq_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`window_attention` of q and k rotated by cos and sin (rotate-half) and v, all read from the
+    projection qkv [N, 3, heads, dim]: the kernels rotate q and k as they load them (and the
+    backward's dq and dk back as they store them into qkv's gradient), so no rotary pass runs
+    either way. cos, sin: [N, ..., dim / 2] float32 per token."""
+    tokens, parts, _, head_dim = qkv.shape
+    if parts != 3 or head_dim % 2 or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be [tokens, 3, heads, even head_dim] with unit stride, got {qkv.shape}")
+    cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
+    if seq_ids is None:
+        seq_ids = sequence_ids(cu_seqlens, tokens)
+    if torch.compiler.is_compiling():
+        return window_attention_rotary_fwd(qkv, cos, sin, cu_seqlens, seq_ids, window)[0]
+    return _EagerRotaryWindowAttention.apply(qkv, cos, sin, cu_seqlens, seq_ids, window)
