@@ -551,6 +551,11 @@ def main() -> None:
         "--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search"
     )
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one forward")
+    parser.add_argument(
+        "--profile-variants",
+        default="",
+        help="comma list of inference variants to profile (default: the best)",
+    )
     parser.add_argument("--workloads", default="", help="comma list of workload names (default: all)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
@@ -588,8 +593,9 @@ def main() -> None:
     print(f"bf16 vs fp32 reference, relative error: {results['bf16_relative_error_vs_fp32']:.2e}")
     if args.profile and device.type == "cuda":
         best = results["workloads"][workloads[0].name]["ours_variant"]
-        table = profile_forward(variants[best], config, device, workloads[0])
-        print(f"\nprofile of {workloads[0].name}, {best}:\n{table}")
+        for name in args.profile_variants.split(",") if args.profile_variants else [best]:
+            table = profile_forward(variants[name], config, device, workloads[0])
+            print(f"\nprofile of {workloads[0].name}, {name}:\n{table}")
     if args.train:
         ours_models = {f"ours_{name}": models.get(name) for name in args.train_variants.split(",")}
         results["training"] = {}

@@ -122,6 +122,24 @@ def test_compiled_training_matches_eager_with_gradients(hf_encoder_dir, backend)
     assert_gradients_close(*models)
 
 
+@needs_cuda
+def test_triton_backend_global_layers_without_gradients_match_with_gradients(monkeypatch):
+    """Eager inference calls FlashAttention's kernel directly, not through the autograd Function."""
+    torch.manual_seed(0)
+    cu = F.pad(torch.tensor(LENGTHS).cumsum(0), (1, 0)).to(torch.int32).cuda()
+    q, k, v = (torch.randn(sum(LENGTHS), 12, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = packed_attention(*inputs, cu, max(LENGTHS), None, "triton").detach()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the autograd Function was called without gradients to record")
+
+    monkeypatch.setattr(FlashAttention, "apply", refuse)
+    with torch.inference_mode():
+        got = packed_attention(q, k, v, cu, max(LENGTHS), None, "triton")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("window_half", [None, 8])
 def test_repadded_reference_equals_per_sequence_loop(window_half):
     torch.manual_seed(0)

@@ -133,6 +133,31 @@ def test_compiled_rotary_backward_writes_the_gradient_without_copies():
     assert relative_error(got, expected) == 0
 
 
+def refuse(*args, **kwargs):
+    raise AssertionError("an autograd Function was called without gradients to record")
+
+
+def test_calls_without_gradients_launch_the_kernels_directly(monkeypatch):
+    """Inference, or inputs that need no gradient: the same outputs as through the autograd
+    Functions, which are not called."""
+    lengths, heads, head_dim, width = [17, 1, 40], 3, 16, 48
+    generator = torch.Generator().manual_seed(11)
+    qkv = torch.randn(sum(lengths), 3, heads, head_dim, generator=generator).to(DEVICE)
+    hidden = torch.randn(sum(lengths), 2 * width, generator=generator).to(DEVICE)
+    cos, sin = rope_for(lengths, head_dim)
+    expected_rotary = [t.detach() for t in fused.rotary_qkv(qkv.clone().requires_grad_(), cos, sin)]
+    expected_geglu = fused.geglu(hidden.clone().requires_grad_()).detach()
+    monkeypatch.setattr(fused._RotaryQKV, "apply", refuse)
+    monkeypatch.setattr(fused._GeGLU, "apply", refuse)
+    with torch.inference_mode():
+        inference = (fused.rotary_qkv(qkv, cos, sin), fused.geglu(hidden))
+    frozen = (fused.rotary_qkv(qkv, cos, sin), fused.geglu(hidden))  # gradients on, none needed
+    for rotary, geglu in (inference, frozen):
+        for got, expected in zip(rotary, expected_rotary, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(geglu, expected_geglu, rtol=0, atol=0)
+
+
 def test_rotary_rejects_a_bad_shape():
     with pytest.raises(ValueError, match="qkv must be"):
         fused.rotary_qkv(torch.zeros(4, 2, 2, 16, device=DEVICE), *rope_for([4], 16))

@@ -137,6 +137,41 @@ def test_operator_and_eager_path_agree_with_gradients():
         torch.testing.assert_close(eager, operator, rtol=0, atol=0)
 
 
+def test_calls_without_gradients_launch_the_kernels_directly(monkeypatch):
+    """Inference, or inputs that need no gradient: the same outputs as through the autograd
+    Functions, which are not called; with and without the rotation inside the kernels."""
+    from mbert_retrieval.modeling.encoder import Rotary
+
+    generator = torch.Generator().manual_seed(6)
+    lengths = [40, 3, 150]
+    cu = cu_of(lengths)
+    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+    cos, sin = Rotary(DIM, 10000.0, max(lengths)).to(DEVICE)(positions)
+
+    def both(tensor):
+        return (
+            kernels.window_attention(*tensor.unbind(1), cu, 16),
+            kernels.window_attention_rotary(tensor, cos, sin, cu, 16),
+        )
+
+    expected = [out.detach() for out in both(qkv.clone().requires_grad_())]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an autograd Function was called without gradients to record")
+
+    monkeypatch.setattr(kernels._EagerWindowAttention, "apply", refuse)
+    monkeypatch.setattr(kernels._EagerRotaryWindowAttention, "apply", refuse)
+    with torch.inference_mode():
+        inference = both(qkv)
+    frozen = both(qkv)  # gradients on, none needed
+    for got in (*inference, *frozen):
+        assert not got.requires_grad
+    for outputs in (inference, frozen):
+        for got, want in zip(outputs, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_every_output_row_is_written():
     generator = torch.Generator().manual_seed(4)
     lengths = [33, 1, 70]

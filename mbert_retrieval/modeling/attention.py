@@ -103,6 +103,13 @@ def packed_attention(
             return window_attention(q, k, v, cu_seqlens, window_half, sequence_ids)
         if window_half is not None and max_seqlen <= window_half + 1:
             window_half = None  # a window wider than every sequence is no window
+        eager_inference = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        )
+        if eager_inference:  # no autograd Function: less host time per call
+            return FlashAttention.run(
+                q, k, v, cu_seqlens, max_seqlen, -1 if window_half is None else window_half
+            )[0]
         return FlashAttention.apply(q, k, v, cu_seqlens, max_seqlen, window_half)
     window = (window_half, window_half) if window_half is not None else (-1, -1)
     if backend == "varlen":
@@ -132,12 +139,18 @@ class FlashAttention(torch.autograd.Function):
     operators it calls directly. Steps of short batches are bound by the host."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window_half: int | None):
-        side = -1 if window_half is None else window_half
+    def run(q, k, v, cu_seqlens, max_seqlen: int, side: int) -> tuple:
+        """out, the log-sum-exp and the RNG state; `side`: the window's half width, -1 for none."""
         out, lse, rng_state, _, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, False, False,
             window_size_left=side, window_size_right=side,
         )  # fmt: skip
+        return out, lse, rng_state
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen: int, window_half: int | None):
+        side = -1 if window_half is None else window_half
+        out, lse, rng_state = FlashAttention.run(q, k, v, cu_seqlens, max_seqlen, side)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state)
         ctx.max_seqlen, ctx.side = max_seqlen, side
         return out

@@ -33,6 +33,13 @@ def unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
+def records_gradients(*inputs: torch.Tensor) -> bool:
+    """Whether an eager call must go through its autograd Function. Without gradients (inference,
+    frozen inputs) the kernels are launched directly: the Function costs ~20 us of host time per
+    call (benchmarks/results/launch_overhead.json), and an eager forward of a base model makes ~50."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 # -- rotary ------------------------------------------------------------------------------------------
 
 
@@ -228,6 +235,8 @@ def rotary_qkv(
     cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
     if torch.compiler.is_compiling():  # an operator inductor calls, not an autograd.Function to trace
         return tuple(rotary_forward_op(qkv, cos, sin))
+    if not records_gradients(qkv, cos, sin):
+        return tuple(_rotary_forward(qkv, cos, sin))
     return _RotaryQKV.apply(qkv, cos, sin)
 
 
@@ -351,4 +360,6 @@ def geglu(hidden: torch.Tensor) -> torch.Tensor:
     hidden = hidden.contiguous()
     if torch.compiler.is_compiling():  # an operator inductor calls, not an autograd.Function to trace
         return geglu_forward_op(hidden)
+    if not records_gradients(hidden):
+        return _geglu_forward(hidden)
     return _GeGLU.apply(hidden)

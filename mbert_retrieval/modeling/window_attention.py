@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
+from mbert_retrieval.modeling.fused_elementwise import launcher, records_gradients, unit_stride
 from mbert_retrieval.modeling.packing import sequence_ids
 
 LOG2_E = 1.4426950408889634
@@ -466,6 +466,8 @@ def window_attention(
         seq_ids = sequence_ids(cu_seqlens, q.shape[0])
     if torch.compiler.is_compiling():
         return window_attention_fwd(q, k, v, cu_seqlens, seq_ids, window)[0]
+    if not records_gradients(q, k, v):
+        return _forward(q, k, v, cu_seqlens, seq_ids, window)[0]
     return _EagerWindowAttention.apply(q, k, v, cu_seqlens, seq_ids, window)
 
 
@@ -559,4 +561,6 @@ def window_attention_rotary(
         seq_ids = sequence_ids(cu_seqlens, tokens)
     if torch.compiler.is_compiling():
         return window_attention_rotary_fwd(qkv, cos, sin, cu_seqlens, seq_ids, window)[0]
+    if not records_gradients(qkv, cos, sin):
+        return _forward(*qkv.unbind(1), cu_seqlens, seq_ids, window, rotation=(cos, sin))[0]
     return _EagerRotaryWindowAttention.apply(qkv, cos, sin, cu_seqlens, seq_ids, window)
