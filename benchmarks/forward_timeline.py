@@ -33,6 +33,8 @@ from benchmarks.common import write_result
 from benchmarks.encoder_throughput import FULL, ModelVariants, build_models, make_batch, ours_forward
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens
 
+SKIP_GUARDS = "_skip_guards"  # a variant name's suffix: dynamo evaluates only its differentiating guards
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -141,10 +143,12 @@ def main() -> None:
         positions = positions_from_cu_seqlens(cu, packed.numel())
         row = results["workloads"][workload.name] = {"tokens": sum(lengths)}
         for name in args.variants.split(","):
-            model = models.get(name)
+            model = models.get(name.removesuffix(SKIP_GUARDS))
 
-            def call(model=model):
-                return ours_forward(model, packed, cu, max(lengths), positions)
+            def call(model=model, skip_guards=name.endswith(SKIP_GUARDS)):
+                # Diagnostic only: how much of the prologue is dynamo checking its guards.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards):
+                    return ours_forward(model, packed, cu, max(lengths), positions)
 
             with torch.inference_mode():
                 for _ in range(args.warmup):
