@@ -19,7 +19,8 @@ GEMMs forward and backward (dX and dW) and the attention's forward and backward.
 Two timings of everything: `*_tok_s` waits for each call to finish before the next (median per
 call, as in every earlier run), `*_back_to_back_tok_s` launches `--repeat` calls one after the other
 and waits once, as a training loop or a batch-encoding loop runs them (the host prepares the next
-call while the GPU runs the last); `ours_over_ceiling_back_to_back` compares those.
+call while the GPU runs the last; the median of three such runs since run 33);
+`ours_over_ceiling_back_to_back` compares those.
 """
 
 from __future__ import annotations
@@ -122,23 +123,28 @@ def time_call(fn, device: torch.device, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-def time_back_to_back(fn, device: torch.device, repeat: int) -> float:
-    """Mean seconds per call over `repeat` calls launched one after the other, with no wait between
+def time_back_to_back(fn, device: torch.device, repeat: int, windows: int = 3) -> float:
+    """Seconds per call over `repeat` calls launched one after the other, with no wait between
     them: what a loop of steps or encoding batches runs at, where the host prepares the next call
     while the GPU runs the last. `time_call` waits for each call, so it also counts the time until
-    the GPU receives a call's first kernels."""
-    if device.type != "cuda":
-        start = time.perf_counter()
+    the GPU receives a call's first kernels. The median of `windows` such runs: one pause of the
+    host (a garbage collection, an allocation from the driver) moves a single run's mean."""
+    means = []
+    for _ in range(windows):
+        if device.type != "cuda":
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            means.append((time.perf_counter() - start) / repeat)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(repeat):
             fn()
-        return (time.perf_counter() - start) / repeat
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeat
+        end.record()
+        end.synchronize()
+        means.append(start.elapsed_time(end) / 1e3 / repeat)
+    return statistics.median(means)
 
 
 def make_batch(lengths: list[int], vocab: int, device: torch.device, generator: torch.Generator):
