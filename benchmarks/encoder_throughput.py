@@ -540,7 +540,8 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, eager_rotary_pass, "
+        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, compiled_model_no_asserts, "
+        "eager_rotary_pass, "
         "compiled_model_rotary_in_window[_cpp] "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
@@ -610,7 +611,8 @@ class ModelVariants:
     compiled layers with FlashAttention in every layer (`_varlen`), the whole forward compiled
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
     chains of sums in each reader (`compiled_model_inductor_reads`), or launching its kernels from
-    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper). Where the local
+    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper), or without the
+    size, stride and alignment checks of its inputs (`compiled_model_no_asserts`). Where the local
     layers rotate q and k, against the model's default: `eager_rotary_pass` (a rotary operator before
     the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it)."""
 
@@ -635,6 +637,10 @@ class ModelVariants:
             elif name.startswith("compiled_model_rotary_in_window"):  # rotation in the window kernels
                 set_window_rotation(model, True)
                 model.compile_forward(options={"cpp_wrapper": name.endswith("_cpp")})
+            elif name == "compiled_model_no_asserts":  # the wrapper checks no input's size or stride
+                model.compile_forward(
+                    options={"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+                )
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:
