@@ -19,7 +19,8 @@ GEMMs forward and backward (dX and dW) and the attention's forward and backward.
 Two timings of everything: `*_tok_s` waits for each call to finish before the next (median per
 call, as in every earlier run), `*_back_to_back_tok_s` launches `--repeat` calls one after the other
 and waits once, as a training loop or a batch-encoding loop runs them (the host prepares the next
-call while the GPU runs the last); `ours_over_ceiling_back_to_back` compares those.
+call while the GPU runs the last; the median of three such runs since run 33);
+`ours_over_ceiling_back_to_back` compares those.
 """
 
 from __future__ import annotations
@@ -122,23 +123,28 @@ def time_call(fn, device: torch.device, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-def time_back_to_back(fn, device: torch.device, repeat: int) -> float:
-    """Mean seconds per call over `repeat` calls launched one after the other, with no wait between
+def time_back_to_back(fn, device: torch.device, repeat: int, windows: int = 3) -> float:
+    """Seconds per call over `repeat` calls launched one after the other, with no wait between
     them: what a loop of steps or encoding batches runs at, where the host prepares the next call
     while the GPU runs the last. `time_call` waits for each call, so it also counts the time until
-    the GPU receives a call's first kernels."""
-    if device.type != "cuda":
-        start = time.perf_counter()
+    the GPU receives a call's first kernels. The median of `windows` such runs: one pause of the
+    host (a garbage collection, an allocation from the driver) moves a single run's mean."""
+    means = []
+    for _ in range(windows):
+        if device.type != "cuda":
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            means.append((time.perf_counter() - start) / repeat)
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         for _ in range(repeat):
             fn()
-        return (time.perf_counter() - start) / repeat
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / repeat
+        end.record()
+        end.synchronize()
+        means.append(start.elapsed_time(end) / 1e3 / repeat)
+    return statistics.median(means)
 
 
 def make_batch(lengths: list[int], vocab: int, device: torch.device, generator: torch.Generator):
@@ -534,7 +540,8 @@ def main() -> None:
         "--variants",
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
-        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, eager_rotary_pass, "
+        "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, compiled_model_no_asserts, "
+        "eager_rotary_pass, "
         "compiled_model_rotary_in_window[_cpp] "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
     )
@@ -610,7 +617,8 @@ class ModelVariants:
     compiled layers with FlashAttention in every layer (`_varlen`), the whole forward compiled
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
     chains of sums in each reader (`compiled_model_inductor_reads`), or launching its kernels from
-    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper). Where the local
+    generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper), or without the
+    size, stride and alignment checks of its inputs (`compiled_model_no_asserts`). Where the local
     layers rotate q and k, against the model's default: `eager_rotary_pass` (a rotary operator before
     the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it)."""
 
@@ -635,6 +643,10 @@ class ModelVariants:
             elif name.startswith("compiled_model_rotary_in_window"):  # rotation in the window kernels
                 set_window_rotation(model, True)
                 model.compile_forward(options={"cpp_wrapper": name.endswith("_cpp")})
+            elif name == "compiled_model_no_asserts":  # the wrapper checks no input's size or stride
+                model.compile_forward(
+                    options={"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+                )
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:
