@@ -200,3 +200,19 @@ def test_compiled_forward_matches_eager_with_gradients_and_in_a_copy(hf_encoder_
         changed = copied.forward_packed(packed, cu_seqlens, max_len)
         original = compiled.eval().forward_packed(packed, cu_seqlens, max_len)
     assert not torch.allclose(changed, original)
+
+
+def test_fused_norm_runs_in_compiled_training_and_eager_inference(monkeypatch):
+    """The residual sum + LayerNorm kernels: compiled with gradients and eagerly without them; the
+    plain code eagerly with gradients (PyTorch's backward is as good) and compiled without them
+    (inductor fuses that forward itself), and on every other backend."""
+    from mbert_retrieval.modeling import encoder
+
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        with torch.no_grad():
+            assert encoder.uses_fused_norm("triton") is not compiling
+            assert not encoder.uses_fused_norm("varlen")
+        with torch.enable_grad():
+            assert encoder.uses_fused_norm("triton") is compiling
+            assert not encoder.uses_fused_norm("packed_sdpa")

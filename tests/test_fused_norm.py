@@ -103,6 +103,21 @@ def test_add_layer_norm_reads_strided_rows():
         assert relative_error(got, expected) < 1e-5
 
 
+def test_add_layer_norm_without_gradients_launches_the_kernel_directly(monkeypatch):
+    """Eager inference: the forward kernel without the operator around it, the plain code's numbers."""
+    x, update, weight, _ = inputs(130, 96, (torch.float32,) * 3, 9)
+    expected = plain_add_norm(x, update, weight)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the operator was called without gradients to record")
+
+    monkeypatch.setattr(fused_norm, "add_layer_norm_forward_op", refuse)
+    with torch.inference_mode():
+        got = fused_norm.add_layer_norm(x, update, weight, EPS)
+    for out, plain in zip(got, expected, strict=True):
+        assert relative_error(out, plain) < 1e-5
+
+
 def test_add_layer_norm_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="add_layer_norm needs"):
         fused_norm.add_layer_norm(torch.zeros(4, 8), torch.zeros(4, 6), torch.ones(8), EPS)
@@ -151,6 +166,12 @@ def test_model_with_the_fused_kernels_matches_the_plain_path(hf_encoder_dir, mon
     assert relative_error(out, plain_out) < 1e-5
     for name, grad in grads.items():
         assert relative_error(grad, plain_grads[name]) < 1e-4, name
+    for gate in ("uses_fused_kernels", "uses_fused_norm"):
+        monkeypatch.setattr(encoder, gate, lambda backend: True)
+    with torch.inference_mode():  # eager inference: the forward kernels alone
+        inferred = model.eval().forward_packed(ids, cu, max(lengths))
+    assert len(calls) == 4 * layers
+    assert relative_error(inferred, plain_out) < 1e-5
 
 
 @needs_gpu_compile

@@ -95,11 +95,16 @@ def uses_fused_kernels(backend: str) -> bool:
 
 
 def uses_fused_norm(backend: str) -> bool:
-    """Whether each residual sum + LayerNorm runs as `fused_norm.py`'s operator: in compiled training
-    graphs, where inductor's backward sums the norm's weight gradient in a pass of its own. Eagerly,
-    PyTorch's LayerNorm backward does not, and an operator call costs more host time than its two
-    aten calls."""
-    return backend == "triton" and torch.compiler.is_compiling() and torch.is_grad_enabled()
+    """Whether each residual sum + LayerNorm runs as `fused_norm.py`'s kernels: in compiled training
+    graphs, where inductor's backward sums the norm's weight gradient in a pass of its own, and in
+    eager inference, where one kernel launch replaces the sum's and the norm's and the sum is not
+    read back. Eager training keeps PyTorch's: its LayerNorm backward has no extra pass, and an
+    operator call costs more host time than its two aten calls. Compiled inference keeps inductor's
+    fused forward."""
+    if backend != "triton":
+        return False
+    compiling, gradients = torch.compiler.is_compiling(), torch.is_grad_enabled()
+    return (compiling and gradients) or (not compiling and not gradients)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -224,7 +229,7 @@ def add_before_norm(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
 
 def add_and_norm(x: torch.Tensor, update: torch.Tensor, norm: nn.Module, backend: str):
     """The residual sum `x + update` and `norm` of it; one Triton kernel each way in compiled
-    training (`fused_norm.py`)."""
+    training, and one forward kernel in eager inference (`fused_norm.py`)."""
     if uses_fused_norm(backend) and isinstance(norm, nn.LayerNorm) and norm.bias is None:
         from mbert_retrieval.modeling.fused_norm import add_layer_norm
 

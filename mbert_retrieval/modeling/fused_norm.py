@@ -7,8 +7,9 @@ step on an H200 (benchmarks/NOTES.md, run 12), leaves one extra reduction per no
 gradient (45 a step, 19 us each). Here each backward program sums its own rows' share of the
 weight's gradient as it goes and writes one partial row; a small sum over the programs finishes it.
 
-Used inside torch.compile'd training graphs of the triton backend (`encoder.uses_fused_norm`); eager
-PyTorch's own LayerNorm backward has no such extra pass. Arithmetic in float32, rounded where eager
+Used inside torch.compile'd training graphs of the triton backend (`encoder.uses_fused_norm`), and
+its forward kernel alone in eager inference; eager PyTorch's own LayerNorm backward has no such extra
+pass. Arithmetic in float32, rounded where eager
 PyTorch rounds: the sum in its dtype, the norm's output in the sum's dtype.
 """
 
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
+from mbert_retrieval.modeling.fused_elementwise import launcher, records_gradients, unit_stride
 
 
 @dataclass(frozen=True)
@@ -190,5 +191,8 @@ def add_layer_norm(
             f"add_layer_norm needs x and update [tokens, width] and weight [width], got "
             f"{tuple(x.shape)}, {tuple(update.shape)}, {tuple(weight.shape)}"
         )
+    if not torch.compiler.is_compiling() and not records_gradients(x, update, weight):
+        total, normed, _, _ = _add_norm_forward(x, update, weight, eps)  # no operator: less host time
+        return total, normed
     total, normed, _, _ = add_layer_norm_forward_op(x, update, weight, eps)
     return total, normed
