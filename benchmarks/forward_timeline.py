@@ -45,9 +45,10 @@ class Interval:
 @dataclass(frozen=True)
 class GpuWork(Interval):
     launch: Interval | None  # the host-side API call that queued it, when CUPTI linked one
+    name: str = ""
 
 
-def split_call(call_start_ns: int, work: list[GpuWork]) -> dict[str, float]:
+def split_call(call_start_ns: int, work: list[GpuWork]) -> dict:
     """The call's time from `call_start_ns` until its last GPU work ends, split as the module says."""
     work = sorted(work, key=lambda item: item.start_ns)
     if not work:
@@ -61,7 +62,7 @@ def split_call(call_start_ns: int, work: list[GpuWork]) -> dict[str, float]:
         "starved_ms": 0,
         "queued_gap_ms": 0,
     }
-    busy_until = first.start_ns
+    busy_until, previous, gaps = first.start_ns, "", []
     for item in work:
         gap = item.start_ns - busy_until
         if gap > 0:
@@ -69,16 +70,32 @@ def split_call(call_start_ns: int, work: list[GpuWork]) -> dict[str, float]:
             starved = min(max(host_late, 0), gap)
             parts["starved_ms"] += starved
             parts["queued_gap_ms"] += gap - starved
+            gaps.append((gap, starved, previous, item))
         parts["busy_ms"] += max(item.end_ns - max(item.start_ns, busy_until), 0)
-        busy_until = max(busy_until, item.end_ns)
-    parts = {name: ns / 1e6 for name, ns in parts.items()}
-    parts["wall_ms"] = (busy_until - call_start_ns) / 1e6
-    parts["kernels"] = len(work)
-    parts["linked_launches"] = sum(item.launch is not None for item in work)
-    return parts
+        busy_until, previous = max(busy_until, item.end_ns), item.name
+    result: dict = {name: ns / 1e6 for name, ns in parts.items()}
+    result["wall_ms"] = (busy_until - call_start_ns) / 1e6
+    result["kernels"] = len(work)
+    result["linked_launches"] = sum(item.launch is not None for item in work)
+    result["first_work"] = [describe(item, call_start_ns) for item in work[:8]]
+    result["largest_gaps"] = [
+        {"after": after, **describe(item, call_start_ns), "gap_us": gap / 1e3, "starved_us": starved / 1e3}
+        for gap, starved, after, item in sorted(gaps, key=lambda entry: -entry[0])[:6]
+    ]
+    return result
 
 
-def trace_call(fn, marker: torch.Tensor) -> dict[str, float]:
+def describe(item: GpuWork, call_start_ns: int) -> dict:
+    """A piece of GPU work: its name, when its launch began and when it ran, in us from the call's start."""
+    return {
+        "name": item.name[:80],
+        "launch_at_us": None if item.launch is None else (item.launch.start_ns - call_start_ns) / 1e3,
+        "start_at_us": (item.start_ns - call_start_ns) / 1e3,
+        "duration_us": (item.end_ns - item.start_ns) / 1e3,
+    }
+
+
+def trace_call(fn, marker: torch.Tensor) -> dict:
     """Runs `fn` once under the profiler, a marker kernel launched just before it, and splits its time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -102,12 +119,22 @@ def trace_call(fn, marker: torch.Tensor) -> dict[str, float]:
     marker_event, own = gpu[0], gpu[1:]
     marker_launch = launches.get(marker_event.correlation_id())
     call_start = marker_launch.end_ns if marker_launch else marker_event.end_ns()
-    work = [GpuWork(event.start_ns(), event.end_ns(), launches.get(event.correlation_id())) for event in own]
+    work = [
+        GpuWork(event.start_ns(), event.end_ns(), launches.get(event.correlation_id()), event.name())
+        for event in own
+    ]
     return split_call(call_start, work)
 
 
-def median_parts(calls: list[dict[str, float]]) -> dict[str, float]:
-    return {name: statistics.median(call[name] for call in calls) for name in calls[0]}
+def median_parts(calls: list[dict]) -> dict:
+    """The median of each number over the calls; the details of the call with the median wall time."""
+    numbers = {
+        name: statistics.median(call[name] for call in calls)
+        for name in calls[0]
+        if name.endswith(("_ms", "kernels", "launches"))
+    }
+    middle = sorted(calls, key=lambda call: call["wall_ms"])[len(calls) // 2]
+    return {**numbers, "first_work": middle["first_work"], "largest_gaps": middle["largest_gaps"]}
 
 
 def main() -> None:
@@ -167,6 +194,11 @@ def print_table(results: dict) -> None:
             if isinstance(parts, dict):
                 cells = " ".join(f"{parts[c]:13.3f}" for c in columns)
                 print(f"{workload:16} {name:20} {cells}  {parts['kernels']:.0f}")
+                for gap in parts["largest_gaps"][:3]:
+                    print(
+                        f"{'':38}gap {gap['gap_us']:7.1f} us ({gap['starved_us']:.1f} starved) before "
+                        f"{gap['name'][:50]} at {gap['start_at_us']:.0f} us"
+                    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.forward_timeline import GpuWork, Interval, split_call
+from benchmarks.forward_timeline import GpuWork, Interval, median_parts, split_call
 
 
-def work(start, end, launch_start=None):
+def work(start, end, launch_start=None, name=""):
     launch = None if launch_start is None else Interval(launch_start, launch_start + 2)
-    return GpuWork(start, end, launch)
+    return GpuWork(start, end, launch, name)
 
 
 def test_a_call_whose_host_stays_ahead_is_all_busy_after_its_prologue():
@@ -25,8 +25,12 @@ def test_a_call_whose_host_stays_ahead_is_all_busy_after_its_prologue():
 def test_gaps_split_into_host_starved_and_queued():
     # kernel 2 launched 30 ns after kernel 1 ended and started 5 ns later: 30 starved, 5 queued;
     # kernel 3 launched early but started 20 ns after kernel 2 ended: 20 queued
-    parts = split_call(0, [work(10, 100, 0), work(135, 200, 130), work(220, 260, 150)])
+    parts = split_call(0, [work(10, 100, 0, "a"), work(135, 200, 130, "b"), work(220, 260, 150, "c")])
     assert parts["starved_ms"] * 1e6 == pytest.approx(30)
+    largest = parts["largest_gaps"][0]
+    assert (largest["after"], largest["name"]) == ("a", "b")
+    assert largest["gap_us"] * 1e3 == pytest.approx(35) and largest["starved_us"] * 1e3 == pytest.approx(30)
+    assert [entry["name"] for entry in parts["first_work"]] == ["a", "b", "c"]
     assert parts["queued_gap_ms"] * 1e6 == pytest.approx(25)
     total = sum(
         parts[k] for k in ("prologue_ms", "first_latency_ms", "busy_ms", "starved_ms", "queued_gap_ms")
@@ -45,3 +49,10 @@ def test_overlapping_work_counts_once_and_unlinked_gaps_are_queued():
 def test_a_call_without_gpu_work_is_an_error():
     with pytest.raises(ValueError, match="no GPU work"):
         split_call(0, [])
+
+
+def test_the_median_call_gives_the_numbers_and_its_details():
+    calls = [split_call(0, [work(10, end, 0, f"k{end}")]) for end in (300, 100, 200)]
+    middle = median_parts(calls)
+    assert middle["wall_ms"] * 1e6 == pytest.approx(200)
+    assert middle["first_work"][0]["name"] == "k200"
