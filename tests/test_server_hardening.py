@@ -258,3 +258,25 @@ def test_a_failed_reindex_is_reported_and_the_next_one_works(tmp_path, hf_mlm_di
         assert client.get("/health").json()["last_reindex_error"] is None
     finally:
         service.close()
+
+
+def test_idle_connections_outlive_pooled_clients_own_expiry(monkeypatch):
+    """The server keeps an idle keep-alive connection open longer than pooled clients keep it (httpx:
+    5 s), so a client never sends its next request on a connection the server is just closing (a reset
+    instead of an answer, seen under load while reindexing)."""
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    from mbert_retrieval.server import run, start_in_thread
+
+    client_expiry = httpx.Limits().keepalive_expiry
+    background = start_in_thread(FastAPI())
+    try:
+        assert background.server.config.timeout_keep_alive > client_expiry
+    finally:
+        background.stop()
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(options))
+    run.serve(FastAPI(), host="127.0.0.1", port=8765)
+    assert served["timeout_keep_alive"] > client_expiry

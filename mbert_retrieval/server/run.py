@@ -12,6 +12,12 @@ import uvicorn
 
 logger = logging.getLogger(__name__)
 
+# How long an idle keep-alive connection stays open. uvicorn's default (5 s) equals the idle time after
+# which pooled HTTP clients (httpx, the IDE clients) drop a connection themselves: a client can then
+# send its next request on a connection the server is closing, and gets a reset instead of an answer.
+# Longer here than on any usual client side, as nginx's and gunicorn's defaults are.
+KEEP_ALIVE_SECONDS = 75
+
 
 def serve(
     app,
@@ -25,7 +31,7 @@ def serve(
     check_token(token, host, allow_no_token)
     if token is None and not _is_loopback(host):
         logger.warning("serving on %s without a token: anyone who can reach it can search the code", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_SECONDS)
 
 
 def check_token(token: str | None, host: str, allow_no_token: bool = False) -> None:
@@ -53,7 +59,14 @@ class BackgroundServer:
 
 def start_in_thread(app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> BackgroundServer:
     """Start uvicorn in a daemon thread (port 0: a free port) and return once it accepts connections."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
