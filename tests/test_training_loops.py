@@ -285,3 +285,25 @@ def test_compiled_training_logs_how_many_graphs_it_compiled(hf_mlm_dir, code_pai
     Trainer(DenseTask(model, query_max_length=32), BeirExamples(code_pairs, "train"), args).train()
     counts = [r["compiled_graphs"] for r in read_metrics(tmp_path) if "loss" in r]
     assert len(counts) == 2 and 1 <= counts[0] <= counts[1]
+
+
+def test_compiled_training_launches_from_cpp_on_cuda_when_a_compiler_is_there(monkeypatch, caplog):
+    """`train --compile` in one process: inductor's C++ launcher on CUDA; without a C++ compiler to
+    build it, the Python launcher and a warning instead of a failed compile; nothing on the CPU."""
+    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    from mbert_retrieval.training import trainer
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    assert trainer.compile_options(cuda) == {"cpp_wrapper": True}
+    assert trainer.compile_options(cpu) == {}
+
+    def no_compiler():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    with caplog.at_level("WARNING", logger="mbert_retrieval"):
+        assert trainer.compile_options(cuda) == {}
+    assert "no C++ compiler found" in caplog.text

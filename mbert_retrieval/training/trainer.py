@@ -137,6 +137,33 @@ class _Run:
         return bool(every) and (self.step % every == 0 or self.step == self.total)
 
 
+def compile_options(device: torch.device) -> dict:
+    """inductor's options for the whole-forward graph. On CUDA its kernels are launched from the C++
+    that inductor generates, not from Python: a short step (16k tokens) ran 19% faster so on one
+    H200 (benchmarks/NOTES.md, run 24). That needs a C++ compiler to build the launcher; without one
+    the graph launches from Python, with a warning, rather than failing."""
+    if device.type != "cuda":
+        return {}
+    if not cpp_compiler_available():
+        logger.warning(
+            "no C++ compiler found (g++, or the one CXX names): the compiled graph launches its "
+            "kernels from Python, which makes short training steps slower"
+        )
+        return {}
+    return {"cpp_wrapper": True}
+
+
+def cpp_compiler_available() -> bool:
+    """Whether inductor finds the C++ compiler it would build a C++ launcher with."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
 class Trainer:
     """Trains `task.model` on `data` (an ExampleSource for retrieval, a TextCorpus for MLM)."""
 
@@ -177,10 +204,7 @@ class Trainer:
             torch._dynamo.config.optimize_ddp = False
             self.task.encoder.compile_layers()
         elif self.args.compile:  # one process: one graph for the whole encoder, the least host work
-            # On CUDA the graph's kernels are launched from inductor's generated C++, not Python: a
-            # short step (16k tokens) ran 19% faster so on one H200 (benchmarks/NOTES.md, run 24).
-            options = {"cpp_wrapper": True} if self.device.type == "cuda" else {}
-            self.task.encoder.compile_forward(options=options)
+            self.task.encoder.compile_forward(options=compile_options(self.device))
         return model
 
     def _start(self) -> _Run:
