@@ -216,3 +216,32 @@ def test_local_layers_rotate_inside_the_window_kernel_only_eagerly(hf_encoder_di
     attention.rotation_in_window_kernel = False
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     assert not attention.rotates_in_window_kernel("triton", max_seqlen=512)
+
+
+def test_triton_backend_needs_a_c_compiler_and_auto_says_why(monkeypatch):
+    """Triton builds its kernels' launcher with a C compiler at first use: without one the triton
+    backend is unavailable with a reason that says so (`auto` moves on to the next backend), rather
+    than failing at the first kernel."""
+    import shutil
+    import sys
+    import types
+
+    from mbert_retrieval.modeling import attention
+
+    # Triton itself importable (it is not on every CI machine) and varlen available for the global layers.
+    monkeypatch.setitem(sys.modules, "mbert_retrieval.modeling.window_attention", types.ModuleType("stub"))
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", types.SimpleNamespace(varlen_attn=None))
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert attention.c_compiler_for_triton() == "/usr/bin/gcc"
+    assert attention.why_unavailable("triton", cuda, bf16) is None
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    reason = attention.why_unavailable("triton", cuda, bf16)
+    assert reason is not None and "C compiler" in reason and "CC" in reason
+    assert attention.resolve_backend("auto", cuda, bf16) == "varlen"
+    with pytest.raises(RuntimeError, match="C compiler"):
+        attention.resolve_backend("triton", cuda, bf16)
+    monkeypatch.setenv("CC", "/nonexistent/bin/cc")  # named but absent
+    assert attention.c_compiler_for_triton() is None

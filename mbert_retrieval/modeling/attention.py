@@ -19,6 +19,8 @@ re-padded reference) and reference elsewhere. With a `key_mask`, packed_sdpa han
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -54,6 +56,11 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str 
             import mbert_retrieval.modeling.window_attention  # noqa: F401
         except ImportError:
             return "the triton package is not installed (pip install triton)"
+        if c_compiler_for_triton() is None:
+            return (
+                "Triton builds its kernel launcher with a C compiler and none was found: install gcc "
+                "or clang, or name one in CC"
+            )
         return why_unavailable("varlen", device, dtype)  # the global layers
     if name == "flash_attn":
         try:
@@ -62,6 +69,17 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str 
             return "the flash-attn package is not installed (pip install flash-attn)"
         return None
     raise ValueError(f"unknown attn_backend {name!r}")
+
+
+def c_compiler_for_triton() -> str | None:
+    """The C compiler Triton would build its launcher with (CC, else gcc, else clang), if any: without
+    one its first kernel fails, so `auto` picks another backend instead."""
+    import shutil
+
+    named = os.environ.get("CC")
+    if named:
+        return shutil.which(named) or (named if os.path.isfile(named) else None)
+    return shutil.which("gcc") or shutil.which("clang")
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
