@@ -20,6 +20,7 @@ re-padded reference) and reference elsewhere. With a `key_mask`, packed_sdpa han
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +75,6 @@ def why_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str 
 def c_compiler_for_triton() -> str | None:
     """The C compiler Triton would build its launcher with (CC, else gcc, else clang), if any: without
     one its first kernel fails, so `auto` picks another backend instead."""
-    import shutil
-
     named = os.environ.get("CC")
     if named:
         return shutil.which(named) or (named if os.path.isfile(named) else None)

@@ -62,8 +62,6 @@ def _visible_range(CU, SEQ, first, count, n_tokens, window):
     return tl.maximum(first - window, first_start), tl.minimum(last + window + 1, last_end)
 
 
-# The scales are constexpr: inductor passes a float argument of a triton_op's kernel as fp64, which would
-# turn the softmax's running statistics into fp64.
 @triton.jit
 def _load_rotated(X, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM: tl.constexpr):
     """Rows of X [N, heads, dim] rotated by their positions' cos and sin [N, dim / 2] (rotate-half,
@@ -95,6 +93,35 @@ def _store_unrotated(DST, grad, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_D
 
 
 @triton.jit
+def _load_rows(X, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr):
+    """Rows of X [N, heads, dim] for one head: rotated as `_load_rotated` holds them, or as they are."""
+    if ROTARY:
+        x = _load_rotated(X, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM)
+    else:
+        dims = tl.arange(0, HEAD_DIM)
+        x = tl.load(X + rows[:, None] * s_t + head * s_h + dims[None, :], mask=ok[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(
+    DST, grad, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr
+):
+    """The gradient of rows `_load_rows` loaded (float32), stored in DST's dtype: rotated back or as it is."""
+    if ROTARY:
+        _store_unrotated(DST, grad, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM)
+    else:
+        dims = tl.arange(0, HEAD_DIM)
+        tl.store(
+            DST + rows[:, None] * s_t + head * s_h + dims[None, :],
+            grad.to(DST.dtype.element_ty),
+            mask=ok[:, None],
+        )
+
+
+# The scales are constexpr: inductor passes a float argument of a triton_op's kernel as fp64, which would
+# turn the softmax's running statistics into fp64.
+@triton.jit
 def _window_fwd(
     Q, K, V, OUT, LSE, CU, SEQ, COS, SIN,
     n_tokens, window, scale_log2: tl.constexpr,
@@ -110,10 +137,7 @@ def _window_fwd(
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
     key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    if ROTARY:
-        q = _load_rotated(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM)
-    else:
-        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM, ROTARY)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -121,12 +145,7 @@ def _window_fwd(
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < key_hi
         col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
-        if ROTARY:
-            k = _load_rotated(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM)
-        else:
-            k = tl.load(
-                K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0
-            )
+        k = _load_rows(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM, ROTARY)
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         distance = rows[:, None] - cols[None, :]
@@ -179,22 +198,14 @@ def _window_bwd_dkdv(
     col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
     query_lo, query_hi = _visible_range(CU, SEQ, first, BLOCK_N, n_tokens, window)
 
-    if ROTARY:
-        k = _load_rotated(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM)
-    else:
-        k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM, ROTARY)
     v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for block in range(query_lo, query_hi, BLOCK_M):
         rows = block + tl.arange(0, BLOCK_M)
         row_ok = rows < query_hi
-        if ROTARY:
-            q = _load_rotated(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM)
-        else:
-            q = tl.load(
-                Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0
-            )
+        q = _load_rows(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM, ROTARY)
         do = tl.load(
             DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0
         )
@@ -210,14 +221,7 @@ def _window_bwd_dkdv(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
     dk = dk * scale
-    if ROTARY:
-        _store_unrotated(DK + dk_offset, dk, COS, SIN, cols, col_ok, sdk_t, sdk_h, sc_t, head, HEAD_DIM)
-    else:
-        tl.store(
-            DK + dk_offset + cols[:, None] * sdk_t + head * sdk_h + dims[None, :],
-            dk.to(DK.dtype.element_ty),
-            mask=col_ok[:, None],
-        )
+    _store_rows(DK + dk_offset, dk, COS, SIN, cols, col_ok, sdk_t, sdk_h, sc_t, head, HEAD_DIM, ROTARY)
     # With ROTARY, dk and dv go into one tensor (qkv's gradient), DK, at their offsets.
     if ROTARY:
         dv_at = DK + dv_offset
@@ -245,10 +249,7 @@ def _window_bwd_dq(
     row_seq = tl.load(SEQ + rows, mask=row_ok, other=-2)
     key_lo, key_hi = _visible_range(CU, SEQ, first, BLOCK_M, n_tokens, window)
 
-    if ROTARY:
-        q = _load_rotated(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM)
-    else:
-        q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM, ROTARY)
     do = tl.load(DO + rows[:, None] * sdo_t + head * sdo_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + head * n_tokens + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + head * n_tokens + rows, mask=row_ok, other=0.0)
@@ -256,12 +257,7 @@ def _window_bwd_dq(
     for block in range(key_lo, key_hi, BLOCK_N):
         cols = block + tl.arange(0, BLOCK_N)
         col_ok = cols < key_hi
-        if ROTARY:
-            k = _load_rotated(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM)
-        else:
-            k = tl.load(
-                K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0
-            )
+        k = _load_rows(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM, ROTARY)
         v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
         col_seq = tl.load(SEQ + cols, mask=col_ok, other=-1)
         s = tl.dot(q, tl.trans(k)) * scale_log2
@@ -272,14 +268,7 @@ def _window_bwd_dq(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * scale
-    if ROTARY:
-        _store_unrotated(DQ + dq_offset, dq, COS, SIN, rows, row_ok, sdq_t, sdq_h, sc_t, head, HEAD_DIM)
-    else:
-        tl.store(
-            DQ + dq_offset + rows[:, None] * sdq_t + head * sdq_h + dims[None, :],
-            dq.to(DQ.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
+    _store_rows(DQ + dq_offset, dq, COS, SIN, rows, row_ok, sdq_t, sdq_h, sc_t, head, HEAD_DIM, ROTARY)
 
 
 def _scales(head_dim: int) -> tuple[float, float]:
