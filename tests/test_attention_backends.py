@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -232,14 +233,20 @@ def test_triton_backend_needs_a_c_compiler_and_auto_says_why(monkeypatch):
     monkeypatch.setitem(sys.modules, "mbert_retrieval.modeling.window_attention", types.ModuleType("stub"))
     monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", types.SimpleNamespace(varlen_attn=None))
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    attention._resolve.cache_clear()  # answers of earlier tests, and of this one for later tests
+    monkeypatch.setattr(attention, "_resolve", functools.lru_cache(attention._resolve.__wrapped__))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
     assert attention.c_compiler_for_triton() == "/usr/bin/gcc"
     assert attention.why_unavailable("triton", cuda, bf16) is None
 
+    assert attention.resolve_backend("auto", cuda, bf16) == "triton"
+
     monkeypatch.setattr(shutil, "which", lambda name: None)
     reason = attention.why_unavailable("triton", cuda, bf16)
     assert reason is not None and "C compiler" in reason and "CC" in reason
+    assert attention.resolve_backend("auto", cuda, bf16) == "triton"  # answered once per process
+    attention._resolve.cache_clear()
     assert attention.resolve_backend("auto", cuda, bf16) == "varlen"
     with pytest.raises(RuntimeError, match="C compiler"):
         attention.resolve_backend("triton", cuda, bf16)

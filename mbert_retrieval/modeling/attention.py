@@ -19,6 +19,7 @@ re-padded reference) and reference elsewhere. With a `key_mask`, packed_sdpa han
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -82,7 +83,15 @@ def c_compiler_for_triton() -> str | None:
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `name` stands for on this device and dtype (`auto`: the first that can run), or a
+    RuntimeError saying why the named one cannot. Answered once per case: every forward asks, and
+    the availability checks look for a C compiler on the PATH (~30 us)."""
     check_backend_name(name)
+    return _resolve(name, torch.device(device), dtype, torch.is_grad_enabled())
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(name: str, device: torch.device, dtype: torch.dtype, grad_enabled: bool) -> str:
     if name != "auto":
         reason = why_unavailable(name, device, dtype)
         if reason:
@@ -93,7 +102,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
             return candidate
     # CPU training keeps the reference path and its exact numerics; name packed_sdpa to train with it
     # (its gradients match the reference's, tests/test_attention_backends.py).
-    return "packed_sdpa" if device.type == "cpu" and not torch.is_grad_enabled() else "reference"
+    return "packed_sdpa" if device.type == "cpu" and not grad_enabled else "reference"
 
 
 def packed_attention(

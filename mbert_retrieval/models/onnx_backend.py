@@ -7,7 +7,9 @@
 The exported graph is the whole dense model on a padded batch: `input_ids, attention_mask [B, L]`
 (int64) -> `embeddings [B, dim]` float32 (pooled, projected, normalised as the model says). With
 `quantize` (the default) the linear layers' weights are int8 and their inputs quantised per call
-(onnxruntime's dynamic quantisation); the embedding table and the norms stay float32. Rotary
+(onnxruntime's dynamic quantisation), after each input's channels are smoothed into the weights
+(`smoothing.py`: the same float32 function, half the int8 error); the embedding table and the norms
+stay float32. Rotary
 embeddings are onnxruntime's fused `com.microsoft.RotaryEmbedding`, so the file runs on onnxruntime.
 
 `OnnxDenseRetriever` is a `DenseRetriever` whose forward pass runs that graph, so tokenization,
@@ -39,6 +41,7 @@ from torch import nn
 from mbert_retrieval.files import atomic_write
 from mbert_retrieval.modeling.io import CheckpointError, find_weights
 from mbert_retrieval.models.dense import DenseRetriever, default_model_dir
+from mbert_retrieval.models.smoothing import smoothed_for_int8
 
 logger = logging.getLogger("mbert_retrieval")
 
@@ -48,7 +51,7 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embeddings"
 OPSET = 17
 DIGEST_KEY = "mbert_retrieval.weights_digest"  # ONNX metadata: the digest of the exported weights
-GRAPH_VERSION = 3  # of PaddedDenseGraph: a new version re-exports the cached files
+GRAPH_VERSION = 4  # of PaddedDenseGraph and its weights: a new version re-exports the cached files
 PADDING_SLACK = 1.25  # a padded run may hold at most this many times its real tokens
 # Runs of at most 8 sequences, each run by one thread, several runs at once: on 2 cores (600 Python
 # functions, int8) ~55 docs/s at 4-8 sequences per run against ~47 for runs of 32 on 2 intra-op threads.
@@ -185,10 +188,15 @@ def rotation_tables(tables: tuple[torch.Tensor, torch.Tensor], positions: torch.
 
 
 def export_onnx(
-    model: DenseRetriever | str | os.PathLike | None, out: str | os.PathLike, *, quantize: bool = True
+    model: DenseRetriever | str | os.PathLike | None,
+    out: str | os.PathLike,
+    *,
+    quantize: bool = True,
+    smooth: bool = True,
 ) -> Path:
     """Write `model` (a DenseRetriever, or its folder / hub id; None: the shipped model) as an ONNX
-    file at `out`, with int8 linear layers when `quantize`. Atomic: `out` appears complete or not at all."""
+    file at `out`, with int8 linear layers when `quantize`, their inputs smoothed first when `smooth`
+    (`smoothing.smoothed_for_int8`). Atomic: `out` appears complete or not at all."""
     require_onnxruntime()
     if not isinstance(model, DenseRetriever):
         model = DenseRetriever.from_pretrained(model, device="cpu", dtype=torch.float32)
@@ -197,7 +205,7 @@ def export_onnx(
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         plain, quantized = Path(tmp) / "model.onnx", Path(tmp) / "int8.onnx"
-        _trace(model.eval(), plain)
+        _trace(smoothed_for_int8(model.eval()) if quantize and smooth else model.eval(), plain)
         if quantize:
             _quantize(plain, quantized)
         digest = weights_digest(model)

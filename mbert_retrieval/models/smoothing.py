@@ -1,0 +1,140 @@
+"""Per-channel smoothing of a dense model's Linear inputs before int8 quantisation (SmoothQuant).
+
+Dynamic int8 quantisation gives each Linear's input one scale per call, so a few input channels
+with large values (LayerNorm outputs have such channels in every transformer) take most of the int8
+range and the others lose precision. Each Linear input channel j is divided by
+
+    s_j = max|x_j| ** alpha / max|W[:, j]| ** (1 - alpha)
+
+and the Linear's weight column j multiplied by it: the same function in float32, with the range
+moved from the activations to the weights, which are quantised once, with care. The division is
+folded into what writes the input, so the exported graph does the same operations as before:
+
+    q, k, v and the GeGLU's input:   the LayerNorm's weight before them
+    the attention output projection: v's rows (attention mixes tokens, not channels)
+    the MLP's output projection:     the GeGLU gate's rows (the gate multiplies channel by channel)
+
+Layer 0 reads the residual stream itself (its attention norm is the embeddings' own), so its q, k,
+v input is left as it is. Channel maxima come from a calibration pass in float32 over texts of
+the library's own source: functions (as documents) and their docstrings (as queries).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+
+import torch
+
+from mbert_retrieval.models.dense import DenseRetriever
+from mbert_retrieval.models.encoding import pack
+
+ALPHA = 0.5  # SmoothQuant's default split of the range between activations and weights
+CALIBRATION_TEXTS = 128  # documents; as many queries at most
+CALIBRATION_BATCH = 32  # sequences per packed forward
+SCALE_LIMITS = (1e-2, 1e2)
+
+
+def smoothed_for_int8(
+    model: DenseRetriever, texts: tuple[list[str], list[str]] | None = None, alpha: float = ALPHA
+) -> DenseRetriever:
+    """A copy of `model` computing the same embeddings (to float32 rounding), its Linear inputs
+    smoothed per channel for int8. `texts`: (documents, queries) to calibrate on; by default the
+    library's own functions and docstrings."""
+    documents, queries = texts if texts is not None else source_calibration_texts()
+    if not documents:
+        raise ValueError("smoothing needs calibration texts")
+    maxima = input_maxima(model, documents, queries)
+    smoothed = copy.deepcopy(model)
+    layers = smoothed.encoder.layers
+    hidden, inner = smoothed.encoder.config.hidden_size, smoothed.encoder.config.intermediate_size
+    with torch.no_grad():
+        for number, layer in enumerate(layers):
+            attention, mlp = layer.attn, layer.mlp
+            if number > 0:
+                scales = smoothing_scales(maxima[number, "qkv"], attention.Wqkv.weight, alpha)
+                divide_outputs(layer.attn_norm, scales)
+                attention.Wqkv.weight *= scales
+            scales = smoothing_scales(maxima[number, "attention_out"], attention.Wo.weight, alpha)
+            divide_outputs(attention.Wqkv, scales, rows=slice(2 * hidden, None))  # v's rows
+            attention.Wo.weight *= scales
+            scales = smoothing_scales(maxima[number, "mlp_in"], mlp.Wi.weight, alpha)
+            divide_outputs(layer.mlp_norm, scales)
+            mlp.Wi.weight *= scales
+            scales = smoothing_scales(maxima[number, "mlp_out"], mlp.Wo.weight, alpha)
+            divide_outputs(mlp.Wi, scales, rows=slice(inner, None))  # the gate's rows
+            mlp.Wo.weight *= scales
+    return smoothed
+
+
+def divide_outputs(module: torch.nn.Module, scales: torch.Tensor, rows: slice = slice(None)) -> None:
+    """Divide output channels `rows` of a LayerNorm or Linear by `scales`, bias included."""
+    if isinstance(module, torch.nn.Linear):
+        module.weight[rows] /= scales[:, None]
+    else:
+        module.weight[rows] /= scales
+    if module.bias is not None:
+        module.bias[rows] /= scales
+
+
+def smoothing_scales(input_maxima: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j for each input channel j of a Linear with `weight` [out, in]."""
+    weight_maxima = weight.abs().amax(dim=0).clamp(min=1e-5)
+    scales = input_maxima.clamp(min=1e-5) ** alpha / weight_maxima ** (1 - alpha)
+    return scales.clamp(*SCALE_LIMITS)
+
+
+def input_maxima(model: DenseRetriever, documents: list[str], queries: list[str]) -> dict:
+    """max |x_j| over every real token of the texts, per Linear input: {(layer, name): [in]}."""
+    maxima: dict = {}
+
+    def record(key):
+        def hook(module, inputs):
+            channel_max = inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(dim=0).float()
+            maxima[key] = torch.maximum(maxima[key], channel_max) if key in maxima else channel_max
+
+        return hook
+
+    handles = []
+    for number, layer in enumerate(model.encoder.layers):
+        for name, linear in (
+            ("qkv", layer.attn.Wqkv),
+            ("attention_out", layer.attn.Wo),
+            ("mlp_in", layer.mlp.Wi),
+            ("mlp_out", layer.mlp.Wo),
+        ):
+            handles.append(linear.register_forward_pre_hook(record((number, name))))
+    sequences = model.tokenize(documents, model.document_prefix)
+    if queries:
+        sequences += model.tokenize(queries, model.query_prefix)
+    config = model.encoder.config
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(sequences), CALIBRATION_BATCH):
+                part = sequences[start : start + CALIBRATION_BATCH]
+                batch = pack(part, range(len(part)), config.vocab_size, config.max_position_embeddings)
+                model.encoder.forward_packed(batch.input_ids, batch.cu_seqlens, batch.max_seqlen)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def source_calibration_texts(limit: int = CALIBRATION_TEXTS) -> tuple[list[str], list[str]]:
+    """Functions and classes of this library's own source (always at hand, offline), and the first
+    paragraph of their docstrings: documents and queries of the kind a code index sees."""
+    root = Path(__file__).resolve().parents[1]
+    documents, queries = [], []
+    for path in sorted(root.rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                continue
+            documents.append("\n".join(lines[node.lineno - 1 : node.end_lineno]))
+            docstring = ast.get_docstring(node)
+            if docstring:
+                queries.append(" ".join(docstring.split("\n\n")[0].split()))
+    step = max(1, len(documents) // limit)  # spread over the whole package
+    return documents[::step][:limit], queries[::step][:limit]
