@@ -55,6 +55,8 @@ def test_calibration_texts_are_the_librarys_own_functions_and_docstrings():
     assert len(documents) == 40 and 0 < len(queries) <= 40
     assert all(text.lstrip().startswith(("def ", "class ", "async def ", "@")) for text in documents)
     assert (documents, queries) == source_calibration_texts(limit=40)  # the same on every call
+    more, _ = source_calibration_texts(limit=80)
+    assert more[:40] == documents  # chosen by their own hash: more texts only add to the set
 
 
 def test_smoothed_model_computes_the_same_embeddings(model, calibration):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from mbert_retrieval.tokenization import load_tokenizer, share_tokenizer_threads, special_token_ids
 
 
@@ -30,3 +32,39 @@ def test_local_processes_share_the_cores_among_their_tokenizers(monkeypatch):
     monkeypatch.setenv("RAYON_NUM_THREADS", "7")
     share_tokenizer_threads()
     assert os.environ["RAYON_NUM_THREADS"] == "7"  # the user's setting stands
+
+
+def real_code() -> list[str]:
+    """Functions and classes of the stdlib of every size (many past 256 tokens), unicode included."""
+    import ast
+    import sysconfig
+    from pathlib import Path
+
+    texts = ["", "x", "naïve café ∑ → 日本語 " * 40]
+    for module in ("json/decoder.py", "textwrap.py", "difflib.py"):
+        source = (Path(sysconfig.get_paths()["stdlib"]) / module).read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                texts.append("\n".join(lines[node.lineno - 1 : node.end_lineno]))
+    return texts
+
+
+@pytest.mark.parametrize("which", ["test", "shipped"])
+def test_texts_cut_to_max_length_match_the_tokenizers_own_truncation(tokenizer_dir, which):
+    """`TextTokenizer.encode` tokenizes each text once and cuts the ids itself: the same ids as the
+    tokenizer's truncation (which tokenizes it again), for real code at several lengths, with the
+    tests' tokenizer and the shipped model's."""
+    from mbert_retrieval.models.dense import default_model_dir
+    from mbert_retrieval.models.encoding import TextTokenizer
+
+    folder = tokenizer_dir if which == "test" else default_model_dir()
+    if folder is None:
+        pytest.skip("no shipped model in this installation")
+    text_tokenizer = TextTokenizer(load_tokenizer(folder))
+    texts = real_code()
+    for max_length in (3, 16, 128, 256):
+        ids, cut = text_tokenizer.encode(texts, max_length)
+        expected = text_tokenizer._encode_truncated(texts, max_length)
+        assert [seq.tolist() for seq in ids] == [seq.tolist() for seq in expected], max_length
+        assert cut == sum(len(seq) > max_length for seq in text_tokenizer.encode_whole(texts)) > 0

@@ -178,10 +178,24 @@ class TextTokenizer:
         number of inputs that were cut."""
         ids = self._encode(inputs)
         too_long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
-        if too_long:
+        if not too_long:
+            return ids, 0
+        content = max_length - len(self.front) - len(self.back)
+        if content > 0 and all(isinstance(inputs[i], str) for i in too_long):
+            # A single text is cut as the tokenizer cuts it (its first `content` tokens, framed by the
+            # special tokens), without tokenizing it again: code cut at 256 tokens is often several
+            # times longer, and tokenizing it twice made `encode` 1.8x slower on real functions.
+            for i in too_long:
+                ids[i] = self.cut(ids[i], content)
+        else:  # pairs: the tokenizer decides how much of each side to keep
             for i, seq in zip(too_long, self._encode_truncated([inputs[i] for i in too_long], max_length)):
                 ids[i] = seq
         return ids, len(too_long)
+
+    def cut(self, ids: np.ndarray, content: int) -> np.ndarray:
+        """A text's ids (with special tokens) keeping the first `content` tokens of the text."""
+        head = len(self.front) + content
+        return np.concatenate([ids[:head], ids[len(ids) - len(self.back) :]])
 
     def encode_whole(self, inputs: list) -> list[np.ndarray]:
         """Ids with special tokens, never truncated."""

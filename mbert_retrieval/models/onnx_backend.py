@@ -9,8 +9,8 @@ The exported graph is the whole dense model on a padded batch: `input_ids, atten
 `quantize` (the default) the linear layers' weights are int8 and their inputs quantised per call
 (onnxruntime's dynamic quantisation), after each input's channels are smoothed into the weights
 (`smoothing.py`: the same float32 function, half the int8 error); the embedding table and the norms
-stay float32. Rotary
-embeddings are onnxruntime's fused `com.microsoft.RotaryEmbedding`, so the file runs on onnxruntime.
+stay float32. Rotary embeddings are onnxruntime's fused `com.microsoft.RotaryEmbedding`, so the file
+runs on onnxruntime.
 
 `OnnxDenseRetriever` is a `DenseRetriever` whose forward pass runs that graph, so tokenization,
 prefixes, chunking, Matryoshka `dim` and batching are the same code; each packed batch is cut into

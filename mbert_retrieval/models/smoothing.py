@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 from pathlib import Path
 
 import torch
@@ -123,18 +124,21 @@ def input_maxima(model: DenseRetriever, documents: list[str], queries: list[str]
 
 def source_calibration_texts(limit: int = CALIBRATION_TEXTS) -> tuple[list[str], list[str]]:
     """Functions and classes of this library's own source (always at hand, offline), and the first
-    paragraph of their docstrings: documents and queries of the kind a code index sees."""
+    paragraph of their docstrings: documents and queries of the kind a code index sees.
+
+    The `limit` definitions whose text hashes lowest are taken: a spread over the whole package
+    that an edit elsewhere in the library leaves as it is (taking every k-th one, an added function
+    shifted the whole set, and with it the int8 rounding)."""
     root = Path(__file__).resolve().parents[1]
-    documents, queries = [], []
+    definitions = []
     for path in sorted(root.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
         lines = source.splitlines()
         for node in ast.walk(ast.parse(source)):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                continue
-            documents.append("\n".join(lines[node.lineno - 1 : node.end_lineno]))
-            docstring = ast.get_docstring(node)
-            if docstring:
-                queries.append(" ".join(docstring.split("\n\n")[0].split()))
-    step = max(1, len(documents) // limit)  # spread over the whole package
-    return documents[::step][:limit], queries[::step][:limit]
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+                definitions.append((hashlib.blake2b(text.encode()).digest(), text, ast.get_docstring(node)))
+    documents = [text for _, text, _ in sorted(definitions)[:limit]]
+    documented = sorted(item for item in definitions if item[2])[:limit]
+    queries = [" ".join(docstring.split("\n\n")[0].split()) for _, _, docstring in documented]
+    return documents, queries
