@@ -32,7 +32,7 @@ from mbert_retrieval.models.dense import DenseRetriever
 from mbert_retrieval.models.encoding import pack
 
 ALPHA = 0.5  # SmoothQuant's default split of the range between activations and weights
-CALIBRATION_TEXTS = 128  # documents; as many queries at most
+CALIBRATION_TEXTS = 128  # documents, and as many docstrings as queries
 CALIBRATION_BATCH = 32  # sequences per packed forward
 SCALE_LIMITS = (1e-2, 1e2)
 
@@ -49,34 +49,35 @@ def smoothed_for_int8(
     maxima = input_maxima(model, documents, queries)
     smoothed = copy.deepcopy(model)
     layers = smoothed.encoder.layers
-    hidden, inner = smoothed.encoder.config.hidden_size, smoothed.encoder.config.intermediate_size
+    config = smoothed.encoder.config
+    v_rows = slice(2 * config.hidden_size, None)  # of Wqkv
+    gate_rows = slice(config.intermediate_size, None)  # of the GeGLU's Wi
     with torch.no_grad():
         for number, layer in enumerate(layers):
             attention, mlp = layer.attn, layer.mlp
             if number > 0:
-                scales = smoothing_scales(maxima[number, "qkv"], attention.Wqkv.weight, alpha)
-                divide_outputs(layer.attn_norm, scales)
-                attention.Wqkv.weight *= scales
-            scales = smoothing_scales(maxima[number, "attention_out"], attention.Wo.weight, alpha)
-            divide_outputs(attention.Wqkv, scales, rows=slice(2 * hidden, None))  # v's rows
-            attention.Wo.weight *= scales
-            scales = smoothing_scales(maxima[number, "mlp_in"], mlp.Wi.weight, alpha)
-            divide_outputs(layer.mlp_norm, scales)
-            mlp.Wi.weight *= scales
-            scales = smoothing_scales(maxima[number, "mlp_out"], mlp.Wo.weight, alpha)
-            divide_outputs(mlp.Wi, scales, rows=slice(inner, None))  # the gate's rows
-            mlp.Wo.weight *= scales
+                fold(maxima[number, "qkv"], layer.attn_norm, attention.Wqkv, alpha)
+            fold(maxima[number, "attention_out"], attention.Wqkv, attention.Wo, alpha, v_rows)
+            fold(maxima[number, "mlp_in"], layer.mlp_norm, mlp.Wi, alpha)
+            fold(maxima[number, "mlp_out"], mlp.Wi, mlp.Wo, alpha, gate_rows)
     return smoothed
 
 
-def divide_outputs(module: torch.nn.Module, scales: torch.Tensor, rows: slice = slice(None)) -> None:
-    """Divide output channels `rows` of a LayerNorm or Linear by `scales`, bias included."""
-    if isinstance(module, torch.nn.Linear):
-        module.weight[rows] /= scales[:, None]
-    else:
-        module.weight[rows] /= scales
-    if module.bias is not None:
-        module.bias[rows] /= scales
+def fold(
+    input_maxima: torch.Tensor,
+    writer: torch.nn.Module,
+    linear: torch.nn.Linear,
+    alpha: float,
+    rows: slice = slice(None),
+) -> None:
+    """Smooth `linear`'s input: its weight's columns times the scales, and output channels `rows` of
+    the LayerNorm or Linear that writes that input divided by them, bias included."""
+    scales = smoothing_scales(input_maxima, linear.weight, alpha)
+    divisor = scales[:, None] if isinstance(writer, torch.nn.Linear) else scales
+    writer.weight[rows] /= divisor
+    if writer.bias is not None:
+        writer.bias[rows] /= scales
+    linear.weight *= scales
 
 
 def smoothing_scales(input_maxima: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
