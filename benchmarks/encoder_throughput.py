@@ -541,6 +541,7 @@ def main() -> None:
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
         "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, compiled_model_no_asserts, "
+        "compiled_model_frozen, "
         "eager_rotary_pass, "
         "compiled_model_rotary_in_window[_cpp] "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
@@ -618,7 +619,9 @@ class ModelVariants:
     (`compiled`, also named `compiled_model`), that with inductor's default of recomputing short
     chains of sums in each reader (`compiled_model_inductor_reads`), or launching its kernels from
     generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper), or without the
-    size, stride and alignment checks of its inputs (`compiled_model_no_asserts`). Where the local
+    size, stride and alignment checks of its inputs (`compiled_model_no_asserts`), or with the
+    weights folded into the graph as constants for inference (`compiled_model_frozen`: inductor's
+    freezing, so the wrapper takes no parameters as inputs). Where the local
     layers rotate q and k, against the model's default: `eager_rotary_pass` (a rotary operator before
     the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it)."""
 
@@ -647,6 +650,8 @@ class ModelVariants:
                 model.compile_forward(
                     options={"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
                 )
+            elif name == "compiled_model_frozen":  # weights as constants: fewer inputs per call
+                model.compile_forward(options={"freezing": True})
             elif name == "compiled_model_inductor_reads":  # inductor's own store-vs-recompute default
                 model.compile_forward(options={"realize_reads_threshold": 4})
             else:

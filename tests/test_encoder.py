@@ -80,6 +80,25 @@ def test_sequence_independent_of_batch_mates_and_padding(hf_encoder_dir):
 def test_positions_restart_in_every_sequence():
     cu = torch.tensor([0, 3, 3 + 1, 9], dtype=torch.int32)
     assert positions_from_cu_seqlens(cu, 9).tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+    given = sequence_of(cu, torch.arange(9, dtype=torch.int32))
+    assert positions_from_cu_seqlens(cu, 9, given).tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
+
+
+def test_rotary_rows_of_one_table_equal_each_theta_own(hf_encoder_dir):
+    model = ModernBert.from_pretrained(hf_encoder_dir)
+    positions = torch.tensor([0, 5, 1, 0, 63, 2], dtype=torch.int32)
+    with torch.inference_mode():  # the table made here serves training calls too
+        model.rotary_per_token(positions)
+    (global_cos, global_sin), (local_cos, local_sin) = model.rotary_per_token(positions)
+    for got, expected in zip(
+        (global_cos, global_sin, local_cos, local_sin),
+        (*model.global_rotary(positions), *model.local_rotary(positions)),
+    ):
+        assert got.shape == expected.shape and got.dtype == torch.float32
+        assert torch.equal(got, expected)
+    assert not torch.equal(global_cos, local_cos)  # two thetas, not one table twice
+    model.train()
+    model.forward(torch.tensor([[5, 6, 7]])).sum().backward()
 
 
 def test_sequence_of_each_token_skips_empty_sequences():

@@ -254,6 +254,7 @@ class ModernBert(nn.Module):
         head_dim, max_pos = config.head_dim, config.max_position_embeddings
         self.global_rotary = Rotary(head_dim, config.global_rope_theta, max_pos)
         self.local_rotary = Rotary(head_dim, config.local_rope_theta, max_pos)
+        self._rotary_table: torch.Tensor | None = None  # both thetas' cos and sin side by side
         self.gradient_checkpointing = False
         self._compiled_run_layers = None  # set by `compile_forward`
 
@@ -315,20 +316,36 @@ class ModernBert(nn.Module):
         the layers run (as one compiled graph after `compile_forward`). Made inside a compiled
         graph, positions and RoPE tables were recomputed by every layer's rotary kernel, a binary
         search per element (benchmarks/NOTES.md, run 12)."""
-        if position_ids is None:
-            position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0])
         # Under autocast (fp32 weights, bf16 compute) the attention kernels see the autocast dtype.
         autocast = torch.is_autocast_enabled(self.device.type)
         compute_dtype = torch.get_autocast_dtype(self.device.type) if autocast else self.dtype
         backend = resolve_backend(self.attn_backend, self.device, compute_dtype)
         if key_mask is not None:  # the packed kernels have no per-key mask
             backend = "reference"
-        ropes = (self.global_rotary(position_ids), self.local_rotary(position_ids))
         sequence_ids = None
         if backend == "triton":  # the window kernel's masks, made once for all layers
             sequence_ids = make_sequence_ids(cu_seqlens, input_ids.shape[0])
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, input_ids.shape[0], sequence_ids)
+        ropes = self.rotary_per_token(position_ids)
         run = self._compiled_run_layers or ModernBert._run_layers
         return run(self, input_ids, cu_seqlens, max_seqlen, ropes, backend, key_mask, sequence_ids)
+
+    def rotary_per_token(self, positions: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """(global cos, sin), (local cos, sin), each [N, 1, 1, head_dim / 2] float32: the rows of
+        one table holding all four side by side, gathered in one launch (a gather per table and a
+        cast of the positions to int64 for each were eight launches, ~0.3 ms of host time per
+        eager call on a GPU host: benchmarks/NOTES.md, run 38). The four are views of those rows."""
+        rows = self._rotary_rows(positions.device).index_select(0, positions)[:, None, None, :]
+        global_cos, global_sin, local_cos, local_sin = rows.chunk(4, dim=-1)
+        return (global_cos, global_sin), (local_cos, local_sin)
+
+    @torch.compiler.disable  # runs eagerly so the cache is built outside any compiled graph
+    def _rotary_rows(self, device: torch.device) -> torch.Tensor:
+        if self._rotary_table is None or self._rotary_table.device != device:
+            tables = [*self.global_rotary.tables(device), *self.local_rotary.tables(device)]
+            self._rotary_table = torch.cat(tables, dim=1)
+        return self._rotary_table
 
     def _run_layers(
         self, input_ids, cu_seqlens, max_seqlen: int, ropes: tuple, backend: str, key_mask, sequence_ids
@@ -528,7 +545,12 @@ def repad(packed: torch.Tensor, keep: torch.Tensor, shape: torch.Size) -> torch.
     return out.view(shape[0], shape[1], -1)
 
 
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Each token's index within its own sequence, computed on the device without a host sync."""
+def positions_from_cu_seqlens(
+    cu_seqlens: torch.Tensor, total: int, sequence_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each token's index within its own sequence [N] int32, computed on the device without a host
+    sync; from `sequence_ids` (each token's sequence) when the caller has them."""
     token_index = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
-    return token_index - cu_seqlens[sequence_of(cu_seqlens, token_index)]
+    if sequence_ids is None:
+        sequence_ids = sequence_of(cu_seqlens, token_index)
+    return token_index - cu_seqlens.index_select(0, sequence_ids)
