@@ -12,15 +12,10 @@ replays (no launch overhead); prints a table and writes JSON:
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_sweep, recorder, write_result
-from benchmarks.encoder_throughput import FULL
+from benchmarks.common import recorder, run_sweep
 from mbert_retrieval.modeling import fused_elementwise as kernels
 
 HEADS, HEAD_DIM, GEGLU_WIDTH = 12, 64, 1152
@@ -88,27 +83,11 @@ def measure(tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/elementwise_kernel_sweep.json"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("elementwise_kernel_sweep.py times CUDA kernels: run it on a GPU")
-    generator = torch.Generator().manual_seed(1)
-    results = {
-        "device": torch.cuda.get_device_name(),
-        "command": "python3 " + " ".join(sys.argv),
-        "shipped": {
-            "geglu": f"e{kernels.GEGLU_ELEMENTS}_w{kernels.GEGLU_WARPS}",
-            "rotary": f"t{kernels.ROTARY_TOKENS}_w{kernels.ROTARY_WARPS}",
-        },
+    shipped = {
+        "geglu": f"e{kernels.GEGLU_ELEMENTS}_w{kernels.GEGLU_WARPS}",
+        "rotary": f"t{kernels.ROTARY_TOKENS}_w{kernels.ROTARY_WARPS}",
     }
-    for workload in FULL:
-        if workload.mean is not None:
-            results[workload.name] = measure(sum(workload.lengths(generator)))
-            write_result(results, args.out)  # after each workload
-    print_sweep(results)
+    run_sweep(__doc__, "elementwise_kernel_sweep", lambda lengths: measure(sum(lengths)), shipped)
 
 
 if __name__ == "__main__":
