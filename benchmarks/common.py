@@ -157,6 +157,31 @@ def recorder(row: dict) -> Callable:
     return record
 
 
+def run_sweep(doc: str, name: str, measure: Callable[[list[int]], dict], shipped: dict | None = None) -> None:
+    """A kernel sweep's command line (`--out`, default benchmarks/results/<name>.json): `measure`
+    gets each variable-length workload of the encoder benchmark (its sequence lengths) and returns
+    that workload's row; the JSON is written after each row, the table printed at the end."""
+    import argparse
+    import sys
+
+    from benchmarks.encoder_throughput import FULL
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"{name}.py times CUDA kernels: run it on a GPU")
+    generator = torch.Generator().manual_seed(1)
+    results = {"device": torch.cuda.get_device_name(), "command": "python3 " + " ".join(sys.argv)}
+    if shipped:
+        results["shipped"] = shipped
+    for workload in FULL:
+        if workload.mean is not None:
+            results[workload.name] = measure(workload.lengths(generator))
+            write_result(results, args.out)  # after each workload
+    print_sweep(results)
+
+
 def print_sweep(results: dict) -> None:
     """Each workload's row of a kernel sweep, us per call."""
     for name, row in results.items():

@@ -12,15 +12,10 @@ and writes JSON:
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_sweep, recorder, write_result
-from benchmarks.encoder_throughput import FULL
+from benchmarks.common import recorder, run_sweep
 from mbert_retrieval.modeling import fused_norm as kernels
 
 WIDTH, EPS = 768, 1e-5
@@ -82,23 +77,8 @@ def measure(tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/norm_kernel_sweep.json"))
-    args = parser.parse_args()
-    shipped = (kernels.FORWARD, kernels.BACKWARD)
-    generator = torch.Generator().manual_seed(1)
-    results = {
-        "device": torch.cuda.get_device_name(),
-        "command": "python3 " + " ".join(sys.argv),
-        "shipped": {"forward": launch_name(shipped[0]), "backward": launch_name(shipped[1])},
-    }
-    for workload in FULL:
-        if workload.mean is not None:
-            results[workload.name] = measure(sum(workload.lengths(generator)))
-            write_result(results, args.out)  # after each workload
-    print_sweep(results)
+    shipped = {"forward": launch_name(kernels.FORWARD), "backward": launch_name(kernels.BACKWARD)}
+    run_sweep(__doc__, "norm_kernel_sweep", lambda lengths: measure(sum(lengths)), shipped)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,10 @@ varied); prints a table and writes JSON:
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_sweep, recorder, write_result
-from benchmarks.encoder_throughput import FULL
+from benchmarks.common import recorder, run_sweep
 from mbert_retrieval.modeling import window_attention as kernels
 
 HEADS, DIM, WINDOW = 12, 64, 64
@@ -103,18 +98,7 @@ def measure(lengths: list[int]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/window_kernel_sweep.json"))
-    args = parser.parse_args()
-    generator = torch.Generator().manual_seed(1)
-    results = {"device": torch.cuda.get_device_name(), "command": "python3 " + " ".join(sys.argv)}
-    for workload in FULL:
-        if workload.mean is not None:
-            results[workload.name] = measure(workload.lengths(generator))
-            write_result(results, args.out)  # after each workload
-    print_sweep(results)
+    run_sweep(__doc__, "window_kernel_sweep", measure)
 
 
 if __name__ == "__main__":

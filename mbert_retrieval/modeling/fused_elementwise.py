@@ -18,8 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+# Launch shapes (benchmarks/elementwise_kernel_sweep.py times the alternatives).
 ROTARY_TOKENS = 16  # tokens per program; each program covers all heads of q, k and v
+ROTARY_WARPS = 4
 GEGLU_ELEMENTS = 4096  # per program
+GEGLU_WARPS = 4
 
 
 def launcher(kernel, traced: bool):
@@ -149,7 +152,7 @@ def _rotary_forward(
     launcher(_rotary_fwd, traced)[(triton.cdiv(tokens, ROTARY_TOKENS),)](
         qkv, q, k, v, cos, sin, tokens, heads, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         *(stride for t in (q, k, v) for stride in (t.stride(0), t.stride(1))), cos.stride(0),
-        **_rotary_shape(heads, head_dim),
+        **_rotary_shape(heads, head_dim), num_warps=ROTARY_WARPS,
     )  # fmt: skip
     return [q, k, v]
 
@@ -299,7 +302,7 @@ def _geglu_forward(hidden: torch.Tensor, traced: bool = False) -> torch.Tensor:
     out = hidden.new_empty(tokens, width)
     grid, rows, cols = _geglu_tiles(tokens, width)
     launcher(_geglu_fwd, traced)[grid](
-        hidden, out, tokens, width, hidden.stride(0), out.stride(0), rows, cols
+        hidden, out, tokens, width, hidden.stride(0), out.stride(0), rows, cols, num_warps=GEGLU_WARPS
     )
     return out
 
