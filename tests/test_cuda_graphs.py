@@ -72,9 +72,11 @@ def test_replays_equal_the_plain_forward_and_earlier_outputs_stay(hf_encoder_dir
         outputs = []
         for lengths in batches:
             ids, cu, longest = packed_batch(lengths, device="cuda")
-            expected = plain.forward_packed(ids, cu, longest)
+            expected = plain.forward_packed(ids, cu, longest).float()
             got = graphed(ids, cu, longest)
-            torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+            assert got.shape == expected.shape and torch.isfinite(got).all()
+            # bf16: as the compiled forward against the eager one (tests/test_attention_backends.py)
+            assert (got.float() - expected).norm() / expected.norm() < 2e-2
             outputs.append((got, got.clone()))
     for got, copy_then in outputs:  # later replays overwrote none of the returned outputs
         assert torch.equal(got, copy_then)
