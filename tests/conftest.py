@@ -3,6 +3,7 @@ trained on Python source files found on this machine."""
 
 from __future__ import annotations
 
+import ast
 import random
 import sysconfig
 from pathlib import Path
@@ -19,6 +20,19 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 def stdlib_texts(limit: int = 200) -> list[str]:
     files = sorted(p for p in STDLIB.glob("*.py"))[:limit]
     return [f.read_text(errors="ignore") for f in files]
+
+
+def stdlib_definitions(modules: tuple[str, ...], kinds: tuple[type, ...] = (ast.FunctionDef,)) -> list[str]:
+    """The source of every definition of `kinds` in these stdlib modules (nested ones too), in order:
+    real code of every size."""
+    texts = []
+    for module in modules:
+        source = (STDLIB / module).read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, kinds):
+                texts.append("\n".join(lines[node.lineno - 1 : node.end_lineno]))
+    return texts
 
 
 @pytest.fixture(autouse=True)

@@ -3,21 +3,18 @@ less int8 error on real code (the shipped model, onnxruntime's dynamic quantisat
 
 from __future__ import annotations
 
-import ast
 import copy
 import statistics
-import sysconfig
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import stdlib_definitions
 
 from mbert_retrieval.models.dense import DenseRetriever, default_model_dir
 from mbert_retrieval.models.smoothing import input_maxima, smoothed_for_int8, source_calibration_texts
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.skipif(default_model_dir() is None, reason="no shipped model in this installation"),
@@ -29,13 +26,7 @@ MODULES = ("json/decoder.py", "textwrap.py", "shlex.py", "difflib.py", "fraction
 
 def stdlib_functions(count: int = 64) -> list[str]:
     """Real functions and methods the calibration never sees (it reads this library's own source)."""
-    functions = []
-    for module in MODULES:
-        source = (STDLIB / module).read_text()
-        lines = source.splitlines()
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.FunctionDef):
-                functions.append(textwrap.dedent("\n".join(lines[node.lineno - 1 : node.end_lineno])))
+    functions = [textwrap.dedent(text) for text in stdlib_definitions(MODULES)]
     return functions[:: max(1, len(functions) // count)][:count]
 
 

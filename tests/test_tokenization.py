@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 
 import pytest
+from conftest import stdlib_definitions
 
 from mbert_retrieval.tokenization import load_tokenizer, share_tokenizer_threads, special_token_ids
 
@@ -36,18 +38,9 @@ def test_local_processes_share_the_cores_among_their_tokenizers(monkeypatch):
 
 def real_code() -> list[str]:
     """Functions and classes of the stdlib of every size (many past 256 tokens), unicode included."""
-    import ast
-    import sysconfig
-    from pathlib import Path
-
-    texts = ["", "x", "naïve café ∑ → 日本語 " * 40]
-    for module in ("json/decoder.py", "textwrap.py", "difflib.py"):
-        source = (Path(sysconfig.get_paths()["stdlib"]) / module).read_text()
-        lines = source.splitlines()
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.FunctionDef | ast.ClassDef):
-                texts.append("\n".join(lines[node.lineno - 1 : node.end_lineno]))
-    return texts
+    modules = ("json/decoder.py", "textwrap.py", "difflib.py")
+    definitions = stdlib_definitions(modules, (ast.FunctionDef, ast.ClassDef))
+    return ["", "x", "naïve café ∑ → 日本語 " * 40, *definitions]
 
 
 @pytest.mark.parametrize("which", ["test", "shipped"])
