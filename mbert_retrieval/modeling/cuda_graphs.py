@@ -129,7 +129,12 @@ class GraphedForward:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other threads (another device's worker, a batch producer) may use CUDA
+        # while this one records.
+        with (
+            torch.inference_mode(),
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+        ):
             out = forward()
         self.recordings[key] = _Recording(graph, ids, cu, out)
         return self.recordings[key]
