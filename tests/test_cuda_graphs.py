@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mbert_retrieval import ModernBert
-from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes, pad_batch
+from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes, ModelGraphs, pad_batch
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -89,3 +92,50 @@ def test_replays_refuse_a_batch_on_another_device(hf_encoder_dir):
     ids, cu, longest = packed_batch([5, 6])
     with pytest.raises(ValueError, match="model's device"):
         GraphedForward(model)(ids, cu, longest)
+
+
+def test_model_switch_replays_only_plain_inference_calls_on_cuda(hf_encoder_dir):
+    model = ModernBert.from_pretrained(hf_encoder_dir).use_cuda_graphs(GraphShapes(tokens=64))
+    on_cuda = types.SimpleNamespace(is_cuda=True)
+    with torch.no_grad():
+        assert model._graphs.serves(model, on_cuda, plain_call=True)
+        assert not model._graphs.serves(model, on_cuda, plain_call=False)  # positions or a key mask
+        assert not model._graphs.serves(model, torch.zeros(3), plain_call=True)  # the CPU
+        model.train()
+        assert not model._graphs.serves(model, on_cuda, plain_call=True)  # training mode
+        model.eval()
+    assert not model._graphs.serves(model, on_cuda, plain_call=True)  # gradients on
+
+
+def test_model_switch_leaves_cpu_calls_as_they_were_and_copies_start_empty(hf_encoder_dir):
+    plain = ModernBert.from_pretrained(hf_encoder_dir)
+    model = ModernBert.from_pretrained(hf_encoder_dir).use_cuda_graphs(GraphShapes(tokens=64))
+    ids, cu, longest = packed_batch([5, 40, 1])
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            model.forward_packed(ids, cu, longest), plain.forward_packed(ids, cu, longest)
+        )
+    replica = copy.deepcopy(model)
+    assert isinstance(replica._graphs, ModelGraphs) and replica._graphs is not model._graphs
+    assert replica._graphs.shapes == GraphShapes(tokens=64) and replica._graphs._graphed is None
+    assert model.use_cuda_graphs(enabled=False)._graphs is None
+
+
+@needs_cuda
+def test_model_switch_replays_and_records_again_after_a_move(hf_encoder_dir):
+    plain = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
+    model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
+    model.use_cuda_graphs(GraphShapes(tokens=128, sequences=8, pad_length=32))
+    ids, cu, longest = packed_batch([5, 40, 1, 33], device="cuda")
+    with torch.inference_mode():
+        expected = plain.forward_packed(ids, cu, longest).float()
+        got = model.forward_packed(ids, cu, longest).float()
+        assert (got - expected).norm() / expected.norm() < 2e-2
+        first = model._graphs._graphed
+        assert first is not None and len(first.recordings) == 1
+        model.to("cpu").to("cuda")  # new weight storage: the recordings would read the old one
+        again = model.forward_packed(ids, cu, longest).float()
+        assert model._graphs._graphed is not first and len(model._graphs._graphed.recordings) == 1
+        assert (again - expected).norm() / expected.norm() < 2e-2
+    with torch.enable_grad():  # gradients: the plain path
+        assert model.forward_packed(ids, cu, longest).requires_grad

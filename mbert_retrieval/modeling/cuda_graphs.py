@@ -15,6 +15,7 @@ Inference only. Recordings share one memory pool; each call copies its output ou
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +85,25 @@ class _Recording:
 
 
 class GraphedForward:
-    """`model.forward_packed` for inference, replayed from a CUDA graph per padded batch shape."""
+    """`model.forward_packed` for inference, replayed from a CUDA graph per padded batch shape.
+    `forward(ids, cu_seqlens, max_seqlen)` is what gets recorded: the model's packed forward by
+    default."""
 
-    def __init__(self, model: torch.nn.Module, shapes: GraphShapes | None = None, warmup: int = 2):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        shapes: GraphShapes | None = None,
+        warmup: int = 2,
+        forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+    ):
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
         if model.training:
             raise ValueError("GraphedForward replays inference only: call model.eval() first")
         self.model, self.shapes, self.warmup = model, shapes or GraphShapes(), warmup
+        self.forward = forward or (
+            lambda ids, cu, longest: model.forward_packed(ids, cu, longest, check_inputs=False)
+        )
         self.pad_id = model.config.pad_token_id or 0
         self.recordings: dict[tuple[int, int, int], _Recording] = {}
         self._pool = None
@@ -116,7 +128,7 @@ class GraphedForward:
             cu = (torch.arange(sequences + 1, device=device) * length).clamp_(max=total).to(cu_dtype)
 
         def forward() -> torch.Tensor:
-            return self.model.forward_packed(ids, cu, longest, check_inputs=False)
+            return self.forward(ids, cu, longest)
 
         # Warm-up on a side stream, as torch.cuda.graph asks: kernels compiled, caches and
         # workspaces made before the recording.
@@ -138,3 +150,36 @@ class GraphedForward:
             out = forward()
         self.recordings[key] = _Recording(graph, ids, cu, out)
         return self.recordings[key]
+
+
+class ModelGraphs:
+    """A model's switch to replayed graphs (`ModernBert.use_cuda_graphs`) and its recordings, made on
+    first use. A copy of the model (another device's replica) starts with none: recordings hold the
+    memory addresses of the weights they were made with, which is also why moving or casting the
+    model (new weight storage) starts them again."""
+
+    def __init__(self, shapes: GraphShapes | None = None):
+        self.shapes = shapes or GraphShapes()
+        self._graphed: GraphedForward | None = None
+        self._weights_at: tuple | None = None
+
+    def serves(self, model: torch.nn.Module, input_ids: torch.Tensor, plain_call: bool) -> bool:
+        """Whether this call replays: inference (no gradients, eval mode) on CUDA, without positions
+        or a key mask of its own (`plain_call`)."""
+        return plain_call and input_ids.is_cuda and not torch.is_grad_enabled() and not model.training
+
+    def __call__(
+        self, model, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        weights = next(model.parameters())
+        weights_at = (weights.device, weights.dtype, weights.data_ptr())
+        if self._graphed is None or self._weights_at != weights_at:
+            self._graphed = GraphedForward(model, self.shapes, forward=model.forward_unrecorded)
+            self._weights_at = weights_at
+        return self._graphed(input_ids, cu_seqlens, max_seqlen)
+
+    def __deepcopy__(self, memo) -> ModelGraphs:
+        return ModelGraphs(self.shapes)
+
+    def __getstate__(self) -> dict:
+        return {"shapes": self.shapes, "_graphed": None, "_weights_at": None}
