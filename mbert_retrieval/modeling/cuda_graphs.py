@@ -11,6 +11,8 @@ real tokens keep their places, so their rows of the output are the unpadded forw
     hidden = graphed(input_ids, cu_seqlens, max_seqlen)   # [N, H], recorded on first use
 
 Inference only. Recordings share one memory pool; each call copies its output out of it.
+`ModernBert.use_cuda_graphs()` makes the model's own inference calls on CUDA go through it
+(`ModelGraphs`), so `encode` replays too.
 """
 
 from __future__ import annotations
