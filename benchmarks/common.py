@@ -157,14 +157,14 @@ def recorder(row: dict) -> Callable:
     return record
 
 
-def run_sweep(doc: str, name: str, measure: Callable[[list[int]], dict], shipped: dict | None = None) -> None:
+def run_sweep(
+    doc: str, name: str, measure: Callable[[list[int]], dict], workloads: list, shipped: dict | None = None
+) -> None:
     """A kernel sweep's command line (`--out`, default benchmarks/results/<name>.json): `measure`
-    gets each variable-length workload of the encoder benchmark (its sequence lengths) and returns
-    that workload's row; the JSON is written after each row, the table printed at the end."""
+    gets each variable-length workload (the encoder benchmark's) as its sequence lengths and
+    returns that workload's row; the JSON is written after each row, the table printed at the end."""
     import argparse
     import sys
-
-    from benchmarks.encoder_throughput import FULL
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(f"benchmarks/results/{name}.json"))
@@ -175,7 +175,7 @@ def run_sweep(doc: str, name: str, measure: Callable[[list[int]], dict], shipped
     results = {"device": torch.cuda.get_device_name(), "command": "python3 " + " ".join(sys.argv)}
     if shipped:
         results["shipped"] = shipped
-    for workload in FULL:
+    for workload in workloads:
         if workload.mean is not None:
             results[workload.name] = measure(workload.lengths(generator))
             write_result(results, args.out)  # after each workload

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import recorder, run_sweep
+from benchmarks.encoder_throughput import FULL
 from mbert_retrieval.modeling import fused_elementwise as kernels
 
 HEADS, HEAD_DIM, GEGLU_WIDTH = 12, 64, 1152
@@ -87,7 +88,7 @@ def main() -> None:
         "geglu": f"e{kernels.GEGLU_ELEMENTS}_w{kernels.GEGLU_WARPS}",
         "rotary": f"t{kernels.ROTARY_TOKENS}_w{kernels.ROTARY_WARPS}",
     }
-    run_sweep(__doc__, "elementwise_kernel_sweep", lambda lengths: measure(sum(lengths)), shipped)
+    run_sweep(__doc__, "elementwise_kernel_sweep", lambda lengths: measure(sum(lengths)), FULL, shipped)
 
 
 if __name__ == "__main__":

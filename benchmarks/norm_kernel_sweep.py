@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import recorder, run_sweep
+from benchmarks.encoder_throughput import FULL
 from mbert_retrieval.modeling import fused_norm as kernels
 
 WIDTH, EPS = 768, 1e-5
@@ -78,7 +79,7 @@ def measure(tokens: int) -> dict:
 
 def main() -> None:
     shipped = {"forward": launch_name(kernels.FORWARD), "backward": launch_name(kernels.BACKWARD)}
-    run_sweep(__doc__, "norm_kernel_sweep", lambda lengths: measure(sum(lengths)), shipped)
+    run_sweep(__doc__, "norm_kernel_sweep", lambda lengths: measure(sum(lengths)), FULL, shipped)
 
 
 if __name__ == "__main__":

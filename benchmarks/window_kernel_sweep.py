@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import recorder, run_sweep
+from benchmarks.encoder_throughput import FULL
 from mbert_retrieval.modeling import window_attention as kernels
 
 HEADS, DIM, WINDOW = 12, 64, 64
@@ -98,7 +99,7 @@ def measure(lengths: list[int]) -> dict:
 
 
 def main() -> None:
-    run_sweep(__doc__, "window_kernel_sweep", measure)
+    run_sweep(__doc__, "window_kernel_sweep", measure, FULL)
 
 
 if __name__ == "__main__":
