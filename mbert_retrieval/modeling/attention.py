@@ -105,6 +105,13 @@ def _resolve(name: str, device: torch.device, dtype: torch.dtype, grad_enabled: 
     return "packed_sdpa" if device.type == "cpu" and not grad_enabled else "reference"
 
 
+def records_gradients(*inputs: torch.Tensor) -> bool:
+    """Whether an eager call must go through its autograd Function. Without gradients (inference,
+    frozen inputs) the kernels are launched directly: the Function costs ~20 us of host time per
+    call (benchmarks/results/launch_overhead.json), and an eager forward of a base model makes ~50."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 def packed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -129,10 +136,7 @@ def packed_attention(
             return window_attention(q, k, v, cu_seqlens, window_half, sequence_ids)
         if window_half is not None and max_seqlen <= window_half + 1:
             window_half = None  # a window wider than every sequence is no window
-        eager_inference = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        )
-        if eager_inference:  # no autograd Function: less host time per call
+        if not torch.compiler.is_compiling() and not records_gradients(q, k, v):
             return FlashAttention.run(
                 q, k, v, cu_seqlens, max_seqlen, -1 if window_half is None else window_half
             )[0]

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mbert_retrieval.modeling.attention import records_gradients
+
 # Launch shapes (benchmarks/elementwise_kernel_sweep.py times the alternatives).
 ROTARY_TOKENS = 16  # tokens per program; each program covers all heads of q, k and v
 ROTARY_WARPS = 4
@@ -34,13 +36,6 @@ def launcher(kernel, traced: bool):
 def unit_stride(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor as the kernels read it: unit stride along the last dim (copied only if needed)."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
-def records_gradients(*inputs: torch.Tensor) -> bool:
-    """Whether an eager call must go through its autograd Function. Without gradients (inference,
-    frozen inputs) the kernels are launched directly: the Function costs ~20 us of host time per
-    call (benchmarks/results/launch_overhead.json), and an eager forward of a base model makes ~50."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 # -- rotary ------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.fused_elementwise import launcher, records_gradients, unit_stride
+from mbert_retrieval.modeling.attention import records_gradients
+from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 
 
 @dataclass(frozen=True)
