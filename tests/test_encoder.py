@@ -99,6 +99,7 @@ def test_rotary_rows_of_one_table_equal_each_theta_own(hf_encoder_dir):
     assert not torch.equal(global_cos, local_cos)  # two thetas, not one table twice
     model.train()
     model.forward(torch.tensor([[5, 6, 7]])).sum().backward()
+    assert all(p.grad is not None for p in model.layers[0].attn.Wqkv.parameters())
 
 
 def test_sequence_of_each_token_skips_empty_sequences():
