@@ -173,8 +173,7 @@ class ModelGraphs:
     def __call__(
         self, model, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
     ) -> torch.Tensor:
-        weights = next(model.parameters())
-        weights_at = (weights.device, weights.dtype, weights.data_ptr())
+        weights_at = tuple(tensor.data_ptr() for tensor in _weights_and_buffers(model))
         if self._graphed is None or self._weights_at != weights_at:
             self._graphed = GraphedForward(model, self.shapes, forward=model.forward_unrecorded)
             self._weights_at = weights_at
@@ -185,3 +184,9 @@ class ModelGraphs:
 
     def __getstate__(self) -> dict:
         return {"shapes": self.shapes, "_graphed": None, "_weights_at": None}
+
+
+def _weights_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a recording reads from the model: a move or cast that keeps all their addresses
+    (the allocator may reuse freed blocks) leaves the recordings valid, any other one does not."""
+    return [*model.parameters(), *model.buffers()]
