@@ -133,9 +133,10 @@ def test_model_switch_replays_and_records_again_after_a_move(hf_encoder_dir):
         assert (got - expected).norm() / expected.norm() < 2e-2
         first = model._graphs._graphed
         assert first is not None and len(first.recordings) == 1
-        old_weights = [weight.data for weight in model.parameters()]  # kept: new storage can't reuse it
-        model.to("cpu").to("cuda")  # new weight storage: the recordings would read the old one
-        assert all(new.data_ptr() != old.data_ptr() for new, old in zip(model.parameters(), old_weights))
+    old_weights = [weight.data for weight in model.parameters()]  # kept: new storage can't reuse it
+    model.to("cpu").to("cuda")  # new weight storage: the recordings would read the old one
+    assert all(new.data_ptr() != old.data_ptr() for new, old in zip(model.parameters(), old_weights))
+    with torch.inference_mode():
         again = model.forward_packed(ids, cu, longest).float()
         assert model._graphs._graphed is not first and len(model._graphs._graphed.recordings) == 1
         assert (again - expected).norm() / expected.norm() < 2e-2
