@@ -11,7 +11,8 @@ writes JSON:
     PYTHONPATH=. python3 benchmarks/encode_throughput.py --out benchmarks/results/encode_throughput.json
     PYTHONPATH=. python3 benchmarks/encode_throughput.py --small     # CPU check: tiny model, few texts
 
-`--compile` adds a row for our encoder with torch.compile'd layers; `--devices cuda:0,cuda:1` spreads
+`--compile` adds a row for our encoder with torch.compile'd layers, `--cuda-graphs` one replaying CUDA
+graphs (`ModernBert.use_cuda_graphs`); `--devices cuda:0,cuda:1` spreads
 our batches over several GPUs.
 """
 
@@ -81,6 +82,11 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-batch", type=int, default=32768, help="our packed batch budget")
     parser.add_argument("--devices", default=None, help="comma-separated devices for our encoder")
     parser.add_argument("--compile", action="store_true", help="also time our encoder with compiled layers")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="also time our encoder replaying CUDA graphs (after --compile: of the compiled layers)",
+    )
     parser.add_argument("--out", default="benchmarks/results/encode_throughput.json")
     args = parser.parse_args()
     n_texts = args.texts or (300 if args.small else 20000)
@@ -136,6 +142,10 @@ def main() -> None:
     if args.compile:
         ours.encoder.compile_layers()
         agreement["ours_compiled"] = compare(run_ours("ours_compiled"), st_embeddings)
+    if args.cuda_graphs and device.type == "cuda":  # each new padded batch shape is recorded in the timing
+        ours.encoder.use_cuda_graphs()
+        name = "ours_compiled_graphed" if args.compile else "ours_graphed"
+        agreement[name] = compare(run_ours(name), st_embeddings)
 
     baseline = rows["sentence_transformers"]["seconds"]
     for row in rows.values():

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import cpu_name, write_result
 from mbert_retrieval import ModernBert
+from mbert_retrieval.modeling.cuda_graphs import GraphedForward
 from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens
 
 H100_BF16_DENSE_FLOPS = 989.4e12  # the datasheet's dense bf16 peak, the usual MFU denominator
@@ -541,7 +542,8 @@ def main() -> None:
         default="eager,compiled,compiled_layers",
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
         "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, compiled_model_no_asserts, "
-        "compiled_model_frozen, "
+        "compiled_model_frozen, graphed_<variant> (CUDA graphs of a variant: graphed_eager, "
+        "graphed_compiled_model), "
         "eager_rotary_pass, "
         "compiled_model_rotary_in_window[_cpp] "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
@@ -621,7 +623,9 @@ class ModelVariants:
     generated C++ instead of Python (`compiled_model_cpp`: inductor's cpp_wrapper), or without the
     size, stride and alignment checks of its inputs (`compiled_model_no_asserts`), or with the
     weights folded into the graph as constants for inference (`compiled_model_frozen`: inductor's
-    freezing, so the wrapper takes no parameters as inputs). Where the local
+    freezing, so the wrapper takes no parameters as inputs). `graphed_<variant>` replays CUDA graphs
+    of that variant's forward (`modeling/cuda_graphs.py`, batches padded to its default shapes;
+    throughput counts the real tokens only). Where the local
     layers rotate q and k, against the model's default: `eager_rotary_pass` (a rotary operator before
     the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it)."""
 
@@ -629,6 +633,8 @@ class ModelVariants:
         self.base, self.made = base, {"eager": base}
 
     def get(self, name: str):
+        if name.startswith("graphed_") and name not in self.made:  # CUDA graphs of another variant
+            self.made[name] = GraphedVariant(GraphedForward(self.get(name.removeprefix("graphed_"))))
         if name not in self.made:
             model = copy.deepcopy(self.base)
             if name.endswith("_varlen"):
@@ -658,6 +664,16 @@ class ModelVariants:
                 raise ValueError(f"unknown variant {name!r}")
             self.made[name] = model
         return self.made[name]
+
+
+class GraphedVariant:
+    """A `GraphedForward` called as the other variants are (it makes the positions itself)."""
+
+    def __init__(self, graphed: GraphedForward):
+        self.graphed = graphed
+
+    def forward_packed(self, input_ids, cu_seqlens, max_seqlen, position_ids=None, check_inputs=True):
+        return self.graphed(input_ids, cu_seqlens, max_seqlen)
 
 
 def set_window_rotation(model, inside: bool) -> None:

@@ -21,6 +21,7 @@ from mbert_retrieval.modeling.attention import (
     uses_window_kernel,
 )
 from mbert_retrieval.modeling.config import ModernBertConfig
+from mbert_retrieval.modeling.cuda_graphs import GraphShapes, ModelGraphs
 from mbert_retrieval.modeling.io import (
     CheckpointError,
     find_weights,
@@ -257,6 +258,7 @@ class ModernBert(nn.Module):
         self._rotary_table: torch.Tensor | None = None  # both thetas' cos and sin side by side
         self.gradient_checkpointing = False
         self._compiled_run_layers = None  # set by `compile_forward`
+        self._graphs = None  # set by `use_cuda_graphs`
 
     @property
     def device(self) -> torch.device:
@@ -307,7 +309,14 @@ class ModernBert(nn.Module):
         """
         if check_inputs:
             self.check_packed_inputs(input_ids, cu_seqlens, max_seqlen)
+        plain_call = position_ids is None and key_mask is None
+        if self._graphs is not None and self._graphs.serves(self, input_ids, plain_call):
+            return self._graphs(self, input_ids, cu_seqlens, max_seqlen)
         return self._forward_checked(input_ids, cu_seqlens, max_seqlen, position_ids, key_mask)
+
+    def forward_unrecorded(self, input_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        """The packed forward past its checks, never from replayed graphs: what they record."""
+        return self._forward_checked(input_ids, cu_seqlens, max_seqlen, None, None)
 
     def _forward_checked(
         self, input_ids, cu_seqlens, max_seqlen: int, position_ids, key_mask
@@ -374,6 +383,7 @@ class ModernBert(nn.Module):
         its end, so their all-reduce could not overlap the backward.
         """
         _raise_recompile_limit()
+        self._forget_recorded_graphs()
         if "mode" not in compile_kwargs:
             # Store each residual sum once (it has two readers, the LayerNorm and the next sum).
             # By default inductor recomputes a chain of up to 4 sums inside every reader, so
@@ -384,6 +394,22 @@ class ModernBert(nn.Module):
         self._compiled_run_layers = torch.compile(ModernBert._run_layers, dynamic=True, **compile_kwargs)
         return self
 
+    def use_cuda_graphs(self, shapes: GraphShapes | None = None, enabled: bool = True) -> ModernBert:
+        """Replay inference calls on CUDA from CUDA graphs (`modeling/cuda_graphs.py`): each padded
+        batch shape (`shapes`) is recorded on first use, then its ~300 kernels launch at once, for
+        short batches whose kernels the host launches more slowly than the GPU runs them. Calls with
+        gradients, in training mode, on the CPU, or with positions or a key mask of their own run as
+        before. Works eagerly and compiled (compiling afterwards records again). The copies that
+        `encode(..., devices=[...])` makes for other devices start without recordings at every call.
+        `enabled=False` turns it off."""
+        self._graphs = ModelGraphs(shapes) if enabled else None
+        return self
+
+    def _forget_recorded_graphs(self) -> None:
+        """Recordings of the code before a compile would replay it: record again on next use."""
+        if self._graphs is not None:
+            self._graphs = ModelGraphs(self._graphs.shapes)
+
     def compile_layers(self, **compile_kwargs) -> ModernBert:
         """torch.compile each layer in place, for varying token counts (dynamic shapes).
 
@@ -392,6 +418,7 @@ class ModernBert(nn.Module):
         limit of 8 graphs per function, after which it silently falls back to eager: raise it.
         """
         _raise_recompile_limit()
+        self._forget_recorded_graphs()
         for layer in self.layers:
             layer.compile(dynamic=True, **compile_kwargs)
         return self

@@ -1,0 +1,192 @@
+"""The packed inference forward recorded once per batch shape as a CUDA graph, then replayed.
+
+A short batch's forward launches ~300 kernels, and before the first of them the host makes the
+positions, the RoPE rows and (compiled) checks the graph's guards and inputs: on an H200 host a
+compiled short call took 11.9 ms for 9.5 ms of GPU work (benchmarks/NOTES.md, run 38). A replayed
+CUDA graph launches all of it at once. Graphs have fixed shapes, so each batch is padded to one of
+a few (`GraphShapes`): padding tokens form extra sequences that attend only to themselves, and the
+real tokens keep their places, so their rows of the output are the unpadded forward's.
+
+    graphed = GraphedForward(model)            # a CUDA model in eval mode, eager or compiled
+    hidden = graphed(input_ids, cu_seqlens, max_seqlen)   # [N, H], recorded on first use
+
+Inference only. Recordings share one memory pool; each call copies its output out of it.
+`ModernBert.use_cuda_graphs()` makes the model's own inference calls on CUDA go through it
+(`ModelGraphs`), so `encode` replays too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GraphShapes:
+    """How a packed batch is rounded up, so that a few recordings serve all batches: its token count
+    to a multiple of `tokens` (padding sequences of at most `pad_length` tokens), its sequence count
+    to a multiple of `sequences` (empty sequences), its longest sequence to a power of two (that only
+    sizes the attention kernels' launch grids)."""
+
+    tokens: int = 128
+    sequences: int = 16
+    pad_length: int = 128
+
+    def __post_init__(self) -> None:
+        if min(self.tokens, self.sequences, self.pad_length) < 1:
+            raise ValueError(f"GraphShapes fields must be positive, got {self}")
+
+    def padded(self, tokens: int, sequences: int, max_seqlen: int) -> tuple[int, int, int]:
+        """(tokens, sequences, longest sequence) of the padded batch."""
+        total = -(-tokens // self.tokens) * self.tokens
+        with_padding = sequences + -(-(total - tokens) // self.pad_length)
+        total_sequences = -(-with_padding // self.sequences) * self.sequences
+        longest = 1 << (max(max_seqlen, self.pad_length) - 1).bit_length()
+        return total, total_sequences, longest
+
+
+def pad_batch(
+    input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, shapes: GraphShapes, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The batch with padding sequences appended: (ids, cu_seqlens, longest) of its padded shape.
+    The first `input_ids.numel()` tokens are the batch's own. Made on the device, without a sync."""
+    total, sequences, longest = shapes.padded(input_ids.shape[0], cu_seqlens.shape[0] - 1, max_seqlen)
+    ids = input_ids.new_full((total,), pad_id)
+    cu = cu_seqlens.new_empty(sequences + 1)
+    fill_padded(ids, cu, input_ids, cu_seqlens, shapes.pad_length, pad_id)
+    return ids, cu, longest
+
+
+def fill_padded(
+    ids: torch.Tensor,
+    cu: torch.Tensor,
+    input_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    pad_length: int,
+    pad_id: int,
+) -> None:
+    """Writes the batch into the padded buffers `ids` and `cu`: its tokens first, then padding
+    sequences of `pad_length` tokens (the last one shorter) up to `ids`' length, then empty ones."""
+    tokens, batch = input_ids.shape[0], cu_seqlens.shape[0]
+    ids[:tokens].copy_(input_ids)
+    ids[tokens:].fill_(pad_id)
+    cu[:batch].copy_(cu_seqlens)
+    ends = cu[batch:]
+    torch.arange(tokens + pad_length, tokens + (ends.shape[0] + 1) * pad_length, pad_length, out=ends)
+    ends.clamp_(max=ids.shape[0])
+
+
+@dataclass
+class _Recording:
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor
+    cu: torch.Tensor
+    out: torch.Tensor
+
+
+class GraphedForward:
+    """`model.forward_packed` for inference, replayed from a CUDA graph per padded batch shape.
+    `forward(ids, cu_seqlens, max_seqlen)` is what gets recorded: the model's packed forward by
+    default."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        shapes: GraphShapes | None = None,
+        warmup: int = 2,
+        forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+    ):
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
+        if model.training:
+            raise ValueError("GraphedForward replays inference only: call model.eval() first")
+        self.model, self.shapes, self.warmup = model, shapes or GraphShapes(), warmup
+        self.forward = forward or (
+            lambda ids, cu, longest: model.forward_packed(ids, cu, longest, check_inputs=False)
+        )
+        self.pad_id = model.config.pad_token_id or 0
+        self.recordings: dict[tuple[int, int, int], _Recording] = {}
+        self._pool = None
+
+    def __call__(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """input_ids [N], cu_seqlens [B+1] int32 on the model's device -> hidden states [N, H]."""
+        if input_ids.device != self.model.device or cu_seqlens.device != self.model.device:
+            raise ValueError(f"the batch must be on the model's device {self.model.device}")
+        key = self.shapes.padded(input_ids.shape[0], cu_seqlens.shape[0] - 1, max_seqlen)
+        recording = self.recordings.get(key) or self._record(key, cu_seqlens.dtype)
+        fill_padded(recording.ids, recording.cu, input_ids, cu_seqlens, self.shapes.pad_length, self.pad_id)
+        recording.graph.replay()
+        return recording.out[: input_ids.shape[0]].clone()  # the pool's memory is the next replay's
+
+    def _record(self, key: tuple[int, int, int], cu_dtype: torch.dtype) -> _Recording:
+        total, sequences, longest = key
+        device = self.model.device
+        with torch.inference_mode(False):  # buffers every later call writes, in any mode
+            ids = torch.full((total,), self.pad_id, dtype=torch.long, device=device)
+            # A valid batch of this shape to record: sequences of equal length, then empty ones.
+            length = -(-total // sequences)
+            cu = (torch.arange(sequences + 1, device=device) * length).clamp_(max=total).to(cu_dtype)
+
+        def forward() -> torch.Tensor:
+            return self.forward(ids, cu, longest)
+
+        # Warm-up on a side stream, as torch.cuda.graph asks: kernels compiled, caches and
+        # workspaces made before the recording.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(self.warmup):
+                forward()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads (another device's worker, a batch producer) may use CUDA
+        # while this one records.
+        with (
+            torch.inference_mode(),
+            torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
+        ):
+            out = forward()
+        self.recordings[key] = _Recording(graph, ids, cu, out)
+        return self.recordings[key]
+
+
+class ModelGraphs:
+    """A model's switch to replayed graphs (`ModernBert.use_cuda_graphs`) and its recordings, made on
+    first use. A copy of the model (another device's replica) starts with none: recordings hold the
+    memory addresses of the weights they were made with, which is also why moving or casting the
+    model (new weight storage) starts them again."""
+
+    def __init__(self, shapes: GraphShapes | None = None):
+        self.shapes = shapes or GraphShapes()
+        self._graphed: GraphedForward | None = None
+        self._weights_at: tuple | None = None
+
+    def serves(self, model: torch.nn.Module, input_ids: torch.Tensor, plain_call: bool) -> bool:
+        """Whether this call replays: inference (no gradients, eval mode) on CUDA, without positions
+        or a key mask of its own (`plain_call`)."""
+        return plain_call and input_ids.is_cuda and not torch.is_grad_enabled() and not model.training
+
+    def __call__(
+        self, model, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        weights_at = tuple(tensor.data_ptr() for tensor in _weights_and_buffers(model))
+        if self._graphed is None or self._weights_at != weights_at:
+            self._graphed = GraphedForward(model, self.shapes, forward=model.forward_unrecorded)
+            self._weights_at = weights_at
+        return self._graphed(input_ids, cu_seqlens, max_seqlen)
+
+    def __deepcopy__(self, memo) -> ModelGraphs:
+        return ModelGraphs(self.shapes)
+
+    def __getstate__(self) -> dict:
+        return {"shapes": self.shapes, "_graphed": None, "_weights_at": None}
+
+
+def _weights_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a recording reads from the model: a move or cast that keeps all their addresses
+    (the allocator may reuse freed blocks) leaves the recordings valid, any other one does not."""
+    return [*model.parameters(), *model.buffers()]
