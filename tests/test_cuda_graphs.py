@@ -118,6 +118,9 @@ def test_model_switch_leaves_cpu_calls_as_they_were_and_copies_start_empty(hf_en
     replica = copy.deepcopy(model)
     assert isinstance(replica._graphs, ModelGraphs) and replica._graphs is not model._graphs
     assert replica._graphs.shapes == GraphShapes(tokens=64) and replica._graphs._graphed is None
+    model._graphs._graphed = "recordings"  # stands in for recordings made on a GPU
+    model.to(torch.float64)  # a cast: new weight storage, so the recordings are forgotten
+    assert model._graphs._graphed is None and model._graphs.shapes == GraphShapes(tokens=64)
     assert model.use_cuda_graphs(enabled=False)._graphs is None
 
 

@@ -157,13 +157,12 @@ class GraphedForward:
 class ModelGraphs:
     """A model's switch to replayed graphs (`ModernBert.use_cuda_graphs`) and its recordings, made on
     first use. A copy of the model (another device's replica) starts with none: recordings hold the
-    memory addresses of the weights they were made with, which is also why moving or casting the
-    model (new weight storage) starts them again."""
+    memory addresses of the weights they were made with, which is also why the model forgets them
+    when it is moved or cast (`ModernBert._apply`: new weight storage)."""
 
     def __init__(self, shapes: GraphShapes | None = None):
         self.shapes = shapes or GraphShapes()
         self._graphed: GraphedForward | None = None
-        self._weights_at: tuple | None = None
 
     def serves(self, model: torch.nn.Module, input_ids: torch.Tensor, plain_call: bool) -> bool:
         """Whether this call replays: inference (no gradients, eval mode) on CUDA, without positions
@@ -173,20 +172,12 @@ class ModelGraphs:
     def __call__(
         self, model, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
     ) -> torch.Tensor:
-        weights_at = tuple(tensor.data_ptr() for tensor in _weights_and_buffers(model))
-        if self._graphed is None or self._weights_at != weights_at:
+        if self._graphed is None:
             self._graphed = GraphedForward(model, self.shapes, forward=model.forward_unrecorded)
-            self._weights_at = weights_at
         return self._graphed(input_ids, cu_seqlens, max_seqlen)
 
     def __deepcopy__(self, memo) -> ModelGraphs:
         return ModelGraphs(self.shapes)
 
     def __getstate__(self) -> dict:
-        return {"shapes": self.shapes, "_graphed": None, "_weights_at": None}
-
-
-def _weights_and_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Every tensor a recording reads from the model: a move or cast that keeps all their addresses
-    (the allocator may reuse freed blocks) leaves the recordings valid, any other one does not."""
-    return [*model.parameters(), *model.buffers()]
+        return {"shapes": self.shapes, "_graphed": None}

@@ -405,9 +405,16 @@ class ModernBert(nn.Module):
         self._graphs = ModelGraphs(shapes) if enabled else None
         return self
 
+    def _apply(self, fn, recurse: bool = True):
+        """Every move and cast (`to`, `cuda`, `half`, ...) goes through here: the weights get new
+        storage, whose addresses recorded CUDA graphs do not read, so they are recorded again."""
+        self._forget_recorded_graphs()
+        return super()._apply(fn, recurse)
+
     def _forget_recorded_graphs(self) -> None:
-        """Recordings of the code before a compile would replay it: record again on next use."""
-        if self._graphs is not None:
+        """Recordings made before a compile or a move would replay the old code or read the old
+        weights: record again on next use."""
+        if getattr(self, "_graphs", None) is not None:
             self._graphs = ModelGraphs(self._graphs.shapes)
 
     def compile_layers(self, **compile_kwargs) -> ModernBert:
