@@ -627,7 +627,9 @@ class ModelVariants:
     of that variant's forward (`modeling/cuda_graphs.py`, batches padded to its default shapes;
     throughput counts the real tokens only). Where the local
     layers rotate q and k, against the model's default: `eager_rotary_pass` (a rotary operator before
-    the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it)."""
+    the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it). `eager_global_kernel`
+    and `compiled_model_global_kernel`: the global layers on our Triton kernel
+    (`modeling/global_attention.py`) instead of a rotary pass and FlashAttention."""
 
     def __init__(self, base):
         self.base, self.made = base, {"eager": base}
@@ -647,6 +649,11 @@ class ModelVariants:
                 model.compile_forward()
             elif name == "compiled_model_cpp":  # no Python per kernel launch
                 model.compile_forward(options={"cpp_wrapper": True})
+            elif name.endswith("_global_kernel"):  # global layers on our Triton kernel (inference)
+                for layer in model.layers:
+                    layer.attn.global_kernel_in_inference = True
+                if name.startswith("compiled_model"):
+                    model.compile_forward()
             elif name == "eager_rotary_pass":  # local layers call the rotary operator eagerly too
                 set_window_rotation(model, False)
             elif name.startswith("compiled_model_rotary_in_window"):  # rotation in the window kernels

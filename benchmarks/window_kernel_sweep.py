@@ -33,6 +33,17 @@ DKDV_CANDIDATES = [
     kernels.Tiles(32, 64, 4, 2),
     kernels.Tiles(32, 128, 8, 2),
 ]
+# our global forward (modeling/global_attention.py), against varlen_global_fwd_us
+GLOBAL_CANDIDATES = [
+    kernels.Tiles(128, 64, 8, 3),
+    kernels.Tiles(128, 64, 4, 3),
+    kernels.Tiles(128, 128, 8, 3),
+    kernels.Tiles(128, 32, 4, 3),
+    kernels.Tiles(64, 64, 4, 3),
+    kernels.Tiles(64, 128, 4, 3),
+    kernels.Tiles(128, 64, 8, 4),
+    kernels.Tiles(64, 32, 4, 2),
+]
 DQ_CANDIDATES = [
     kernels.Tiles(64, 64, 4, 2),
     kernels.Tiles(64, 64, 8, 2),
@@ -82,6 +93,7 @@ def measure(lengths: list[int]) -> dict:
     kernels.FORWARD = FORWARD_CANDIDATES[0]
     # our kernel as global attention (a window as long as the longest sequence), for comparison
     record("fwd_as_global_us", lambda: kernels.window_attention_fwd(q, k, v, cu, seq, max_len))
+    measure_global(record, qkv, cu, max_len)
     out, lse = kernels.window_attention_fwd(q, k, v, cu, seq, WINDOW)
 
     def backward():
@@ -96,6 +108,29 @@ def measure(lengths: list[int]) -> dict:
         record(f"bwd_dq_{tiles_name(tiles)}_us", backward)
     kernels.BACKWARD_DQ = DQ_CANDIDATES[0]
     return row
+
+
+def measure_global(record, qkv, cu, max_len: int) -> None:
+    """Our global forward's launch shapes, on q, k, v as they are and rotating q and k as it loads
+    them (the rotary tables as the model passes them: views of one row per token)."""
+    from mbert_retrieval.modeling import global_attention
+
+    q, k, v = qkv.unbind(1)
+    rows = torch.randn(qkv.shape[0], 2 * DIM, device=qkv.device)
+    cos, sin = rows[:, : DIM // 2], rows[:, DIM // 2 : DIM]
+    shipped = global_attention.FORWARD
+    with torch.inference_mode():
+        for tiles in GLOBAL_CANDIDATES:
+            global_attention.FORWARD = tiles
+            record(
+                f"global_fwd_{tiles_name(tiles)}_us",
+                lambda: global_attention.global_attention(q, k, v, cu, max_len),
+            )
+            record(
+                f"global_rotary_fwd_{tiles_name(tiles)}_us",
+                lambda: global_attention.global_attention_rotary(qkv, cos, sin, cu, max_len),
+            )
+    global_attention.FORWARD = shipped
 
 
 def main() -> None:

@@ -197,6 +197,11 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Head sizes our Triton attention kernels take: powers of two from 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def uses_window_kernel(backend: str, window_half: int | None, max_seqlen: int, head_dim: int) -> bool:
     """Whether a layer runs our Triton window kernel: the triton backend, a window narrower than the
     longest sequence, and a head size the kernel takes."""
@@ -204,8 +209,7 @@ def uses_window_kernel(backend: str, window_half: int | None, max_seqlen: int, h
         backend == "triton"
         and window_half is not None
         and max_seqlen > window_half + 1
-        and head_dim >= 16
-        and head_dim & (head_dim - 1) == 0
+        and supports_head_dim(head_dim)
     )
 
 

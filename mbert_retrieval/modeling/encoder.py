@@ -18,6 +18,7 @@ from mbert_retrieval.modeling.attention import (
     check_backend_name,
     packed_attention,
     resolve_backend,
+    supports_head_dim,
     uses_window_kernel,
 )
 from mbert_retrieval.modeling.config import ModernBertConfig
@@ -123,6 +124,18 @@ class Attention(nn.Module):
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
         # None: inside the window kernel eagerly, a rotary pass first under torch.compile.
         self.rotation_in_window_kernel: bool | None = None
+        # Global layers of the triton backend, without gradients: our Triton kernel (rotating q and k
+        # as it loads them) instead of a rotary pass and FlashAttention. Off until measured faster.
+        self.global_kernel_in_inference = False
+
+    def uses_global_kernel(self, backend: str) -> bool:
+        return (
+            self.global_kernel_in_inference
+            and self.window_half is None
+            and backend == "triton"
+            and not torch.is_grad_enabled()
+            and supports_head_dim(self.head_dim)
+        )
 
     def rotates_in_window_kernel(self, backend: str, max_seqlen: int) -> bool:
         """A local layer of the triton backend, run eagerly: the window kernels rotate q and k as they
@@ -143,6 +156,11 @@ class Attention(nn.Module):
             from mbert_retrieval.modeling.window_attention import window_attention_rotary
 
             out = window_attention_rotary(qkv, *rope, cu_seqlens, self.window_half, sequence_ids)
+            return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
+        if self.uses_global_kernel(backend):
+            from mbert_retrieval.modeling.global_attention import global_attention_rotary
+
+            out = global_attention_rotary(qkv, *rope, cu_seqlens, max_seqlen)
             return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
         if uses_fused_kernels(backend):
             from mbert_retrieval.modeling.fused_elementwise import rotary_qkv

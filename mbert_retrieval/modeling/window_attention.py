@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.attention import records_gradients
+from mbert_retrieval.modeling.attention import records_gradients, supports_head_dim
 from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 from mbert_retrieval.modeling.packing import sequence_ids
 
@@ -275,10 +275,6 @@ def _window_bwd_dq(
 def _scales(head_dim: int) -> tuple[float, float]:
     scale = 1.0 / math.sqrt(head_dim)
     return scale, scale * LOG2_E
-
-
-def supports_head_dim(head_dim: int) -> bool:
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:

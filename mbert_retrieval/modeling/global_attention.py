@@ -1,0 +1,167 @@
+"""Global attention over packed sequences, as a Triton forward kernel for inference.
+
+q, k, v are [N, heads, dim] (any token and head strides, unit stride along head_dim) and
+`cu_seqlens` [B+1] marks where each sequence starts. Every query attends to every key of its own
+sequence. As in FlashAttention's varlen kernel, each program takes one block of queries of one
+sequence and one head (the grid runs over `max_seqlen`'s blocks; blocks past a sequence's end
+return at once), so no block mixes sequences: only the last, partial block of keys is masked.
+
+`global_attention_rotary` takes the projection qkv [N, 3, heads, dim] with the rotary embedding's
+cos and sin and rotates q and k as it loads them (`window_attention._load_rows`), so a global
+layer that uses it runs no rotary pass of its own.
+
+There is no backward: the model calls it only without gradients (`Attention.global_kernel_in_inference`)
+and trains with FlashAttention. Under `torch.compile` it is a `torch.library.triton_op`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mbert_retrieval.modeling.attention import supports_head_dim
+from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
+from mbert_retrieval.modeling.window_attention import Tiles, _load_rows, _scales
+
+# The shipped launch shape; benchmarks/window_kernel_sweep.py times the others (`global_fwd_*` rows).
+FORWARD = Tiles(block_m=128, block_n=64, warps=8, stages=3)
+
+
+@triton.jit
+def _attend_block(q, acc, m_i, l_i, K, V, COS, SIN, cols, col_ok, sk_t, sk_h, sv_t, sv_h, sc_t, head,
+                  scale_log2: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One block of keys into the running softmax (log2 domain). MASKED: some of `cols` lie past the
+    sequence's end; otherwise every score is finite and no row can be left without a key."""
+    dims = tl.arange(0, HEAD_DIM)
+    k = _load_rows(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM, ROTARY)
+    v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    if MASKED:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _global_fwd(
+    Q, K, V, OUT, CU, COS, SIN, heads, scale_log2: tl.constexpr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sc_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
+):  # fmt: skip
+    """Queries [start + pid0 * BLOCK_M, ...) of sequence pid1 // heads, for head pid1 % heads."""
+    sequence, head = tl.program_id(1) // heads, tl.program_id(1) % heads
+    start, end = tl.load(CU + sequence), tl.load(CU + sequence + 1)
+    first = start + tl.program_id(0) * BLOCK_M
+    if first >= end:
+        return
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    dims = tl.arange(0, HEAD_DIM)
+    q = _load_rows(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM, ROTARY)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    whole_end = start + (end - start) // BLOCK_N * BLOCK_N  # whole blocks of keys need no mask
+    for block in range(start, whole_end, BLOCK_N):
+        cols = block + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _attend_block(
+            q, acc, m_i, l_i, K, V, COS, SIN, cols, cols < end, sk_t, sk_h, sv_t, sv_h, sc_t, head,
+            scale_log2, HEAD_DIM, ROTARY, False,
+        )  # fmt: skip
+    if whole_end < end:
+        cols = whole_end + tl.arange(0, BLOCK_N)
+        acc, m_i, l_i = _attend_block(
+            q, acc, m_i, l_i, K, V, COS, SIN, cols, cols < end, sk_t, sk_h, sv_t, sv_h, sc_t, head,
+            scale_log2, HEAD_DIM, ROTARY, True,
+        )  # fmt: skip
+    out = acc / l_i[:, None]
+    tl.store(
+        OUT + rows[:, None] * so_t + head * so_h + dims[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    traced: bool = False,
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Output [N, heads, dim]. `rotation`: cos and sin [N, dim / 2] to rotate q and k by as they load."""
+    q, k, v = (unit_stride(t) for t in (q, k, v))
+    _check(q, k, v, cu_seqlens)
+    tokens, heads, dim = q.shape
+    out = q.new_empty(q.shape)
+    cos, sin = rotation if rotation is not None else (cu_seqlens, cu_seqlens)  # unread without a rotation
+    tiles = FORWARD
+    sequences = cu_seqlens.shape[0] - 1
+    launcher(_global_fwd, traced)[(triton.cdiv(max_seqlen, tiles.block_m), sequences * heads)](
+        q, k, v, out, cu_seqlens, cos, sin, heads, _scales(dim)[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        cos.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotation is not None,
+        num_warps=tiles.warps, num_stages=tiles.stages,
+    )  # fmt: skip
+    return out
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must share one [tokens, heads, dim] shape, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if not supports_head_dim(q.shape[-1]):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the global kernel, got {q.shape[-1]}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError("cu_seqlens must be int32")
+
+
+@torch.library.triton_op("mbert_retrieval::global_attention_fwd", mutates_args=())
+def global_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    return _forward(q, k, v, cu_seqlens, max_seqlen, traced=True)
+
+
+@torch.library.triton_op("mbert_retrieval::global_attention_rotary_fwd", mutates_args=())
+def global_attention_rotary_fwd(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    q, k, v = qkv.unbind(1)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, traced=True, rotation=(cos, sin))
+
+
+def _no_gradients(*inputs: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        raise RuntimeError("the global attention kernel has no backward: call it without gradients")
+
+
+def global_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    """Each query attends to every key of its own sequence: [N, heads, dim]. Inference only."""
+    _no_gradients(q, k, v)
+    if torch.compiler.is_compiling():
+        return global_attention_fwd(q, k, v, cu_seqlens, max_seqlen)
+    return _forward(q, k, v, cu_seqlens, max_seqlen)
+
+
+def global_attention_rotary(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+) -> torch.Tensor:
+    """`global_attention` of q and k rotated by cos and sin (rotate-half) and v, all read from the
+    projection qkv [N, 3, heads, dim]. Inference only."""
+    _no_gradients(qkv)
+    if torch.compiler.is_compiling():
+        return global_attention_rotary_fwd(qkv, cos, sin, cu_seqlens, max_seqlen)
+    q, k, v = qkv.unbind(1)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, rotation=(cos, sin))

@@ -1,0 +1,114 @@
+"""The Triton global-attention forward kernel against the reference attention, and in the model.
+
+It runs on a CUDA GPU, or on the CPU under Triton's interpreter:
+    TRITON_INTERPRET=1 PYTHONPATH=. python -m pytest -q tests/test_global_kernel.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from triton_kernels import DEVICE, ON_GPU, relative_error, skip_unless_kernels_run
+
+from mbert_retrieval.modeling.attention import reference_attention
+
+skip_unless_kernels_run("the global kernel")
+
+from test_window_kernel import cu_of, packed_qkv, triton_and_reference_models  # noqa: E402
+
+from mbert_retrieval.modeling import global_attention as kernels  # noqa: E402
+from mbert_retrieval.modeling.encoder import Rotary, apply_rotary  # noqa: E402
+from mbert_retrieval.modeling.window_attention import Tiles  # noqa: E402
+
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+HEADS, DIM = (12, 64) if ON_GPU else (2, 16)
+TOLERANCE = 1e-2 if ON_GPU else 1e-5
+LENGTHS = [300, 5, 129, 64, 200, 1, 130]
+
+
+@pytest.mark.parametrize("blocks", [(64, 64), (16, 32), (32, 16), (128, 64)])
+@pytest.mark.parametrize("lengths", [LENGTHS, [1], [7, 7, 7, 300, 1, 1, 40], [64, 128]])
+def test_forward_matches_reference(monkeypatch, blocks, lengths):
+    """Sequences shorter than a block, exactly a block, and with a partial last block of keys."""
+    monkeypatch.setattr(kernels, "FORWARD", Tiles(block_m=blocks[0], block_n=blocks[1]))
+    generator = torch.Generator().manual_seed(sum(blocks) + len(lengths))
+    cu = cu_of(lengths)
+    q, k, v = packed_qkv(lengths, generator, layout="qkv")
+    with torch.inference_mode():
+        out = kernels.global_attention(q, k, v, cu, max(lengths))
+    expected = reference_attention(q.float(), k.float(), v.float(), cu, None)
+    assert torch.isfinite(out.float()).all()
+    assert relative_error(out, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [1], [257]])
+def test_rotation_inside_the_kernel_matches_rotating_first(lengths):
+    generator = torch.Generator().manual_seed(len(lengths))
+    cu = cu_of(lengths)
+    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
+    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
+    cos, sin = Rotary(DIM, 160000.0, max(lengths)).to(DEVICE)(positions)
+    with torch.inference_mode():
+        out = kernels.global_attention_rotary(qkv, cos, sin, cu, max(lengths))
+    q, k = apply_rotary(qkv.float()[:, :2], cos, sin).unbind(1)
+    expected = reference_attention(q, k, qkv.float()[:, 2], cu, None)
+    assert relative_error(out, expected) < TOLERANCE
+
+
+def test_a_one_token_sequence_gets_its_own_value():
+    generator = torch.Generator().manual_seed(2)
+    lengths = [33, 1, 70]
+    q, k, v = packed_qkv(lengths, generator)
+    out = kernels.global_attention(q, k, v, cu_of(lengths), 70)
+    torch.testing.assert_close(out[33].float(), v[33].float(), rtol=1e-2, atol=1e-2)
+
+
+def test_a_larger_max_seqlen_than_needed_changes_nothing():
+    """Replayed CUDA graphs pass a max_seqlen rounded up: the extra blocks must write nothing."""
+    generator = torch.Generator().manual_seed(3)
+    cu = cu_of(LENGTHS)
+    q, k, v = packed_qkv(LENGTHS, generator)
+    exact = kernels.global_attention(q, k, v, cu, max(LENGTHS))
+    rounded = kernels.global_attention(q, k, v, cu, 1024)
+    torch.testing.assert_close(exact, rounded, rtol=0, atol=0)
+
+
+def test_gradients_are_refused_with_a_clear_error():
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (t.requires_grad_() for t in packed_qkv([10], generator))
+    with pytest.raises(RuntimeError, match="no backward"):
+        kernels.global_attention(q, k, v, cu_of([10]), 10)
+
+
+def test_bad_head_dim_is_a_clear_error():
+    x = torch.randn(10, 2, 24, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        kernels.global_attention(x, x, x, cu_of([10]), 10)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the triton backend's model runs on CUDA")
+def test_model_with_the_global_kernel_matches_reference_eager_and_compiled(hf_encoder_dir, monkeypatch):
+    """Every global layer calls the kernel (eagerly and compiled), and the outputs match the fp32
+    reference path as closely as the FlashAttention path does; training calls keep FlashAttention."""
+    calls = []
+    original = kernels.global_attention_rotary
+    monkeypatch.setattr(
+        kernels, "global_attention_rotary", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
+    with_kernel = copy.deepcopy(fast)
+    for layer in with_kernel.layers:
+        layer.attn.global_kernel_in_inference = True
+    with torch.inference_mode():
+        expected = exact.forward_packed(ids, cu, max_len)
+        flash = fast.forward_packed(ids, cu, max_len)
+        eager = with_kernel.forward_packed(ids, cu, max_len)
+        assert len(calls) == sum(layer.is_global for layer in fast.layers)
+        compiled = copy.deepcopy(with_kernel).compile_forward().forward_packed(ids, cu, max_len)
+    for got in (eager, compiled):
+        assert relative_error(got, expected) < max(2e-2, 1.5 * relative_error(flash, expected))
+    calls.clear()
+    with_kernel.train().forward_packed(ids, cu, max_len).float().sum().backward()
+    assert calls == []
