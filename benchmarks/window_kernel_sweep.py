@@ -93,7 +93,7 @@ def measure(lengths: list[int]) -> dict:
     kernels.FORWARD = FORWARD_CANDIDATES[0]
     # our kernel as global attention (a window as long as the longest sequence), for comparison
     record("fwd_as_global_us", lambda: kernels.window_attention_fwd(q, k, v, cu, seq, max_len))
-    measure_global(record, qkv, cu, max_len)
+    measure_global(record, q, k, v, cu, max_len)
     out, lse = kernels.window_attention_fwd(q, k, v, cu, seq, WINDOW)
 
     def backward():
@@ -110,27 +110,21 @@ def measure(lengths: list[int]) -> dict:
     return row
 
 
-def measure_global(record, qkv, cu, max_len: int) -> None:
-    """Our global forward's launch shapes, on q, k, v as they are and rotating q and k as it loads
-    them (the rotary tables as the model passes them: views of one row per token)."""
+def measure_global(record, q, k, v, cu, max_len: int) -> None:
+    """Our global forward's launch shapes (`modeling/global_attention.py`)."""
     from mbert_retrieval.modeling import global_attention
 
-    q, k, v = qkv.unbind(1)
-    rows = torch.randn(qkv.shape[0], 2 * DIM, device=qkv.device)
-    cos, sin = rows[:, : DIM // 2], rows[:, DIM // 2 : DIM]
-    shipped = global_attention.FORWARD
+    shipped = global_attention.tiles_for
     with torch.inference_mode():
         for tiles in GLOBAL_CANDIDATES:
-            global_attention.FORWARD = tiles
+            global_attention.tiles_for = lambda max_seqlen, tiles=tiles: tiles
             record(
                 f"global_fwd_{tiles_name(tiles)}_us",
                 lambda: global_attention.global_attention(q, k, v, cu, max_len),
             )
-            record(
-                f"global_rotary_fwd_{tiles_name(tiles)}_us",
-                lambda: global_attention.global_attention_rotary(qkv, cos, sin, cu, max_len),
-            )
-    global_attention.FORWARD = shipped
+    global_attention.tiles_for = shipped
+    with torch.inference_mode():
+        record("global_fwd_shipped_us", lambda: global_attention.global_attention(q, k, v, cu, max_len))
 
 
 def main() -> None:

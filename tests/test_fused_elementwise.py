@@ -153,6 +153,7 @@ def test_calls_without_gradients_launch_the_kernels_directly(monkeypatch):
         inference = (fused.rotary_qkv(qkv, cos, sin), fused.geglu(hidden))
     frozen = (fused.rotary_qkv(qkv, cos, sin), fused.geglu(hidden))  # gradients on, none needed
     for rotary, geglu in (inference, frozen):
+        assert rotary[2].data_ptr() == qkv[:, 2].data_ptr()  # v is not copied without gradients
         for got, expected in zip(rotary, expected_rotary, strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
         torch.testing.assert_close(geglu, expected_geglu, rtol=0, atol=0)

@@ -19,7 +19,6 @@ skip_unless_kernels_run("the global kernel")
 from test_window_kernel import cu_of, packed_qkv, triton_and_reference_models  # noqa: E402
 
 from mbert_retrieval.modeling import global_attention as kernels  # noqa: E402
-from mbert_retrieval.modeling.encoder import Rotary, apply_rotary  # noqa: E402
 from mbert_retrieval.modeling.window_attention import Tiles  # noqa: E402
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -32,7 +31,8 @@ LENGTHS = [300, 5, 129, 64, 200, 1, 130]
 @pytest.mark.parametrize("lengths", [LENGTHS, [1], [7, 7, 7, 300, 1, 1, 40], [64, 128]])
 def test_forward_matches_reference(monkeypatch, blocks, lengths):
     """Sequences shorter than a block, exactly a block, and with a partial last block of keys."""
-    monkeypatch.setattr(kernels, "FORWARD", Tiles(block_m=blocks[0], block_n=blocks[1]))
+    tiles = Tiles(block_m=blocks[0], block_n=blocks[1])
+    monkeypatch.setattr(kernels, "tiles_for", lambda max_seqlen: tiles)
     generator = torch.Generator().manual_seed(sum(blocks) + len(lengths))
     cu = cu_of(lengths)
     q, k, v = packed_qkv(lengths, generator, layout="qkv")
@@ -43,18 +43,9 @@ def test_forward_matches_reference(monkeypatch, blocks, lengths):
     assert relative_error(out, expected) < TOLERANCE
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, [1], [257]])
-def test_rotation_inside_the_kernel_matches_rotating_first(lengths):
-    generator = torch.Generator().manual_seed(len(lengths))
-    cu = cu_of(lengths)
-    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
-    cos, sin = Rotary(DIM, 160000.0, max(lengths)).to(DEVICE)(positions)
-    with torch.inference_mode():
-        out = kernels.global_attention_rotary(qkv, cos, sin, cu, max(lengths))
-    q, k = apply_rotary(qkv.float()[:, :2], cos, sin).unbind(1)
-    expected = reference_attention(q, k, qkv.float()[:, 2], cu, None)
-    assert relative_error(out, expected) < TOLERANCE
+def test_launch_shapes_follow_the_longest_sequence():
+    assert kernels.tiles_for(512) == kernels.FORWARD_SHORT
+    assert kernels.tiles_for(kernels.LONG_FROM + 1) == kernels.FORWARD_LONG
 
 
 def test_a_one_token_sequence_gets_its_own_value():
@@ -93,10 +84,8 @@ def test_model_with_the_global_kernel_matches_reference_eager_and_compiled(hf_en
     """Every global layer calls the kernel (eagerly and compiled), and the outputs match the fp32
     reference path as closely as the FlashAttention path does; training calls keep FlashAttention."""
     calls = []
-    original = kernels.global_attention_rotary
-    monkeypatch.setattr(
-        kernels, "global_attention_rotary", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+    original = kernels.global_attention
+    monkeypatch.setattr(kernels, "global_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
     with_kernel = copy.deepcopy(fast)
     for layer in with_kernel.layers:

@@ -124,8 +124,8 @@ class Attention(nn.Module):
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
         # None: inside the window kernel eagerly, a rotary pass first under torch.compile.
         self.rotation_in_window_kernel: bool | None = None
-        # Global layers of the triton backend, without gradients: our Triton kernel (rotating q and k
-        # as it loads them) instead of a rotary pass and FlashAttention. Off until measured faster.
+        # Global layers of the triton backend, without gradients: our Triton kernel
+        # (`global_attention.py`) instead of FlashAttention.
         self.global_kernel_in_inference = False
 
     def uses_global_kernel(self, backend: str) -> bool:
@@ -157,11 +157,6 @@ class Attention(nn.Module):
 
             out = window_attention_rotary(qkv, *rope, cu_seqlens, self.window_half, sequence_ids)
             return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
-        if self.uses_global_kernel(backend):
-            from mbert_retrieval.modeling.global_attention import global_attention_rotary
-
-            out = global_attention_rotary(qkv, *rope, cu_seqlens, max_seqlen)
-            return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
         if uses_fused_kernels(backend):
             from mbert_retrieval.modeling.fused_elementwise import rotary_qkv
 
@@ -171,9 +166,14 @@ class Attention(nn.Module):
             # compiled training step of 43 ms instead of 58 ms on an H100 (benchmarks/NOTES.md, step 6).
             q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
             v = qkv[:, 2]
-        out = packed_attention(
-            q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
-        )
+        if self.uses_global_kernel(backend):
+            from mbert_retrieval.modeling.global_attention import global_attention
+
+            out = global_attention(q, k, v, cu_seqlens, max_seqlen)
+        else:
+            out = packed_attention(
+                q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
+            )
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
 

@@ -85,7 +85,7 @@ def _rotary_parts(
     sqs_t, sqs_p, sqs_h, sks_t, sks_p, sks_h, svs_t, svs_p, svs_h,
     sqd_t, sqd_p, sqd_h, skd_t, skd_p, skd_h, svd_t, svd_p, svd_h, sc_t,
     direction: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HALF_COLS: tl.constexpr, COLS: tl.constexpr,
+    HALF_COLS: tl.constexpr, COLS: tl.constexpr, COPY_V: tl.constexpr = True,
 ):  # fmt: skip
     """One block of tokens: q and k rotated and v copied from QS, KS, VS to QD, KD, VD. q, k and v are
     parts 0, 1 and 2: of one [N, 3, heads, dim] tensor (its part stride) or tensors of their own
@@ -97,8 +97,9 @@ def _rotary_parts(
             0, direction, half, HALF_COLS)  # fmt: skip
     _rotate(KS, KD, COS, SIN, tokens, rows, n_tokens, sks_t, sks_p, sks_h, skd_t, skd_p, skd_h, sc_t,
             1, direction, half, HALF_COLS)  # fmt: skip
-    _copy_part(VS, VD, tokens, n_tokens, svs_t, svs_p, svs_h, svd_t, svd_p, svd_h,
-               2, HEAD_DIM, COLS, heads * HEAD_DIM)  # fmt: skip
+    if COPY_V:
+        _copy_part(VS, VD, tokens, n_tokens, svs_t, svs_p, svs_h, svd_t, svd_p, svd_h,
+                   2, HEAD_DIM, COLS, heads * HEAD_DIM)  # fmt: skip
 
 
 @triton.jit
@@ -106,12 +107,14 @@ def _rotary_fwd(
     QKV, QD, KD, VD, COS, SIN, n_tokens, heads, s_t, s_p, s_h,
     sqd_t, sqd_h, skd_t, skd_h, svd_t, svd_h, sc_t,
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_COLS: tl.constexpr, COLS: tl.constexpr,
+    COPY_V: tl.constexpr,
 ):  # fmt: skip
-    """qkv [N, 3, heads, dim] to q and k rotated and v, each [N, heads, dim] of its own."""
+    """qkv [N, 3, heads, dim] to q and k rotated, each [N, heads, dim] of its own, and v copied into a
+    third unless COPY_V is off."""
     _rotary_parts(QKV, QKV, QKV, QD, KD, VD, COS, SIN, n_tokens, heads,
                   s_t, s_p, s_h, s_t, s_p, s_h, s_t, s_p, s_h,
                   sqd_t, 0, sqd_h, skd_t, 0, skd_h, svd_t, 0, svd_h, sc_t,
-                  1, TOKENS, HEAD_DIM, HALF_COLS, COLS)  # fmt: skip
+                  1, TOKENS, HEAD_DIM, HALF_COLS, COLS, COPY_V)  # fmt: skip
 
 
 @triton.jit
@@ -139,15 +142,17 @@ def _rotary_shape(heads: int, head_dim: int) -> dict:
 
 
 def _rotary_forward(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, traced: bool = False
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, traced: bool = False, copy_v: bool = True
 ) -> list[torch.Tensor]:
-    """q, k rotated and v, each [N, heads, dim] in a buffer of its own."""
+    """q, k rotated and v, each [N, heads, dim] in a buffer of its own; without `copy_v`, v is the
+    view qkv[:, 2] (for calls without gradients, whose consumers read strided v)."""
     tokens, _, heads, head_dim = qkv.shape
-    q, k, v = (qkv.new_empty(tokens, heads, head_dim) for _ in range(3))
+    q, k = (qkv.new_empty(tokens, heads, head_dim) for _ in range(2))
+    v = qkv.new_empty(tokens, heads, head_dim) if copy_v else qkv[:, 2]
     launcher(_rotary_fwd, traced)[(triton.cdiv(tokens, ROTARY_TOKENS),)](
         qkv, q, k, v, cos, sin, tokens, heads, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         *(stride for t in (q, k, v) for stride in (t.stride(0), t.stride(1))), cos.stride(0),
-        **_rotary_shape(heads, head_dim), num_warps=ROTARY_WARPS,
+        **_rotary_shape(heads, head_dim), COPY_V=copy_v, num_warps=ROTARY_WARPS,
     )  # fmt: skip
     return [q, k, v]
 
@@ -233,8 +238,8 @@ def rotary_qkv(
     cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
     if torch.compiler.is_compiling():  # an operator inductor calls, not an autograd.Function to trace
         return tuple(rotary_forward_op(qkv, cos, sin))
-    if not records_gradients(qkv, cos, sin):
-        return tuple(_rotary_forward(qkv, cos, sin))
+    if not records_gradients(qkv, cos, sin):  # v stays a view: one copy less
+        return tuple(_rotary_forward(qkv, cos, sin, copy_v=False))
     return _RotaryQKV.apply(qkv, cos, sin)
 
 

@@ -6,9 +6,9 @@ sequence. As in FlashAttention's varlen kernel, each program takes one block of 
 sequence and one head (the grid runs over `max_seqlen`'s blocks; blocks past a sequence's end
 return at once), so no block mixes sequences: only the last, partial block of keys is masked.
 
-`global_attention_rotary` takes the projection qkv [N, 3, heads, dim] with the rotary embedding's
-cos and sin and rotates q and k as it loads them (`window_attention._load_rows`), so a global
-layer that uses it runs no rotary pass of its own.
+q and k come rotated: unlike the window kernel, rotating them as they load was slower than a rotary
+pass first (every block of queries loads all its sequence's keys and would rotate each again:
+1.5-1.9 ms against 0.99 ms per long batch on an H200, benchmarks/NOTES.md, run 48).
 
 There is no backward: the model calls it only without gradients (`Attention.global_kernel_in_inference`)
 and trains with FlashAttention. Under `torch.compile` it is a `torch.library.triton_op`.
@@ -22,19 +22,27 @@ import triton.language as tl
 
 from mbert_retrieval.modeling.attention import supports_head_dim
 from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
-from mbert_retrieval.modeling.window_attention import Tiles, _load_rows, _scales
+from mbert_retrieval.modeling.window_attention import Tiles, _scales
 
-# The shipped launch shape; benchmarks/window_kernel_sweep.py times the others (`global_fwd_*` rows).
-FORWARD = Tiles(block_m=128, block_n=64, warps=8, stages=3)
+# Launch shapes from benchmarks/window_kernel_sweep.py on an H200 (`global_fwd_*` rows): narrower
+# query blocks waste less on short sequences' partial blocks, wider ones reuse keys more on long ones.
+FORWARD_SHORT = Tiles(block_m=64, block_n=64, warps=4, stages=3)
+FORWARD_LONG = Tiles(block_m=128, block_n=64, warps=8, stages=3)
+LONG_FROM = 1024  # max_seqlen above which FORWARD_LONG is used
+
+
+def tiles_for(max_seqlen: int) -> Tiles:
+    return FORWARD_LONG if max_seqlen > LONG_FROM else FORWARD_SHORT
 
 
 @triton.jit
-def _attend_block(q, acc, m_i, l_i, K, V, COS, SIN, cols, col_ok, sk_t, sk_h, sv_t, sv_h, sc_t, head,
-                  scale_log2: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _attend_block(q, acc, m_i, l_i, K, V, cols, end, sk_t, sk_h, sv_t, sv_h, head,
+                  scale_log2: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One block of keys into the running softmax (log2 domain). MASKED: some of `cols` lie past the
     sequence's end; otherwise every score is finite and no row can be left without a key."""
     dims = tl.arange(0, HEAD_DIM)
-    k = _load_rows(K, COS, SIN, cols, col_ok, sk_t, sk_h, sc_t, head, HEAD_DIM, ROTARY)
+    col_ok = cols < end
+    k = tl.load(K + cols[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(V + cols[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k)) * scale_log2
     if MASKED:
@@ -49,9 +57,9 @@ def _attend_block(q, acc, m_i, l_i, K, V, COS, SIN, cols, col_ok, sk_t, sk_h, sv
 
 @triton.jit
 def _global_fwd(
-    Q, K, V, OUT, CU, COS, SIN, heads, scale_log2: tl.constexpr,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sc_t,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
+    Q, K, V, OUT, CU, heads, scale_log2: tl.constexpr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """Queries [start + pid0 * BLOCK_M, ...) of sequence pid1 // heads, for head pid1 % heads."""
     sequence, head = tl.program_id(1) // heads, tl.program_id(1) % heads
@@ -62,7 +70,7 @@ def _global_fwd(
     rows = first + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     dims = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM, ROTARY)
+    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -70,15 +78,13 @@ def _global_fwd(
     for block in range(start, whole_end, BLOCK_N):
         cols = block + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, K, V, COS, SIN, cols, cols < end, sk_t, sk_h, sv_t, sv_h, sc_t, head,
-            scale_log2, HEAD_DIM, ROTARY, False,
-        )  # fmt: skip
+            q, acc, m_i, l_i, K, V, cols, end, sk_t, sk_h, sv_t, sv_h, head, scale_log2, HEAD_DIM, False
+        )
     if whole_end < end:
         cols = whole_end + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _attend_block(
-            q, acc, m_i, l_i, K, V, COS, SIN, cols, cols < end, sk_t, sk_h, sv_t, sv_h, sc_t, head,
-            scale_log2, HEAD_DIM, ROTARY, True,
-        )  # fmt: skip
+            q, acc, m_i, l_i, K, V, cols, end, sk_t, sk_h, sv_t, sv_h, head, scale_log2, HEAD_DIM, True
+        )
     out = acc / l_i[:, None]
     tl.store(
         OUT + rows[:, None] * so_t + head * so_h + dims[None, :],
@@ -94,21 +100,17 @@ def _forward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     traced: bool = False,
-    rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Output [N, heads, dim]. `rotation`: cos and sin [N, dim / 2] to rotate q and k by as they load."""
     q, k, v = (unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
-    cos, sin = rotation if rotation is not None else (cu_seqlens, cu_seqlens)  # unread without a rotation
-    tiles = FORWARD
+    tiles = tiles_for(max_seqlen)
     sequences = cu_seqlens.shape[0] - 1
     launcher(_global_fwd, traced)[(triton.cdiv(max_seqlen, tiles.block_m), sequences * heads)](
-        q, k, v, out, cu_seqlens, cos, sin, heads, _scales(dim)[1],
+        q, k, v, out, cu_seqlens, heads, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        cos.stride(0),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTARY=rotation is not None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out
@@ -132,14 +134,6 @@ def global_attention_fwd(
     return _forward(q, k, v, cu_seqlens, max_seqlen, traced=True)
 
 
-@torch.library.triton_op("mbert_retrieval::global_attention_rotary_fwd", mutates_args=())
-def global_attention_rotary_fwd(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-) -> torch.Tensor:
-    q, k, v = qkv.unbind(1)
-    return _forward(q, k, v, cu_seqlens, max_seqlen, traced=True, rotation=(cos, sin))
-
-
 def _no_gradients(*inputs: torch.Tensor) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         raise RuntimeError("the global attention kernel has no backward: call it without gradients")
@@ -153,15 +147,3 @@ def global_attention(
     if torch.compiler.is_compiling():
         return global_attention_fwd(q, k, v, cu_seqlens, max_seqlen)
     return _forward(q, k, v, cu_seqlens, max_seqlen)
-
-
-def global_attention_rotary(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-) -> torch.Tensor:
-    """`global_attention` of q and k rotated by cos and sin (rotate-half) and v, all read from the
-    projection qkv [N, 3, heads, dim]. Inference only."""
-    _no_gradients(qkv)
-    if torch.compiler.is_compiling():
-        return global_attention_rotary_fwd(qkv, cos, sin, cu_seqlens, max_seqlen)
-    q, k, v = qkv.unbind(1)
-    return _forward(q, k, v, cu_seqlens, max_seqlen, rotation=(cos, sin))
