@@ -567,12 +567,20 @@ def main() -> None:
         help="comma list of inference variants to profile (default: the best)",
     )
     parser.add_argument("--workloads", default="", help="comma list of workload names (default: all)")
+    parser.add_argument(
+        "--blas",
+        choices=["default", "cublas", "cublaslt"],
+        default="default",
+        help="torch.backends.cuda.preferred_blas_library for the GEMMs (ours, HF and the ceiling alike)",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     config, ours, hf = build_models(args.small, device, dtype, "auto")
     workloads = SMALL if args.small else FULL
     if args.workloads:
@@ -593,6 +601,7 @@ def main() -> None:
         "shape": "small" if args.small else "base",
         "command": "python3 " + " ".join(sys.argv),
         "attn_backend": ours_attention_backend(device) if device.type == "cuda" else "packed_sdpa",
+        "blas": str(torch.backends.cuda.preferred_blas_library()) if device.type == "cuda" else None,
         "workloads": measure_inference(args, config, ours, hf, device, workloads, variants),
     }
     results["bf16_relative_error_vs_fp32"] = relative_error_vs_fp32(
@@ -649,9 +658,9 @@ class ModelVariants:
                 model.compile_forward()
             elif name == "compiled_model_cpp":  # no Python per kernel launch
                 model.compile_forward(options={"cpp_wrapper": True})
-            elif name.endswith("_global_kernel"):  # global layers on our Triton kernel (inference)
+            elif name.endswith(("_global_kernel", "_flash_global")):  # global layers: ours or FlashAttention
                 for layer in model.layers:
-                    layer.attn.global_kernel_in_inference = True
+                    layer.attn.global_kernel_in_inference = name.endswith("_global_kernel")
                 if name.startswith("compiled_model"):
                     model.compile_forward()
             elif name == "eager_rotary_pass":  # local layers call the rotary operator eagerly too

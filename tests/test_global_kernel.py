@@ -81,23 +81,26 @@ def test_bad_head_dim_is_a_clear_error():
 
 @pytest.mark.skipif(not ON_GPU, reason="the triton backend's model runs on CUDA")
 def test_model_with_the_global_kernel_matches_reference_eager_and_compiled(hf_encoder_dir, monkeypatch):
-    """Every global layer calls the kernel (eagerly and compiled), and the outputs match the fp32
-    reference path as closely as the FlashAttention path does; training calls keep FlashAttention."""
+    """By default every global layer calls the kernel in inference (eagerly and compiled), and the
+    outputs match the fp32 reference path as closely as the FlashAttention path does; training
+    calls keep FlashAttention."""
     calls = []
     original = kernels.global_attention
     monkeypatch.setattr(kernels, "global_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    fast, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
-    with_kernel = copy.deepcopy(fast)
-    for layer in with_kernel.layers:
-        layer.attn.global_kernel_in_inference = True
+    with_kernel, exact, ids, cu, max_len = triton_and_reference_models(hf_encoder_dir)
+    flash = copy.deepcopy(with_kernel)
+    for layer in flash.layers:
+        layer.attn.global_kernel_in_inference = False
     with torch.inference_mode():
         expected = exact.forward_packed(ids, cu, max_len)
-        flash = fast.forward_packed(ids, cu, max_len)
-        eager = with_kernel.forward_packed(ids, cu, max_len)
-        assert len(calls) == sum(layer.is_global for layer in fast.layers)
+        assert calls == []
+        flash_out = flash.forward_packed(ids, cu, max_len)
+        assert calls == []
+        eager = with_kernel.forward_packed(ids, cu, max_len)  # on by default
+        assert len(calls) == sum(layer.is_global for layer in with_kernel.layers)
         compiled = copy.deepcopy(with_kernel).compile_forward().forward_packed(ids, cu, max_len)
     for got in (eager, compiled):
-        assert relative_error(got, expected) < max(2e-2, 1.5 * relative_error(flash, expected))
+        assert relative_error(got, expected) < max(2e-2, 1.5 * relative_error(flash_out, expected))
     calls.clear()
     with_kernel.train().forward_packed(ids, cu, max_len).float().sum().backward()
     assert calls == []

@@ -125,8 +125,9 @@ class Attention(nn.Module):
         # None: inside the window kernel eagerly, a rotary pass first under torch.compile.
         self.rotation_in_window_kernel: bool | None = None
         # Global layers of the triton backend, without gradients: our Triton kernel
-        # (`global_attention.py`) instead of FlashAttention.
-        self.global_kernel_in_inference = False
+        # (`global_attention.py`) instead of FlashAttention, 1.3-1.6x faster on an H200
+        # (benchmarks/NOTES.md, run 48). Training keeps FlashAttention's forward and backward.
+        self.global_kernel_in_inference = True
 
     def uses_global_kernel(self, backend: str) -> bool:
         return (
