@@ -68,7 +68,13 @@ def fill_padded(
     pad_id: int,
 ) -> None:
     """Writes the batch into the padded buffers `ids` and `cu`: its tokens first, then padding
-    sequences of `pad_length` tokens (the last one shorter) up to `ids`' length, then empty ones."""
+    sequences of `pad_length` tokens (the last one shorter) up to `ids`' length, then empty ones.
+    On CUDA one Triton kernel does it all (`padding_kernel.py`)."""
+    if ids.is_cuda and input_ids.is_contiguous() and cu_seqlens.is_contiguous():
+        from mbert_retrieval.modeling import padding_kernel
+
+        padding_kernel.fill_padded(ids, cu, input_ids, cu_seqlens, pad_length, pad_id)
+        return
     tokens, batch = input_ids.shape[0], cu_seqlens.shape[0]
     ids[:tokens].copy_(input_ids)
     ids[tokens:].fill_(pad_id)
