@@ -663,8 +663,6 @@ class ModelVariants:
                     layer.attn.global_kernel_in_inference = name.endswith("_global_kernel")
                 if name.startswith("compiled_model"):
                     model.compile_forward()
-            elif name == "eager_sums_apart":  # residual sums beside the norms, not in the GEMMs
-                model.residual_in_place = False
             elif name == "eager_rotary_pass":  # local layers call the rotary operator eagerly too
                 set_window_rotation(model, False)
             elif name.startswith("compiled_model_rotary_in_window"):  # rotation in the window kernels

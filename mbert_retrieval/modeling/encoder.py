@@ -152,18 +152,12 @@ class Attention(nn.Module):
     def forward(
         self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
     ):
-        return self.Wo(self.attend(x, rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids))
-
-    def attend(
-        self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, key_mask=None, sequence_ids=None
-    ) -> torch.Tensor:
-        """The attention's output [N, hidden] before the output projection Wo."""
         qkv = self.Wqkv(x).view(-1, 3, self.num_heads, self.head_dim)
         if self.rotates_in_window_kernel(backend, max_seqlen):
             from mbert_retrieval.modeling.window_attention import window_attention_rotary
 
             out = window_attention_rotary(qkv, *rope, cu_seqlens, self.window_half, sequence_ids)
-            return out.reshape(-1, self.num_heads * self.head_dim)
+            return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
         if uses_fused_kernels(backend):
             from mbert_retrieval.modeling.fused_elementwise import rotary_qkv
 
@@ -181,7 +175,7 @@ class Attention(nn.Module):
             out = packed_attention(
                 q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
             )
-        return out.reshape(-1, self.num_heads * self.head_dim)
+        return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
 
 class GeGLU(nn.Module):
@@ -194,17 +188,13 @@ class GeGLU(nn.Module):
         self.act = ACTIVATIONS[config.hidden_activation]
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        return self.Wo(self.gated(x, fused))
-
-    def gated(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """The gated activations [N, intermediate] before Wo. `fused`: GELU and gate in one Triton
-        kernel (CUDA, exact GELU only)."""
+        """`fused`: GELU and gate in one Triton kernel (CUDA, exact GELU only)."""
         if fused and self.act is F.gelu:
             from mbert_retrieval.modeling.fused_elementwise import geglu
 
-            return geglu(self.Wi(x))
+            return self.Wo(geglu(self.Wi(x)))
         inputs, gate = self.Wi(x).chunk(2, dim=-1)
-        return self.act(inputs) * gate
+        return self.Wo(self.act(inputs) * gate)
 
 
 class Layer(nn.Module):
@@ -238,17 +228,6 @@ class Layer(nn.Module):
         attended = self.attn(normed, rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
         x, normed = add_and_norm(x, attended, self.mlp_norm, backend)
         return x, self.mlp(normed, uses_fused_kernels(backend))
-
-    def forward_in_place(self, x, rope: tuple, cu_seqlens, max_seqlen: int, backend: str, sequence_ids=None):
-        """Inference without biases: each output projection adds its product into the residual stream
-        x in place (a GEMM with beta = 1 reads x in its epilogue), so each LayerNorm reads one tensor
-        and writes one, where a separate sum reads two and writes two."""
-        attended = self.attn.attend(
-            self.attn_norm(x), rope, cu_seqlens, max_seqlen, backend, None, sequence_ids
-        )
-        x.addmm_(attended, self.attn.Wo.weight.t())
-        x.addmm_(self.mlp.gated(self.mlp_norm(x), uses_fused_kernels(backend)), self.mlp.Wo.weight.t())
-        return x
 
 
 def _raise_recompile_limit(limit: int = 64) -> None:
@@ -297,7 +276,6 @@ class ModernBert(nn.Module):
         self.local_rotary = Rotary(head_dim, config.local_rope_theta, max_pos)
         self._rotary_table: torch.Tensor | None = None  # both thetas' cos and sin side by side
         self.gradient_checkpointing = False
-        self.residual_in_place = True  # see `adds_in_place`
         self._compiled_run_layers = None  # set by `compile_forward`
         self._graphs = None  # set by `use_cuda_graphs`
 
@@ -403,11 +381,6 @@ class ModernBert(nn.Module):
         """Embeddings, the layers and the final norm: what `compile_forward` compiles."""
         global_rope, local_rope = ropes
         x, pending = self.embeddings(input_ids), None
-        if self.adds_in_place(backend, key_mask):
-            for layer in self.layers:
-                rope = global_rope if layer.is_global else local_rope
-                x = layer.forward_in_place(x, rope, cu_seqlens, max_seqlen, backend, sequence_ids)
-            return self.final_norm(x)
         for layer in self.layers:
             rope = global_rope if layer.is_global else local_rope
             args = (rope, cu_seqlens, max_seqlen, backend, key_mask, sequence_ids)
@@ -416,19 +389,6 @@ class ModernBert(nn.Module):
             else:
                 x, pending = layer(x, pending, *args)
         return add_and_norm(x, pending, self.final_norm, backend)[1]
-
-    def adds_in_place(self, backend: str, key_mask) -> bool:
-        """Whether the layers run `Layer.forward_in_place`: eager inference on the triton backend, for a
-        model without biases in its linear layers. Compiled graphs keep the sums inductor fuses."""
-        config = self.config
-        return (
-            self.residual_in_place
-            and backend == "triton"
-            and key_mask is None
-            and not torch.compiler.is_compiling()
-            and not torch.is_grad_enabled()
-            and not (config.attention_bias or config.mlp_bias)
-        )
 
     def compile_forward(self, **compile_kwargs) -> ModernBert:
         """torch.compile the embeddings, all layers and the final norm as one graph, for varying
