@@ -252,3 +252,13 @@ def test_triton_backend_needs_a_c_compiler_and_auto_says_why(monkeypatch):
         attention.resolve_backend("triton", cuda, bf16)
     monkeypatch.setenv("CC", "/nonexistent/bin/cc")  # named but absent
     assert attention.c_compiler_for_triton() is None
+
+
+def test_kernel_offsets_past_32_bits_are_a_clear_error():
+    from mbert_retrieval.modeling.attention import check_kernel_offsets
+
+    fits = torch.empty_strided((1000, 12, 64), (2304, 64, 1), device="meta")
+    check_kernel_offsets(fits)
+    too_many = torch.empty_strided((932_069, 12, 64), (2304, 64, 1), device="meta")  # as qkv's views
+    with pytest.raises(ValueError, match="too large for the Triton attention kernels"):
+        check_kernel_offsets(too_many)

@@ -197,6 +197,20 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+KERNEL_OFFSET_LIMIT = 2**31  # our attention kernels index their inputs with 32-bit offsets
+
+
+def check_kernel_offsets(*tensors: torch.Tensor) -> None:
+    """A clear error where a Triton attention kernel's 32-bit element offsets would overflow."""
+    for tensor in tensors:
+        last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        if last >= KERNEL_OFFSET_LIMIT:
+            raise ValueError(
+                f"a batch of {tensor.shape[0]} tokens is too large for the Triton attention kernels "
+                f"(element offsets past 2**31); split it into smaller batches"
+            )
+
+
 def supports_head_dim(head_dim: int) -> bool:
     """Head sizes our Triton attention kernels take: powers of two from 16."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbert_retrieval.modeling.attention import (
+    KERNEL_OFFSET_LIMIT,
     check_backend_name,
     packed_attention,
     resolve_backend,
@@ -350,6 +351,8 @@ class ModernBert(nn.Module):
         backend = resolve_backend(self.attn_backend, self.device, compute_dtype)
         if key_mask is not None:  # the packed kernels have no per-key mask
             backend = "reference"
+        if backend == "triton" and input_ids.shape[0] * 3 * self.config.hidden_size >= KERNEL_OFFSET_LIMIT:
+            backend = "varlen"  # FlashAttention's offsets are 64-bit; our kernels' are 32-bit
         sequence_ids = None
         if backend == "triton":  # the window kernel's masks, made once for all layers
             sequence_ids = make_sequence_ids(cu_seqlens, input_ids.shape[0])

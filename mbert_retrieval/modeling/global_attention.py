@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.attention import supports_head_dim
+from mbert_retrieval.modeling.attention import check_kernel_offsets, supports_head_dim
 from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 from mbert_retrieval.modeling.window_attention import Tiles, _scales
 
@@ -103,6 +103,7 @@ def _forward(
 ) -> torch.Tensor:
     q, k, v = (unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
+    check_kernel_offsets(q, k, v)
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     tiles = tiles_for(max_seqlen)

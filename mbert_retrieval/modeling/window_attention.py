@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.attention import records_gradients, supports_head_dim
+from mbert_retrieval.modeling.attention import check_kernel_offsets, records_gradients, supports_head_dim
 from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 from mbert_retrieval.modeling.packing import sequence_ids
 
@@ -302,6 +302,7 @@ def _forward(
     `rotation`: cos and sin [N, dim / 2] (float32) to rotate q and k by as the kernel loads them."""
     q, k, v = (unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
+    check_kernel_offsets(q, k, v)
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
