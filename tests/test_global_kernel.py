@@ -43,29 +43,6 @@ def test_forward_matches_reference(monkeypatch, blocks, lengths):
     assert relative_error(out, expected) < TOLERANCE
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, [1], [257]])
-def test_queries_rotated_inside_match_rotating_first(lengths):
-    """q rotated as the kernel loads it and k by `rotate_keys`, against `apply_rotary` on both and
-    the reference attention."""
-    from mbert_retrieval.modeling.encoder import Rotary, apply_rotary
-    from mbert_retrieval.modeling.fused_elementwise import rotate_keys
-
-    generator = torch.Generator().manual_seed(len(lengths))
-    cu = cu_of(lengths)
-    qkv = torch.randn(sum(lengths), 3, HEADS, DIM, generator=generator).to(DEVICE, DTYPE)
-    positions = torch.cat([torch.arange(n) for n in lengths]).to(DEVICE)
-    cos, sin = Rotary(DIM, 160000.0, max(lengths)).to(DEVICE)(positions)
-    with torch.inference_mode():
-        k = rotate_keys(qkv, cos, sin)
-        out = kernels.global_attention(qkv[:, 0], k, qkv[:, 2], cu, max(lengths), q_rotation=(cos, sin))
-    q_rotated, k_rotated = apply_rotary(qkv[:, :2], cos, sin).unbind(1)
-    assert relative_error(k, k_rotated) < TOLERANCE
-    expected = reference_attention(q_rotated.float(), k_rotated.float(), qkv[:, 2].float(), cu, None)
-    assert relative_error(out, expected) < TOLERANCE
-    unrotated = kernels.global_attention(q_rotated, k, qkv[:, 2], cu, max(lengths))
-    assert relative_error(out, unrotated) < TOLERANCE / 4  # q rounded to its dtype as the rotary pass rounds it
-
-
 def test_launch_shapes_follow_the_longest_sequence():
     assert kernels.tiles_for(512) == kernels.FORWARD_SHORT
     assert kernels.tiles_for(kernels.LONG_FROM + 1) == kernels.FORWARD_LONG

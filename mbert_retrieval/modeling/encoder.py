@@ -139,20 +139,6 @@ class Attention(nn.Module):
             and supports_head_dim(self.head_dim)
         )
 
-    def global_kernel_attention(self, qkv, rope: tuple, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-        """A global layer's attention [N, hidden] on our kernel: k rotated by a pass of its own (Triton
-        eagerly, inductor's compiled), q as the kernel loads it, v read in place from qkv."""
-        from mbert_retrieval.modeling.global_attention import global_attention
-
-        if torch.compiler.is_compiling():
-            k = apply_rotary(qkv[:, 1:2], *rope)[:, 0]
-        else:
-            from mbert_retrieval.modeling.fused_elementwise import rotate_keys
-
-            k = rotate_keys(qkv, *rope)
-        out = global_attention(qkv[:, 0], k, qkv[:, 2], cu_seqlens, max_seqlen, q_rotation=rope)
-        return out.reshape(-1, self.num_heads * self.head_dim)
-
     def rotates_in_window_kernel(self, backend: str, max_seqlen: int) -> bool:
         """A local layer of the triton backend, run eagerly: the window kernels rotate q and k as they
         load them from qkv (and rotate their gradients back), so no rotary operator is called: an eager
@@ -173,8 +159,6 @@ class Attention(nn.Module):
 
             out = window_attention_rotary(qkv, *rope, cu_seqlens, self.window_half, sequence_ids)
             return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
-        if self.uses_global_kernel(backend):
-            return self.Wo(self.global_kernel_attention(qkv, rope, cu_seqlens, max_seqlen))
         if uses_fused_kernels(backend):
             from mbert_retrieval.modeling.fused_elementwise import rotary_qkv
 
@@ -184,9 +168,14 @@ class Attention(nn.Module):
             # compiled training step of 43 ms instead of 58 ms on an H100 (benchmarks/NOTES.md, step 6).
             q, k = apply_rotary(qkv[:, :2], *rope).unbind(dim=1)
             v = qkv[:, 2]
-        out = packed_attention(
-            q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
-        )
+        if self.uses_global_kernel(backend):
+            from mbert_retrieval.modeling.global_attention import global_attention
+
+            out = global_attention(q, k, v, cu_seqlens, max_seqlen)
+        else:
+            out = packed_attention(
+                q, k, v, cu_seqlens, max_seqlen, self.window_half, backend, key_mask, sequence_ids
+            )
         return self.Wo(out.reshape(-1, self.num_heads * self.head_dim))
 
 

@@ -85,7 +85,7 @@ def _rotary_parts(
     sqs_t, sqs_p, sqs_h, sks_t, sks_p, sks_h, svs_t, svs_p, svs_h,
     sqd_t, sqd_p, sqd_h, skd_t, skd_p, skd_h, svd_t, svd_p, svd_h, sc_t,
     direction: tl.constexpr, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HALF_COLS: tl.constexpr, COLS: tl.constexpr, COPY_V: tl.constexpr = True, ROTATE_Q: tl.constexpr = True,
+    HALF_COLS: tl.constexpr, COLS: tl.constexpr, COPY_V: tl.constexpr = True,
 ):  # fmt: skip
     """One block of tokens: q and k rotated and v copied from QS, KS, VS to QD, KD, VD. q, k and v are
     parts 0, 1 and 2: of one [N, 3, heads, dim] tensor (its part stride) or tensors of their own
@@ -93,9 +93,8 @@ def _rotary_parts(
     tokens = tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS)  # int64: N x stride can pass 2**31
     half: tl.constexpr = HEAD_DIM // 2
     rows = heads * half
-    if ROTATE_Q:
-        _rotate(QS, QD, COS, SIN, tokens, rows, n_tokens, sqs_t, sqs_p, sqs_h, sqd_t, sqd_p, sqd_h, sc_t,
-                0, direction, half, HALF_COLS)  # fmt: skip
+    _rotate(QS, QD, COS, SIN, tokens, rows, n_tokens, sqs_t, sqs_p, sqs_h, sqd_t, sqd_p, sqd_h, sc_t,
+            0, direction, half, HALF_COLS)  # fmt: skip
     _rotate(KS, KD, COS, SIN, tokens, rows, n_tokens, sks_t, sks_p, sks_h, skd_t, skd_p, skd_h, sc_t,
             1, direction, half, HALF_COLS)  # fmt: skip
     if COPY_V:
@@ -108,14 +107,14 @@ def _rotary_fwd(
     QKV, QD, KD, VD, COS, SIN, n_tokens, heads, s_t, s_p, s_h,
     sqd_t, sqd_h, skd_t, skd_h, svd_t, svd_h, sc_t,
     TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_COLS: tl.constexpr, COLS: tl.constexpr,
-    COPY_V: tl.constexpr, ROTATE_Q: tl.constexpr,
+    COPY_V: tl.constexpr,
 ):  # fmt: skip
-    """qkv [N, 3, heads, dim] to k rotated, q rotated unless ROTATE_Q is off, and v copied unless
-    COPY_V is off, each [N, heads, dim] of its own."""
+    """qkv [N, 3, heads, dim] to q and k rotated, each [N, heads, dim] of its own, and v copied into a
+    third unless COPY_V is off."""
     _rotary_parts(QKV, QKV, QKV, QD, KD, VD, COS, SIN, n_tokens, heads,
                   s_t, s_p, s_h, s_t, s_p, s_h, s_t, s_p, s_h,
                   sqd_t, 0, sqd_h, skd_t, 0, skd_h, svd_t, 0, svd_h, sc_t,
-                  1, TOKENS, HEAD_DIM, HALF_COLS, COLS, COPY_V, ROTATE_Q)  # fmt: skip
+                  1, TOKENS, HEAD_DIM, HALF_COLS, COLS, COPY_V)  # fmt: skip
 
 
 @triton.jit
@@ -143,24 +142,17 @@ def _rotary_shape(heads: int, head_dim: int) -> dict:
 
 
 def _rotary_forward(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    traced: bool = False,
-    copy_v: bool = True,
-    rotate_q: bool = True,
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, traced: bool = False, copy_v: bool = True
 ) -> list[torch.Tensor]:
     """q, k rotated and v, each [N, heads, dim] in a buffer of its own; without `copy_v`, v is the
-    view qkv[:, 2] (for calls without gradients, whose consumers read strided v); without
-    `rotate_q`, q is the view qkv[:, 0], not rotated."""
+    view qkv[:, 2] (for calls without gradients, whose consumers read strided v)."""
     tokens, _, heads, head_dim = qkv.shape
-    q = qkv.new_empty(tokens, heads, head_dim) if rotate_q else qkv[:, 0]
-    k = qkv.new_empty(tokens, heads, head_dim)
+    q, k = (qkv.new_empty(tokens, heads, head_dim) for _ in range(2))
     v = qkv.new_empty(tokens, heads, head_dim) if copy_v else qkv[:, 2]
     launcher(_rotary_fwd, traced)[(triton.cdiv(tokens, ROTARY_TOKENS),)](
         qkv, q, k, v, cos, sin, tokens, heads, qkv.stride(0), qkv.stride(1), qkv.stride(2),
         *(stride for t in (q, k, v) for stride in (t.stride(0), t.stride(1))), cos.stride(0),
-        **_rotary_shape(heads, head_dim), COPY_V=copy_v, ROTATE_Q=rotate_q, num_warps=ROTARY_WARPS,
+        **_rotary_shape(heads, head_dim), COPY_V=copy_v, num_warps=ROTARY_WARPS,
     )  # fmt: skip
     return [q, k, v]
 
@@ -249,14 +241,6 @@ def rotary_qkv(
     if not records_gradients(qkv, cos, sin):  # v stays a view: one copy less
         return tuple(_rotary_forward(qkv, cos, sin, copy_v=False))
     return _RotaryQKV.apply(qkv, cos, sin)
-
-
-def rotate_keys(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """k rotated [N, heads, dim], from qkv [N, 3, heads, head_dim], for a kernel that rotates q itself
-    (`global_attention`). Inference only: no gradient."""
-    tokens, _, _, head_dim = qkv.shape
-    cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
-    return _rotary_forward(qkv, cos, sin, copy_v=False, rotate_q=False)[1]
 
 
 # -- GeGLU -------------------------------------------------------------------------------------------

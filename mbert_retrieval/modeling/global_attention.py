@@ -6,10 +6,9 @@ sequence. As in FlashAttention's varlen kernel, each program takes one block of 
 sequence and one head (the grid runs over `max_seqlen`'s blocks; blocks past a sequence's end
 return at once), so no block mixes sequences: only the last, partial block of keys is masked.
 
-k comes rotated (a rotary pass first); q can be rotated as it loads (`q_rotation`). Rotating k as it
-loads, as the window kernel does, was slower: every block of queries loads all its sequence's keys
-and would rotate each again (1.5-1.9 ms against 0.99 ms per long batch on an H200,
-benchmarks/NOTES.md, run 48).
+q and k come rotated: unlike the window kernel, rotating them as they load was slower than a rotary
+pass first (every block of queries loads all its sequence's keys and would rotate each again:
+1.5-1.9 ms against 0.99 ms per long batch on an H200, benchmarks/NOTES.md, run 48).
 
 There is no backward: the model calls it only without gradients (`Attention.global_kernel_in_inference`)
 and trains with FlashAttention. Under `torch.compile` it is a `torch.library.triton_op`.
@@ -57,31 +56,10 @@ def _attend_block(q, acc, m_i, l_i, K, V, cols, end, sk_t, sk_h, sv_t, sv_h, hea
 
 
 @triton.jit
-def _load_queries(Q, COS, SIN, rows, ok, s_t, s_h, sc_t, head, HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr):
-    """Rows of Q [N, heads, dim] for one head; with ROTATE, rotated by their positions' cos and sin
-    (rotate-half, float32 arithmetic rounded to Q's dtype, as `encoder.apply_rotary`), halves in
-    place as the keys' rotary pass leaves them."""
-    if ROTATE:
-        half: tl.constexpr = HEAD_DIM // 2
-        dims = tl.arange(0, half)
-        at = Q + rows[:, None] * s_t + head * s_h + dims[None, :]
-        x1 = tl.load(at, mask=ok[:, None], other=0.0).to(tl.float32)
-        x2 = tl.load(at + half, mask=ok[:, None], other=0.0).to(tl.float32)
-        cos = tl.load(COS + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
-        sin = tl.load(SIN + rows[:, None] * sc_t + dims[None, :], mask=ok[:, None], other=0.0)
-        halves = tl.permute(tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin), (0, 2, 1))  # [rows, 2, half]
-        q = tl.reshape(halves, (rows.shape[0], HEAD_DIM)).to(Q.dtype.element_ty)
-    else:
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + rows[:, None] * s_t + head * s_h + dims[None, :], mask=ok[:, None], other=0.0)
-    return q
-
-
-@triton.jit
 def _global_fwd(
-    Q, K, V, OUT, CU, COS, SIN, heads, scale_log2: tl.constexpr,
-    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, sc_t,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATE_Q: tl.constexpr,
+    Q, K, V, OUT, CU, heads, scale_log2: tl.constexpr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """Queries [start + pid0 * BLOCK_M, ...) of sequence pid1 // heads, for head pid1 % heads."""
     sequence, head = tl.program_id(1) // heads, tl.program_id(1) % heads
@@ -92,7 +70,7 @@ def _global_fwd(
     rows = first + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     dims = tl.arange(0, HEAD_DIM)
-    q = _load_queries(Q, COS, SIN, rows, row_ok, sq_t, sq_h, sc_t, head, HEAD_DIM, ROTATE_Q)
+    q = tl.load(Q + rows[:, None] * sq_t + head * sq_h + dims[None, :], mask=row_ok[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -122,9 +100,7 @@ def _forward(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     traced: bool = False,
-    q_rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Output [N, heads, dim]. `q_rotation`: cos and sin [N, dim / 2] to rotate q by as it loads."""
     q, k, v = (unit_stride(t) for t in (q, k, v))
     _check(q, k, v, cu_seqlens)
     check_kernel_offsets(q, k, v)
@@ -132,12 +108,10 @@ def _forward(
     out = q.new_empty(q.shape)
     tiles = tiles_for(max_seqlen)
     sequences = cu_seqlens.shape[0] - 1
-    cos, sin = q_rotation if q_rotation is not None else (cu_seqlens, cu_seqlens)  # unread without
     launcher(_global_fwd, traced)[(triton.cdiv(max_seqlen, tiles.block_m), sequences * heads)](
-        q, k, v, out, cu_seqlens, cos, sin, heads, _scales(dim)[1],
+        q, k, v, out, cu_seqlens, heads, _scales(dim)[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        cos.stride(0),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim, ROTATE_Q=q_rotation is not None,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, HEAD_DIM=dim,
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out
@@ -156,16 +130,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
 
 @torch.library.triton_op("mbert_retrieval::global_attention_fwd", mutates_args=())
 def global_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    q_cos: torch.Tensor | None = None,
-    q_sin: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
 ) -> torch.Tensor:
-    rotation = None if q_cos is None or q_sin is None else (q_cos, q_sin)
-    return _forward(q, k, v, cu_seqlens, max_seqlen, traced=True, q_rotation=rotation)
+    return _forward(q, k, v, cu_seqlens, max_seqlen, traced=True)
 
 
 def _no_gradients(*inputs: torch.Tensor) -> None:
@@ -174,21 +141,10 @@ def _no_gradients(*inputs: torch.Tensor) -> None:
 
 
 def global_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    q_rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
 ) -> torch.Tensor:
-    """Each query attends to every key of its own sequence: [N, heads, dim]. Inference only.
-
-    `q_rotation`: cos and sin [N, ..., dim / 2] per token, to rotate q by as the kernel loads it
-    (once per block of queries, where rotating k would be repeated by every block); k comes rotated."""
+    """Each query attends to every key of its own sequence: [N, heads, dim]. Inference only."""
     _no_gradients(q, k, v)
-    if q_rotation is not None:
-        tokens, half = q.shape[0], q.shape[-1] // 2
-        q_rotation = tuple(t.reshape(tokens, half) for t in q_rotation)
     if torch.compiler.is_compiling():
-        return global_attention_fwd(q, k, v, cu_seqlens, max_seqlen, *(q_rotation or (None, None)))
-    return _forward(q, k, v, cu_seqlens, max_seqlen, q_rotation=q_rotation)
+        return global_attention_fwd(q, k, v, cu_seqlens, max_seqlen)
+    return _forward(q, k, v, cu_seqlens, max_seqlen)

@@ -47,9 +47,8 @@ class Tiles:
 
 
 # Launch shapes chosen by benchmarks/window_kernel_sweep.py on an H200 (results/window_kernel_sweep.json):
-# the backward's dk/dv kernel takes 32 queries per step, its dq kernel 32 keys per step; the forward
-# 32 keys per step (3-4% faster than 64 in runs 46 and 48).
-FORWARD = Tiles(block_m=64, block_n=32)
+# the backward's dk/dv kernel takes 32 queries per step, its dq kernel 32 keys per step.
+FORWARD = Tiles()
 BACKWARD_DKDV = Tiles(block_m=32, block_n=64)
 BACKWARD_DQ = Tiles(block_m=64, block_n=32)
 
