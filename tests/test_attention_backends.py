@@ -259,6 +259,6 @@ def test_kernel_offsets_past_32_bits_are_a_clear_error():
 
     fits = torch.empty_strided((1000, 12, 64), (2304, 64, 1), device="meta")
     check_kernel_offsets(fits)
-    too_many = torch.empty_strided((932_069, 12, 64), (2304, 64, 1), device="meta")  # as qkv's views
+    too_many = torch.empty_strided((932_068, 12, 64), (2304, 64, 1), device="meta")  # as qkv's views
     with pytest.raises(ValueError, match="too large for the Triton attention kernels"):
         check_kernel_offsets(too_many)

@@ -202,9 +202,8 @@ KERNEL_OFFSET_LIMIT = 2**31  # our attention kernels index their inputs with 32-
 
 def check_kernel_offsets(*tensors: torch.Tensor) -> None:
     """A clear error where a Triton attention kernel's 32-bit element offsets would overflow."""
-    for tensor in tensors:
-        last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-        if last >= KERNEL_OFFSET_LIMIT:
+    for tensor in tensors:  # [N, heads, dim] with tokens outermost: N x its stride bounds every offset
+        if tensor.shape[0] * tensor.stride(0) >= KERNEL_OFFSET_LIMIT:
             raise ValueError(
                 f"a batch of {tensor.shape[0]} tokens is too large for the Triton attention kernels "
                 f"(element offsets past 2**31); split it into smaller batches"
