@@ -200,6 +200,21 @@ class FlashAttention(torch.autograd.Function):
 KERNEL_OFFSET_LIMIT = 2**31  # our attention kernels index their inputs with 32-bit offsets
 
 
+def check_kernel_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, kernel: str
+) -> None:
+    """What our Triton attention kernels (`kernel`: their name in the message) need of their inputs."""
+    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must share one [tokens, heads, dim] shape, got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if not supports_head_dim(q.shape[-1]):
+        raise ValueError(f"head_dim must be a power of two >= 16 for the {kernel}, got {q.shape[-1]}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError("cu_seqlens must be int32")
+    check_kernel_offsets(q, k, v)
+
+
 def check_kernel_offsets(*tensors: torch.Tensor) -> None:
     """A clear error where a Triton attention kernel's 32-bit element offsets would overflow."""
     for tensor in tensors:  # [N, heads, dim] with tokens outermost: N x its stride bounds every offset

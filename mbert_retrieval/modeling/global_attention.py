@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.attention import check_kernel_offsets, supports_head_dim
+from mbert_retrieval.modeling.attention import check_kernel_inputs
 from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 from mbert_retrieval.modeling.window_attention import Tiles, _scales
 
@@ -102,8 +102,7 @@ def _forward(
     traced: bool = False,
 ) -> torch.Tensor:
     q, k, v = (unit_stride(t) for t in (q, k, v))
-    _check(q, k, v, cu_seqlens)
-    check_kernel_offsets(q, k, v)
+    check_kernel_inputs(q, k, v, cu_seqlens, "global kernel")
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     tiles = tiles_for(max_seqlen)
@@ -115,17 +114,6 @@ def _forward(
         num_warps=tiles.warps, num_stages=tiles.stages,
     )  # fmt: skip
     return out
-
-
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must share one [tokens, heads, dim] shape, got {q.shape}, {k.shape}, {v.shape}"
-        )
-    if not supports_head_dim(q.shape[-1]):
-        raise ValueError(f"head_dim must be a power of two >= 16 for the global kernel, got {q.shape[-1]}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError("cu_seqlens must be int32")
 
 
 @torch.library.triton_op("mbert_retrieval::global_attention_fwd", mutates_args=())

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mbert_retrieval.modeling.attention import check_kernel_offsets, records_gradients, supports_head_dim
+from mbert_retrieval.modeling.attention import check_kernel_inputs, records_gradients
 from mbert_retrieval.modeling.fused_elementwise import launcher, unit_stride
 from mbert_retrieval.modeling.packing import sequence_ids
 
@@ -277,17 +277,6 @@ def _scales(head_dim: int) -> tuple[float, float]:
     return scale, scale * LOG2_E
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    if q.dim() != 3 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(
-            f"q, k, v must share one [tokens, heads, dim] shape, got {q.shape}, {k.shape}, {v.shape}"
-        )
-    if not supports_head_dim(q.shape[-1]):
-        raise ValueError(f"head_dim must be a power of two >= 16 for the window kernel, got {q.shape[-1]}")
-    if cu_seqlens.dtype != torch.int32:
-        raise ValueError("cu_seqlens must be int32")
-
-
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -301,8 +290,7 @@ def _forward(
     """Output [N, heads, dim] and the log2-sum-exp of each query's scores [heads, N] (float32).
     `rotation`: cos and sin [N, dim / 2] (float32) to rotate q and k by as the kernel loads them."""
     q, k, v = (unit_stride(t) for t in (q, k, v))
-    _check(q, k, v, cu_seqlens)
-    check_kernel_offsets(q, k, v)
+    check_kernel_inputs(q, k, v, cu_seqlens, "window kernel")
     tokens, heads, dim = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((heads, tokens), dtype=torch.float32)
