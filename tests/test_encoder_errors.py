@@ -102,3 +102,19 @@ def test_backend_names(hf_encoder_dir):
     model = ModernBert.from_pretrained(hf_encoder_dir, attn_backend="varlen")
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         model(torch.tensor([[5, 6]]))
+
+
+def test_bad_packed_inputs(hf_encoder_dir):
+    model = ModernBert.from_pretrained(hf_encoder_dir)
+    ids = torch.tensor([5, 6, 7, 8, 9])
+    with pytest.raises(ValueError, match="cu_seqlens ends at 4 but there are 5 tokens"):
+        model.forward_packed(ids, torch.tensor([0, 2, 4], dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="max_seqlen=2 but a sequence has 3 tokens"):
+        model.forward_packed(ids, torch.tensor([0, 2, 5], dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="start at 0 and never decrease"):
+        model.forward_packed(ids, torch.tensor([0, 4, 3, 5], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="start at 0"):
+        model.forward_packed(ids, torch.tensor([1, 5], dtype=torch.int32), 5)
+    with pytest.raises(ValueError, match="int32"):
+        model.forward_packed(ids, torch.tensor([0, 5]), 5)
+    assert model.forward_packed(ids, torch.tensor([0, 2, 5], dtype=torch.int32), 3).shape == (5, 64)

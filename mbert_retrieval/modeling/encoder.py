@@ -464,13 +464,22 @@ class ModernBert(nn.Module):
                 f"a sequence has {max_seqlen} tokens, more than max_position_embeddings="
                 f"{self.config.max_position_embeddings}; truncate or split it"
             )
-        low, high = int(input_ids.min()), int(input_ids.max())
+        # One read back from the device for all of them (each int() of a CUDA value waits for it).
+        lengths = cu_seqlens.diff()
+        low, high, start, end, shortest, longest = torch.stack(
+            [input_ids.min(), input_ids.max(), cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]
+        ).tolist()
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary (size {self.config.vocab_size})")
-        if int(cu_seqlens[-1]) != input_ids.numel():
+        if start != 0 or shortest < 0:
+            raise ValueError("cu_seqlens must start at 0 and never decrease")
+        if end != input_ids.numel():
+            raise ValueError(f"cu_seqlens ends at {end} but there are {input_ids.numel()} tokens")
+        if longest > max_seqlen:
             raise ValueError(
-                f"cu_seqlens ends at {int(cu_seqlens[-1])} but there are {input_ids.numel()} tokens"
+                f"max_seqlen={max_seqlen} but a sequence has {longest} tokens: the attention kernels "
+                "would leave its end out"
             )
 
     # -- checkpoints -------------------------------------------------------------------------------
