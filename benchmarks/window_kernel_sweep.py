@@ -43,6 +43,8 @@ GLOBAL_CANDIDATES = [
     kernels.Tiles(64, 128, 4, 3),
     kernels.Tiles(128, 64, 8, 4),
     kernels.Tiles(64, 32, 4, 2),
+    kernels.Tiles(32, 64, 4, 3),  # less of a partial last block on short sequences
+    kernels.Tiles(32, 32, 2, 3),
 ]
 DQ_CANDIDATES = [
     kernels.Tiles(64, 64, 4, 2),
