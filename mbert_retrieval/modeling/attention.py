@@ -215,10 +215,16 @@ def check_kernel_inputs(
     check_kernel_offsets(q, k, v)
 
 
+def fits_kernel_offsets(tokens: int, token_stride: int) -> bool:
+    """Whether rows of `tokens` tokens, `token_stride` elements apart, stay within our kernels'
+    32-bit offsets (tokens x stride bounds every offset of a [N, heads, dim] tensor)."""
+    return tokens * token_stride < KERNEL_OFFSET_LIMIT
+
+
 def check_kernel_offsets(*tensors: torch.Tensor) -> None:
     """A clear error where a Triton attention kernel's 32-bit element offsets would overflow."""
-    for tensor in tensors:  # [N, heads, dim] with tokens outermost: N x its stride bounds every offset
-        if tensor.shape[0] * tensor.stride(0) >= KERNEL_OFFSET_LIMIT:
+    for tensor in tensors:
+        if not fits_kernel_offsets(tensor.shape[0], tensor.stride(0)):
             raise ValueError(
                 f"a batch of {tensor.shape[0]} tokens is too large for the Triton attention kernels "
                 f"(element offsets past 2**31); split it into smaller batches"

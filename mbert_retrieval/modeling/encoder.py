@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbert_retrieval.modeling.attention import (
-    KERNEL_OFFSET_LIMIT,
     check_backend_name,
+    fits_kernel_offsets,
     packed_attention,
     resolve_backend,
     supports_head_dim,
@@ -351,7 +351,7 @@ class ModernBert(nn.Module):
         backend = resolve_backend(self.attn_backend, self.device, compute_dtype)
         if key_mask is not None:  # the packed kernels have no per-key mask
             backend = "reference"
-        if backend == "triton" and input_ids.shape[0] * 3 * self.config.hidden_size >= KERNEL_OFFSET_LIMIT:
+        if backend == "triton" and not fits_kernel_offsets(input_ids.shape[0], 3 * self.config.hidden_size):
             backend = "varlen"  # FlashAttention's offsets are 64-bit; our kernels' are 32-bit
         sequence_ids = None
         if backend == "triton":  # the window kernel's masks, made once for all layers
