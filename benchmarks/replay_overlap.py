@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -90,6 +91,41 @@ class Recorded:
         return torch.cat(self.outs) if len(self.outs) > 1 else self.outs[0].clone()
 
 
+def make_variant(name: str, model, ids, cu, max_len: int):
+    """A replayable forward of the batch: `GraphedForward` with the default padding (`shipped`) or
+    with less of it, or the batch recorded as it is on one or two streams (`Recorded`)."""
+    from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes
+
+    shapes = {
+        "shipped": GraphShapes(),
+        "pad_tokens_only": GraphShapes(tokens=128, sequences=1),
+        "pad_sequences_only": GraphShapes(tokens=1, sequences=16, pad_length=1),
+        "shipped_unpadded": GraphShapes(tokens=1, sequences=1, pad_length=1),
+    }
+    if name in shapes:
+        graphed = GraphedForward(model, shapes[name])
+        return lambda: graphed(ids, cu, max_len)
+    recorded = {
+        "one_stream": (1, "cublas"),
+        "two_streams": (2, "cublas"),
+        "one_stream_lt": (1, "cublaslt"),
+        "two_streams_lt": (2, "cublaslt"),
+    }
+    if name not in recorded:
+        raise ValueError(f"unknown variant {name!r}; known: {[*shapes, *recorded]}")
+    return Recorded(model, ids, cu, max_len, *recorded[name])
+
+
+def sm_clock() -> int | None:
+    """The SM clock now (MHz), through NVML when it is installed."""
+    import torch
+
+    try:
+        return torch.cuda.clock_rate()
+    except Exception:
+        return None
+
+
 def record_ceiling(call):
     """The ceiling's eager forward recorded as one CUDA graph: its GPU time without the host's."""
     import torch
@@ -130,6 +166,12 @@ def main() -> None:
     parser.add_argument("--workloads", default="short_variable,long_variable")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument(
+        "--variants",
+        default="shipped,shipped_unpadded,one_stream,two_streams,one_stream_lt,two_streams_lt",
+        help="comma list of: shipped, pad_tokens_only, pad_sequences_only, shipped_unpadded, "
+        "one_stream, two_streams, one_stream_lt, two_streams_lt",
+    )
+    parser.add_argument(
         "--lt-workspace-kib",
         type=int,
         default=1,
@@ -145,7 +187,6 @@ def main() -> None:
     from benchmarks.common import write_result
     from benchmarks.encoder_throughput import FULL, Ceiling, base_config, make_batch, time_call
     from mbert_retrieval import ModernBert
-    from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes
 
     device = torch.device("cuda")
     with tempfile.TemporaryDirectory() as checkpoint:
@@ -167,21 +208,11 @@ def main() -> None:
             continue
         ids, cu, _, _ = make_batch(lengths, model.config.vocab_size, device, torch.Generator().manual_seed(2))
         tokens, max_len = sum(lengths), max(lengths)
-        shipped = GraphedForward(model)
-        unpadded = GraphedForward(model, GraphShapes(tokens=1, sequences=1, pad_length=1))
         row: dict = {"tokens": tokens, "sequences": len(lengths), "max_len": max_len}
-        variants = {
-            "shipped": lambda: shipped(ids, cu, max_len),
-            "shipped_unpadded": lambda: unpadded(ids, cu, max_len),
-        }
-        for name, streams, blas in (
-            ("one_stream", 1, "cublas"),
-            ("two_streams", 2, "cublas"),
-            ("one_stream_lt", 1, "cublaslt"),
-            ("two_streams_lt", 2, "cublaslt"),
-        ):
+        variants = {}
+        for name in args.variants.split(","):
             try:
-                variants[name] = Recorded(model, ids, cu, max_len, streams, blas)
+                variants[name] = make_variant(name, model, ids, cu, max_len)
             except Exception as err:  # reported, not fatal: the others still run
                 row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:500]
                 print(f"{workload.name} {name}: {row[f'{name}_error']}", flush=True)
@@ -206,10 +237,24 @@ def main() -> None:
                     end.record()
                     end.synchronize()
                     times[name].append(start.elapsed_time(end) / 1e3)
-            # As encoder_throughput.py times them: consecutive calls of one thing.
-            for name in ("ceiling", "shipped", "one_stream", "two_streams"):
-                if name in timed:
-                    row[f"{name}_consecutive_tok_s"] = tokens / time_call(timed[name], device, 3, args.rounds)
+            # As encoder_throughput.py times them: consecutive calls of one thing, in blocks, the
+            # order reversed for the second pass so that drift over the run cancels in the mean.
+            for order in (list(timed), list(timed)[::-1]):
+                for name in order:
+                    host = []
+                    timed_call = timed[name]
+
+                    def call(fn=timed_call, host=host):
+                        begin = time.perf_counter()
+                        fn()
+                        host.append(time.perf_counter() - begin)
+
+                    seconds = time_call(call, device, 3, args.rounds)
+                    row.setdefault(f"{name}_consecutive_tok_s_passes", []).append(tokens / seconds)
+                    row.setdefault(f"{name}_host_us_passes", []).append(1e6 * statistics.median(host))
+                    row.setdefault(f"{name}_sm_clock_mhz_passes", []).append(sm_clock())
+            for name in timed:
+                row[f"{name}_consecutive_tok_s"] = statistics.mean(row[f"{name}_consecutive_tok_s_passes"])
         for name, values in times.items():
             row[f"{name}_tok_s"] = tokens / statistics.median(values)
             row[f"{name}_tok_s_quartiles"] = [tokens / q for q in statistics.quantiles(values, n=4)[::-1]]
@@ -219,25 +264,26 @@ def main() -> None:
         write_result(results, args.out)
 
     lines = [
-        "| workload | variant | M tok/s | / ceiling | memsets | kernels | max abs diff |",
-        "|---|---|---|---|---|---|---|",
+        "| workload | variant | M tok/s interleaved | / ceiling | M tok/s consecutive | / ceiling | host us | memsets | kernels | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["workloads"].items():
         lines.append(
-            f"| {name} | ceiling (GEMMs + FlashAttention, eager) | {row['ceiling_tok_s'] / 1e6:.3f} | 1 | | | |"
+            f"| {name} | ceiling (GEMMs + FlashAttention, eager) | {row['ceiling_tok_s'] / 1e6:.3f} | 1 | "
+            f"{row['ceiling_consecutive_tok_s'] / 1e6:.3f} | 1 | | | | |"
         )
-        for variant in (
-            "shipped",
-            "shipped_unpadded",
-            "one_stream",
-            "two_streams",
-            "one_stream_lt",
-            "two_streams_lt",
-        ):
+        lines.append(
+            f"| {name} | ceiling replayed | {row['ceiling_replayed_tok_s'] / 1e6:.3f} | | "
+            f"{row['ceiling_replayed_consecutive_tok_s'] / 1e6:.3f} | | | | | |"
+        )
+        for variant in args.variants.split(","):
             if f"{variant}_tok_s" not in row:
                 continue
             lines.append(
                 f"| {name} | {variant} | {row[f'{variant}_tok_s'] / 1e6:.3f} | {row[f'{variant}_over_ceiling']:.3f} | "
+                f"{row[f'{variant}_consecutive_tok_s'] / 1e6:.3f} | "
+                f"{row[f'{variant}_consecutive_tok_s'] / row['ceiling_consecutive_tok_s']:.3f} | "
+                f"{statistics.median(row[f'{variant}_host_us_passes']):.0f} | "
                 f"{row[f'{variant}_memsets']} | {row[f'{variant}_kernels']} | "
                 f"{row[f'{variant}_max_abs_diff_vs_one_stream']:.2e} |"
             )
