@@ -96,6 +96,7 @@ def make_variant(name: str, model, ids, cu, max_len: int):
     with less of it, or the batch recorded as it is on one or two streams (`Recorded`)."""
     from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes
 
+    name = name.split("#")[0]  # "shipped#2": a second, separate recording of the same variant
     shapes = {
         "shipped": GraphShapes(),
         "pad_tokens_only": GraphShapes(tokens=128, sequences=1),
@@ -169,7 +170,7 @@ def main() -> None:
         "--variants",
         default="shipped,shipped_unpadded,one_stream,two_streams,one_stream_lt,two_streams_lt",
         help="comma list of: shipped, pad_tokens_only, pad_sequences_only, shipped_unpadded, "
-        "one_stream, two_streams, one_stream_lt, two_streams_lt",
+        "one_stream, two_streams, one_stream_lt, two_streams_lt; NAME#2 records NAME again as a control",
     )
     parser.add_argument(
         "--lt-workspace-kib",
