@@ -543,7 +543,7 @@ def main() -> None:
         help="comma list of: eager, compiled, compiled_layers, compiled_layers_varlen, autotune_layers, "
         "compiled_model, compiled_model_inductor_reads, compiled_model_cpp, compiled_model_no_asserts, "
         "compiled_model_frozen, graphed_<variant> (CUDA graphs of a variant: graphed_eager, "
-        "graphed_compiled_model), "
+        "graphed_compiled_model), graphed2_<variant> (the same with each batch's halves on two streams), "
         "eager_rotary_pass, "
         "compiled_model_rotary_in_window[_cpp] "
         "(the `_varlen` variant runs FlashAttention in the local layers too: the same-run baseline)",
@@ -634,7 +634,8 @@ class ModelVariants:
     weights folded into the graph as constants for inference (`compiled_model_frozen`: inductor's
     freezing, so the wrapper takes no parameters as inputs). `graphed_<variant>` replays CUDA graphs
     of that variant's forward (`modeling/cuda_graphs.py`, batches padded to its default shapes;
-    throughput counts the real tokens only). Where the local
+    throughput counts the real tokens only); `graphed2_<variant>` records each batch's two halves on
+    two streams. Where the local
     layers rotate q and k, against the model's default: `eager_rotary_pass` (a rotary operator before
     the window kernel) and `compiled_model_rotary_in_window[_cpp]` (inside it). `eager_global_kernel`
     and `compiled_model_global_kernel`: the global layers on our Triton kernel
@@ -646,6 +647,9 @@ class ModelVariants:
     def get(self, name: str):
         if name.startswith("graphed_") and name not in self.made:  # CUDA graphs of another variant
             self.made[name] = GraphedVariant(GraphedForward(self.get(name.removeprefix("graphed_"))))
+        if name.startswith("graphed2_") and name not in self.made:  # the same, halves on two streams
+            model = self.get(name.removeprefix("graphed2_"))
+            self.made[name] = GraphedVariant(GraphedForward(model, streams=2))
         if name not in self.made:
             model = copy.deepcopy(self.base)
             if name.endswith("_varlen"):

@@ -106,6 +106,9 @@ def make_variant(name: str, model, ids, cu, max_len: int):
     if name in shapes:
         graphed = GraphedForward(model, shapes[name])
         return lambda: graphed(ids, cu, max_len)
+    if name == "shipped_two_streams":
+        graphed = GraphedForward(model, streams=2)
+        return lambda: graphed(ids, cu, max_len)
     recorded = {
         "one_stream": (1, "cublas"),
         "two_streams": (2, "cublas"),
@@ -113,7 +116,7 @@ def make_variant(name: str, model, ids, cu, max_len: int):
         "two_streams_lt": (2, "cublaslt"),
     }
     if name not in recorded:
-        raise ValueError(f"unknown variant {name!r}; known: {[*shapes, *recorded]}")
+        raise ValueError(f"unknown variant {name!r}; known: {[*shapes, 'shipped_two_streams', *recorded]}")
     return Recorded(model, ids, cu, max_len, *recorded[name])
 
 
@@ -169,7 +172,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="shipped,shipped_unpadded,one_stream,two_streams,one_stream_lt,two_streams_lt",
-        help="comma list of: shipped, pad_tokens_only, pad_sequences_only, shipped_unpadded, "
+        help="comma list of: shipped, shipped_two_streams (GraphedForward's streams=2), pad_tokens_only, pad_sequences_only, shipped_unpadded, "
         "one_stream, two_streams, one_stream_lt, two_streams_lt; NAME#2 records NAME again as a control",
     )
     parser.add_argument(

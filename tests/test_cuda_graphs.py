@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from mbert_retrieval import ModernBert
-from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes, ModelGraphs, pad_batch
+from mbert_retrieval.modeling.cuda_graphs import (
+    GraphedForward,
+    GraphShapes,
+    ModelGraphs,
+    fill_padded,
+    pad_batch,
+    split_point,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 
@@ -43,6 +50,36 @@ def test_padding_keeps_the_batch_and_appends_short_sequences(lengths):
     assert torch.equal(padded_cu[: len(lengths) + 1], cu) and padded_cu.dtype == torch.int32
     added = padded_cu[len(lengths) :].diff()
     assert int(padded_cu[-1]) == total and (added >= 0).all() and (added <= 16).all()
+
+
+def test_split_point_is_the_boundary_nearest_the_middle():
+    assert split_point([0, 10, 20, 30, 40]) == 2
+    assert split_point([0, 100, 101, 102]) == 1  # one long sequence, then two short ones
+    assert split_point([0, 1, 2, 100]) == 2  # never the last boundary, even when nearer
+    assert split_point([0, 5, 6]) == 1
+    with pytest.raises(ValueError, match="cannot be cut"):
+        split_point([0, 7])
+
+
+def test_a_later_half_is_padded_as_a_batch_of_its_own():
+    """The second half's cu_seqlens is read from the whole batch's, its first entry subtracted."""
+    shapes = GraphShapes(tokens=32, sequences=4, pad_length=8)
+    ids, cu, _ = packed_batch([5, 9, 3, 12, 7])
+    ends = cu.tolist()
+    cut = split_point(ends)
+    half_ids, half_cu = ids[ends[cut] :], cu[cut:] - ends[cut]
+    expected = pad_batch(half_ids, half_cu, 12, shapes, pad_id=2)
+    total, sequences, _ = shapes.padded(half_ids.numel(), half_cu.numel() - 1, 12)
+    got_ids, got_cu = torch.zeros(total, dtype=torch.long), torch.zeros(sequences + 1, dtype=torch.int32)
+    fill_padded(got_ids, got_cu, half_ids, cu[cut:], shapes.pad_length, 2, cu_offset=ends[cut])
+    assert torch.equal(got_ids, expected[0]) and torch.equal(got_cu, expected[1])
+
+
+def test_streams_are_one_or_two():
+    with pytest.raises(ValueError, match="streams must be 1 or 2"):
+        GraphedForward(torch.nn.Linear(2, 2), streams=3)
+    with pytest.raises(ValueError, match="streams must be 1 or 2"):
+        ModelGraphs(streams=0)
 
 
 def test_padded_forward_gives_the_batch_its_own_outputs(hf_encoder_dir):
@@ -87,6 +124,26 @@ def test_replays_equal_the_plain_forward_and_earlier_outputs_stay(hf_encoder_dir
 
 
 @needs_cuda
+def test_two_stream_replays_equal_the_plain_forward(hf_encoder_dir):
+    """Each batch's halves recorded on two streams; a batch of one sequence runs whole."""
+    model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
+    graphed = GraphedForward(model, GraphShapes(tokens=64, sequences=4, pad_length=32), streams=2)
+    batches = [[5, 40, 1, 33], [300], [7, 7, 7], [200, 3, 90, 64, 1], [6, 41, 2, 30]]
+    with torch.inference_mode():
+        outputs = []
+        for lengths in batches:
+            ids, cu, longest = packed_batch(lengths, device="cuda")
+            expected = model.forward_packed(ids, cu, longest).float()
+            got = graphed(ids, cu, longest)
+            assert got.shape == expected.shape and torch.isfinite(got).all()
+            assert (got.float() - expected).norm() / expected.norm() < 2e-2
+            outputs.append((got, got.clone()))
+    for got, copy_then in outputs:  # later replays overwrote none of the returned outputs
+        assert torch.equal(got, copy_then)
+    assert [len(key) for key in graphed.recordings] == [2, 1, 2, 2]  # the last batch reuses the first's
+
+
+@needs_cuda
 def test_replays_refuse_a_batch_on_another_device(hf_encoder_dir):
     model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda")
     ids, cu, longest = packed_batch([5, 6])
@@ -117,6 +174,7 @@ def test_model_switch_leaves_cpu_calls_as_they_were_and_copies_start_empty(hf_en
         )
     replica = copy.deepcopy(model)
     assert isinstance(replica._graphs, ModelGraphs) and replica._graphs is not model._graphs
+    assert copy.deepcopy(ModelGraphs(streams=2)).streams == 2
     assert replica._graphs.shapes == GraphShapes(tokens=64) and replica._graphs._graphed is None
     model._graphs._graphed = "recordings"  # stands in for recordings made on a GPU
     model.to(torch.float64)  # a cast: new weight storage, so the recordings are forgotten

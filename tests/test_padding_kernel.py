@@ -18,10 +18,10 @@ skip_unless_kernels_run("the padding kernel")
 from mbert_retrieval.modeling import padding_kernel  # noqa: E402
 
 
-def torch_fill(ids, cu, input_ids, cu_seqlens, pad_length, pad_id):
+def torch_fill(ids, cu, input_ids, cu_seqlens, pad_length, pad_id, cu_offset=0):
     """cuda_graphs.fill_padded's own code, on CPU copies (its kernel path is for CUDA tensors)."""
-    ids_cpu, cu_cpu = ids.cpu(), cu.cpu()
-    fill_padded(ids_cpu, cu_cpu, input_ids.cpu(), cu_seqlens.cpu(), pad_length, pad_id)
+    ids_cpu, cu_cpu = ids.cpu().clone(), cu.cpu().clone()
+    fill_padded(ids_cpu, cu_cpu, input_ids.cpu(), cu_seqlens.cpu(), pad_length, pad_id, cu_offset)
     return ids_cpu, cu_cpu
 
 
@@ -47,3 +47,18 @@ def test_kernel_writes_what_the_torch_code_writes(lengths, shapes):
     assert torch.equal(ids.cpu(), expected_ids)
     assert torch.equal(cu.cpu(), expected_cu)
     assert cu[-1].item() == total and bool((cu.diff() >= 0).all())
+
+
+def test_kernel_subtracts_the_offset_of_a_later_half():
+    lengths, shapes, cut = [5, 9, 3, 12, 7], GraphShapes(tokens=32, sequences=4, pad_length=8), 2
+    input_ids = torch.randint(3, 1000, (sum(lengths),)).to(DEVICE)
+    cu_seqlens = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
+    offset = int(cu_seqlens[cut])
+    half_ids, half_cu = input_ids[offset:], cu_seqlens[cut:]
+    total, sequences, _ = shapes.padded(half_ids.numel(), half_cu.numel() - 1, max(lengths))
+    ids = torch.zeros(total, dtype=torch.long, device=DEVICE)
+    cu = torch.zeros(sequences + 1, dtype=torch.int32, device=DEVICE)
+    expected_ids, expected_cu = torch_fill(ids, cu, half_ids, half_cu, shapes.pad_length, 2, offset)
+    padding_kernel.fill_padded(ids, cu, half_ids, half_cu, shapes.pad_length, 2, cu_offset=offset)
+    assert torch.equal(ids.cpu(), expected_ids) and torch.equal(cu.cpu(), expected_cu)
+    assert torch.equal(cu.cpu()[: half_cu.numel()], (half_cu - offset).cpu())  # starts at 0

@@ -66,36 +66,71 @@ def fill_padded(
     cu_seqlens: torch.Tensor,
     pad_length: int,
     pad_id: int,
+    cu_offset: int = 0,
 ) -> None:
     """Writes the batch into the padded buffers `ids` and `cu`: its tokens first, then padding
     sequences of `pad_length` tokens (the last one shorter) up to `ids`' length, then empty ones.
-    On CUDA one Triton kernel does it all (`padding_kernel.py`)."""
+    `cu_offset` is subtracted from `cu_seqlens` (a later part of a batch starts at 0). On CUDA one
+    Triton kernel does it all (`padding_kernel.py`)."""
     if ids.is_cuda and input_ids.is_contiguous() and cu_seqlens.is_contiguous():
         from mbert_retrieval.modeling import padding_kernel
 
-        padding_kernel.fill_padded(ids, cu, input_ids, cu_seqlens, pad_length, pad_id)
+        padding_kernel.fill_padded(ids, cu, input_ids, cu_seqlens, pad_length, pad_id, cu_offset)
         return
     tokens, batch = input_ids.shape[0], cu_seqlens.shape[0]
     ids[:tokens].copy_(input_ids)
     ids[tokens:].fill_(pad_id)
-    cu[:batch].copy_(cu_seqlens)
+    cu[:batch].copy_(cu_seqlens - cu_offset)
     ends = cu[batch:]
     torch.arange(tokens + pad_length, tokens + (ends.shape[0] + 1) * pad_length, pad_length, out=ends)
     ends.clamp_(max=ids.shape[0])
 
 
+def split_point(cu_seqlens: list[int]) -> int:
+    """The sequence boundary nearest the middle of the batch's tokens, as an index into
+    `cu_seqlens` (never the first or the last): where `GraphedForward` cuts a batch in two."""
+    if len(cu_seqlens) < 3:
+        raise ValueError(f"a batch of {len(cu_seqlens) - 1} sequence(s) cannot be cut in two")
+    middle = cu_seqlens[-1] / 2
+    return min(range(1, len(cu_seqlens) - 1), key=lambda i: abs(cu_seqlens[i] - middle))
+
+
+@dataclass
+class _Part:
+    """One stream's share of a batch: its tokens, its cu_seqlens (from `cu_offset` on), its longest."""
+
+    ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cu_offset: int
+    max_seqlen: int
+
+
+@dataclass
+class _Buffers:
+    """A recorded part's fixed input buffers and its output."""
+
+    ids: torch.Tensor
+    cu: torch.Tensor
+    out: torch.Tensor | None = None
+
+
 @dataclass
 class _Recording:
     graph: torch.cuda.CUDAGraph
-    ids: torch.Tensor
-    cu: torch.Tensor
-    out: torch.Tensor
+    parts: list[_Buffers]
 
 
 class GraphedForward:
     """`model.forward_packed` for inference, replayed from a CUDA graph per padded batch shape.
     `forward(ids, cu_seqlens, max_seqlen)` is what gets recorded: the model's packed forward by
-    default."""
+    default.
+
+    `streams=2` cuts each batch of two or more sequences in two at the sequence boundary nearest its
+    middle and records each half on a stream of its own: the halves do not depend on each other, so
+    the GPU runs one half's kernels in the other's idle time (the ~1.6 us between kernels, cuBLAS's
+    memsets, each kernel's last partial wave). The cut is read from `cu_seqlens` on the host: one
+    wait for the GPU per call.
+    """
 
     def __init__(
         self,
@@ -103,40 +138,77 @@ class GraphedForward:
         shapes: GraphShapes | None = None,
         warmup: int = 2,
         forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+        streams: int = 1,
     ):
+        if streams not in (1, 2):
+            raise ValueError(f"streams must be 1 or 2, got {streams}")
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
         if model.training:
             raise ValueError("GraphedForward replays inference only: call model.eval() first")
-        self.model, self.shapes, self.warmup = model, shapes or GraphShapes(), warmup
+        self.model, self.shapes, self.warmup, self.streams = model, shapes or GraphShapes(), warmup, streams
         self.forward = forward or (
             lambda ids, cu, longest: model.forward_packed(ids, cu, longest, check_inputs=False)
         )
         self.pad_id = model.config.pad_token_id or 0
-        self.recordings: dict[tuple[int, int, int], _Recording] = {}
+        self.recordings: dict[tuple, _Recording] = {}
         self._pool = None
+        self._side_streams: list[torch.cuda.Stream] = []
 
     def __call__(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """input_ids [N], cu_seqlens [B+1] int32 on the model's device -> hidden states [N, H]."""
         if input_ids.device != self.model.device or cu_seqlens.device != self.model.device:
             raise ValueError(f"the batch must be on the model's device {self.model.device}")
-        key = self.shapes.padded(input_ids.shape[0], cu_seqlens.shape[0] - 1, max_seqlen)
+        parts = self._parts(input_ids, cu_seqlens, max_seqlen)
+        key = tuple(
+            self.shapes.padded(p.ids.shape[0], p.cu_seqlens.shape[0] - 1, p.max_seqlen) for p in parts
+        )
         recording = self.recordings.get(key) or self._record(key, cu_seqlens.dtype)
-        fill_padded(recording.ids, recording.cu, input_ids, cu_seqlens, self.shapes.pad_length, self.pad_id)
+        for part, buffers in zip(parts, recording.parts):
+            fill_padded(
+                buffers.ids,
+                buffers.cu,
+                part.ids,
+                part.cu_seqlens,
+                self.shapes.pad_length,
+                self.pad_id,
+                part.cu_offset,
+            )
         recording.graph.replay()
-        return recording.out[: input_ids.shape[0]].clone()  # the pool's memory is the next replay's
+        # Copied out: the pool's memory is the next replay's.
+        outs = [buffers.out[: part.ids.shape[0]] for part, buffers in zip(parts, recording.parts)]
+        return torch.cat(outs) if len(outs) > 1 else outs[0].clone()
 
-    def _record(self, key: tuple[int, int, int], cu_dtype: torch.dtype) -> _Recording:
-        total, sequences, longest = key
+    def _parts(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> list[_Part]:
+        """The whole batch, or its two halves when recording on two streams."""
+        if self.streams == 1 or cu_seqlens.shape[0] < 3:
+            return [_Part(input_ids, cu_seqlens, 0, max_seqlen)]
+        ends = cu_seqlens.tolist()
+        cut = split_point(ends)
+        lengths = [end - start for start, end in zip(ends, ends[1:])]
+        return [
+            _Part(input_ids[: ends[cut]], cu_seqlens[: cut + 1], 0, max(lengths[:cut])),
+            _Part(input_ids[ends[cut] :], cu_seqlens[cut:], ends[cut], max(lengths[cut:])),
+        ]
+
+    def _record(self, key: tuple, cu_dtype: torch.dtype) -> _Recording:
         device = self.model.device
         with torch.inference_mode(False):  # buffers every later call writes, in any mode
-            ids = torch.full((total,), self.pad_id, dtype=torch.long, device=device)
-            # A valid batch of this shape to record: sequences of equal length, then empty ones.
-            length = -(-total // sequences)
-            cu = (torch.arange(sequences + 1, device=device) * length).clamp_(max=total).to(cu_dtype)
+            parts = [self._buffers(total, sequences, cu_dtype) for total, sequences, _ in key]
+        if len(parts) > 1 and not self._side_streams:
+            self._side_streams = [torch.cuda.Stream(device) for _ in parts]
 
-        def forward() -> torch.Tensor:
-            return self.forward(ids, cu, longest)
+        def forward() -> None:
+            if len(parts) == 1:
+                parts[0].out = self.forward(parts[0].ids, parts[0].cu, key[0][2])
+                return
+            main = torch.cuda.current_stream(device)
+            for stream, buffers, (_, _, longest) in zip(self._side_streams, parts, key):
+                stream.wait_stream(main)
+                with torch.cuda.stream(stream):
+                    buffers.out = self.forward(buffers.ids, buffers.cu, longest)
+            for stream in self._side_streams:
+                main.wait_stream(stream)
 
         # Warm-up on a side stream, as torch.cuda.graph asks: kernels compiled, caches and
         # workspaces made before the recording.
@@ -155,9 +227,18 @@ class GraphedForward:
             torch.inference_mode(),
             torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
         ):
-            out = forward()
-        self.recordings[key] = _Recording(graph, ids, cu, out)
+            forward()
+        self.recordings[key] = _Recording(graph, parts)
         return self.recordings[key]
+
+    def _buffers(self, total: int, sequences: int, cu_dtype: torch.dtype) -> _Buffers:
+        """Input buffers holding a valid batch of this shape to record: sequences of equal length,
+        then empty ones."""
+        device = self.model.device
+        ids = torch.full((total,), self.pad_id, dtype=torch.long, device=device)
+        length = -(-total // sequences)
+        cu = (torch.arange(sequences + 1, device=device) * length).clamp_(max=total).to(cu_dtype)
+        return _Buffers(ids, cu)
 
 
 class ModelGraphs:
@@ -166,8 +247,10 @@ class ModelGraphs:
     memory addresses of the weights they were made with, which is also why the model forgets them
     when it is moved or cast (`ModernBert._apply`: new weight storage)."""
 
-    def __init__(self, shapes: GraphShapes | None = None):
-        self.shapes = shapes or GraphShapes()
+    def __init__(self, shapes: GraphShapes | None = None, streams: int = 1):
+        if streams not in (1, 2):
+            raise ValueError(f"streams must be 1 or 2, got {streams}")
+        self.shapes, self.streams = shapes or GraphShapes(), streams
         self._graphed: GraphedForward | None = None
 
     def serves(self, model: torch.nn.Module, input_ids: torch.Tensor, plain_call: bool) -> bool:
@@ -179,11 +262,13 @@ class ModelGraphs:
         self, model, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
     ) -> torch.Tensor:
         if self._graphed is None:
-            self._graphed = GraphedForward(model, self.shapes, forward=model.forward_unrecorded)
+            self._graphed = GraphedForward(
+                model, self.shapes, forward=model.forward_unrecorded, streams=self.streams
+            )
         return self._graphed(input_ids, cu_seqlens, max_seqlen)
 
     def __deepcopy__(self, memo) -> ModelGraphs:
-        return ModelGraphs(self.shapes)
+        return ModelGraphs(self.shapes, self.streams)
 
     def __getstate__(self) -> dict:
-        return {"shapes": self.shapes, "_graphed": None}
+        return {"shapes": self.shapes, "streams": self.streams, "_graphed": None}

@@ -416,15 +416,18 @@ class ModernBert(nn.Module):
         self._compiled_run_layers = torch.compile(ModernBert._run_layers, dynamic=True, **compile_kwargs)
         return self
 
-    def use_cuda_graphs(self, shapes: GraphShapes | None = None, enabled: bool = True) -> ModernBert:
+    def use_cuda_graphs(
+        self, shapes: GraphShapes | None = None, enabled: bool = True, streams: int = 1
+    ) -> ModernBert:
         """Replay inference calls on CUDA from CUDA graphs (`modeling/cuda_graphs.py`): each padded
         batch shape (`shapes`) is recorded on first use, then its ~300 kernels launch at once, for
         short batches whose kernels the host launches more slowly than the GPU runs them. Calls with
         gradients, in training mode, on the CPU, or with positions or a key mask of their own run as
         before. Works eagerly and compiled (compiling afterwards records again). The copies that
         `encode(..., devices=[...])` makes for other devices start without recordings at every call.
+        `streams=2` records each batch as two halves on two streams (`GraphedForward`).
         `enabled=False` turns it off."""
-        self._graphs = ModelGraphs(shapes) if enabled else None
+        self._graphs = ModelGraphs(shapes, streams) if enabled else None
         return self
 
     def _apply(self, fn, recurse: bool = True):
@@ -437,7 +440,7 @@ class ModernBert(nn.Module):
         """Recordings made before a compile or a move would replay the old code or read the old
         weights: record again on next use."""
         if getattr(self, "_graphs", None) is not None:
-            self._graphs = ModelGraphs(self._graphs.shapes)
+            self._graphs = ModelGraphs(self._graphs.shapes, self._graphs.streams)
 
     def compile_layers(self, **compile_kwargs) -> ModernBert:
         """torch.compile each layer in place, for varying token counts (dynamic shapes).
