@@ -99,15 +99,8 @@ def test_graphs_need_a_cuda_model_in_eval_mode(hf_encoder_dir):
         GraphedForward(model)
 
 
-@needs_cuda
-@pytest.mark.parametrize("compiled", [False, True])
-def test_replays_equal_the_plain_forward_and_earlier_outputs_stay(hf_encoder_dir, compiled):
-    model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
-    plain = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
-    if compiled:
-        model.compile_forward()
-    graphed = GraphedForward(model, GraphShapes(tokens=128, sequences=8, pad_length=32))
-    batches = [[5, 40, 1, 33], [7, 7, 7], [200, 3], [6, 41, 2, 30], [300]]  # 1 and 4 share a shape
+def assert_replays_equal_plain_calls(graphed, plain, batches: list[list[int]]) -> None:
+    """Each batch replayed equals the plain forward, and later replays overwrite no earlier output."""
     with torch.inference_mode():
         outputs = []
         for lengths in batches:
@@ -118,8 +111,20 @@ def test_replays_equal_the_plain_forward_and_earlier_outputs_stay(hf_encoder_dir
             # bf16: as the compiled forward against the eager one (tests/test_attention_backends.py)
             assert (got.float() - expected).norm() / expected.norm() < 2e-2
             outputs.append((got, got.clone()))
-    for got, copy_then in outputs:  # later replays overwrote none of the returned outputs
+    for got, copy_then in outputs:
         assert torch.equal(got, copy_then)
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_replays_equal_the_plain_forward_and_earlier_outputs_stay(hf_encoder_dir, compiled):
+    model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
+    plain = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
+    if compiled:
+        model.compile_forward()
+    graphed = GraphedForward(model, GraphShapes(tokens=128, sequences=8, pad_length=32))
+    batches = [[5, 40, 1, 33], [7, 7, 7], [200, 3], [6, 41, 2, 30], [300]]  # 1 and 4 share a shape
+    assert_replays_equal_plain_calls(graphed, plain, batches)
     assert len(graphed.recordings) == 4
 
 
@@ -129,17 +134,7 @@ def test_two_stream_replays_equal_the_plain_forward(hf_encoder_dir):
     model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
     graphed = GraphedForward(model, GraphShapes(tokens=64, sequences=4, pad_length=32), streams=2)
     batches = [[5, 40, 1, 33], [300], [7, 7, 7], [200, 3, 90, 64, 1], [6, 39, 2, 33]]
-    with torch.inference_mode():
-        outputs = []
-        for lengths in batches:
-            ids, cu, longest = packed_batch(lengths, device="cuda")
-            expected = model.forward_packed(ids, cu, longest).float()
-            got = graphed(ids, cu, longest)
-            assert got.shape == expected.shape and torch.isfinite(got).all()
-            assert (got.float() - expected).norm() / expected.norm() < 2e-2
-            outputs.append((got, got.clone()))
-    for got, copy_then in outputs:  # later replays overwrote none of the returned outputs
-        assert torch.equal(got, copy_then)
+    assert_replays_equal_plain_calls(graphed, model, batches)
     assert [len(key) for key in graphed.recordings] == [2, 1, 2, 2]  # the last batch reuses the first's
 
 
