@@ -59,7 +59,8 @@ def child(name: str, checkpoint: str, repeat: int) -> dict:
         torch.cuda.tunable.enable(True)
         torch.cuda.tunable.tuning_enable(True)
         torch.cuda.tunable.set_max_tuning_duration(30)
-        torch.cuda.tunable.write_file_on_exit(False)
+        # results stay out of the working tree (torch 2.11 has no write_file_on_exit to turn it off)
+        torch.cuda.tunable.set_filename(os.path.join(tempfile.mkdtemp(), "tunableop_results.csv"))
     if "global_short" in setting:
         global_attention.FORWARD_SHORT = Tiles(*setting["global_short"])
 

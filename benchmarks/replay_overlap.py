@@ -5,7 +5,7 @@ a memset before each of cuBLAS's 88 GEMMs, and the last, partial wave of every k
 a batch (cut at the sequence boundary nearest its middle; sequences never attend across it) have no
 dependency on each other, so recorded on two streams one half's kernels can fill the other's idle
 time. Also measured: the graphs recorded with cuBLASLt given a 1 KiB workspace (`--lt-workspace-kib`;
-0 fails), too small for the kernels that need a memset.
+0 fails), meant to leave out the kernels that need a memset; its GEMMs still had one each (run 54).
 
 Every variant replays the same batch without padding; `shipped` is `GraphedForward` as the model
 uses it (padded to multiples of 128 tokens). Timing is interleaved: each round times one call of
@@ -26,19 +26,13 @@ import time
 from pathlib import Path
 
 
-def split_point(cu: list[int]) -> int:
-    """Index of the sequence boundary nearest the middle of the batch (never 0 or the last)."""
-    if len(cu) < 3:
-        raise ValueError("a batch of one sequence cannot be cut in two")
-    middle = cu[-1] / 2
-    return min(range(1, len(cu) - 1), key=lambda i: abs(cu[i] - middle))
-
-
 class Recorded:
     """One batch's forward recorded as a CUDA graph, on one stream or cut in two on two streams."""
 
     def __init__(self, model, ids, cu, max_len: int, streams: int, blas: str):
         import torch
+
+        from mbert_retrieval.modeling.cuda_graphs import split_point
 
         self.model, self.streams = model, streams
         cu_list = cu.tolist()

@@ -86,6 +86,12 @@ def fill_padded(
     ends.clamp_(max=ids.shape[0])
 
 
+def check_streams(streams: int) -> None:
+    """Replays record a batch whole on one stream or as two halves on two."""
+    if streams not in (1, 2):
+        raise ValueError(f"streams must be 1 or 2, got {streams}")
+
+
 def split_point(cu_seqlens: list[int]) -> int:
     """The sequence boundary nearest the middle of the batch's tokens, as an index into
     `cu_seqlens` (never the first or the last): where `GraphedForward` cuts a batch in two."""
@@ -140,8 +146,7 @@ class GraphedForward:
         forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
         streams: int = 1,
     ):
-        if streams not in (1, 2):
-            raise ValueError(f"streams must be 1 or 2, got {streams}")
+        check_streams(streams)
         if model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {model.device}")
         if model.training:
@@ -248,8 +253,7 @@ class ModelGraphs:
     when it is moved or cast (`ModernBert._apply`: new weight storage)."""
 
     def __init__(self, shapes: GraphShapes | None = None, streams: int = 1):
-        if streams not in (1, 2):
-            raise ValueError(f"streams must be 1 or 2, got {streams}")
+        check_streams(streams)
         self.shapes, self.streams = shapes or GraphShapes(), streams
         self._graphed: GraphedForward | None = None
 
