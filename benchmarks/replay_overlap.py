@@ -91,8 +91,11 @@ def make_variant(name: str, model, ids, cu, max_len: int):
     from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes
 
     name = name.split("#")[0]  # "shipped#2": a second, separate recording of the same variant
+    if name.endswith("_host"):  # GraphedForward given cu_seqlens on the CPU: nothing waits for the GPU
+        name, cu = name.removesuffix("_host"), cu.cpu()
     shapes = {
         "shipped": GraphShapes(),
+        "multiples_of_128": GraphShapes(token_offset=0),  # the token counts padded to before run 60
         "pad_tokens_only": GraphShapes(tokens=128, sequences=1),
         "pad_sequences_only": GraphShapes(tokens=1, sequences=16, pad_length=1),
         "shipped_unpadded": GraphShapes(tokens=1, sequences=1, pad_length=1),
@@ -166,7 +169,8 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="shipped,shipped_unpadded,one_stream,two_streams,one_stream_lt,two_streams_lt",
-        help="comma list of: shipped, shipped_two_streams (GraphedForward's streams=2), pad_tokens_only, pad_sequences_only, shipped_unpadded, "
+        help="comma list of: shipped, multiples_of_128, shipped_two_streams (GraphedForward's streams=2), pad_tokens_only, pad_sequences_only, shipped_unpadded "
+        "(each of these with _host: cu_seqlens given on the CPU), "
         "one_stream, two_streams, one_stream_lt, two_streams_lt; NAME#2 records NAME again as a control",
     )
     parser.add_argument(

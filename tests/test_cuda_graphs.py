@@ -16,6 +16,8 @@ from mbert_retrieval.modeling.cuda_graphs import (
     ModelGraphs,
     fill_padded,
     pad_batch,
+    padded_cu_seqlens,
+    recorded_parts,
     split_point,
 )
 
@@ -29,13 +31,49 @@ def packed_batch(lengths: list[int], vocab: int = 1000, device: str = "cpu"):
 
 
 def test_shapes_round_tokens_sequences_and_longest_up():
-    shapes = GraphShapes(tokens=256, sequences=16, pad_length=128)
+    shapes = GraphShapes(tokens=256, sequences=16, pad_length=128, token_offset=0)
     # 204 padding tokens make two padding sequences: 66 sequences, rounded to 80.
     assert shapes.padded(15_924, 64, 407) == (16_128, 80, 512)
     assert shapes.padded(512, 16, 128) == (512, 16, 128)  # already a padded shape
     assert shapes.padded(1, 1, 1) == (256, 16, 128)
     with pytest.raises(ValueError, match="positive"):
         GraphShapes(tokens=0)
+    with pytest.raises(ValueError, match="not negative"):
+        GraphShapes(token_offset=-1)
+
+
+def test_token_counts_are_rounded_to_the_offset_past_a_multiple():
+    shapes = GraphShapes()  # 128 tokens, offset 32: never a multiple of 64
+    assert shapes.padded(15_924, 64, 407)[0] == 16_032
+    assert shapes.padded(16_032, 64, 407)[0] == 16_032
+    assert shapes.padded(16_033, 64, 407)[0] == 16_160
+    assert shapes.padded(1, 1, 1)[0] == 32
+    assert all(shapes.padded(n, 1, 1)[0] % 64 == 32 for n in range(1, 1000))
+    assert all(0 <= shapes.padded(n, 1, 1)[0] - n < 128 for n in range(1, 1000))
+
+
+@pytest.mark.parametrize("lengths", [[5, 300, 1, 64], [128, 128], [7], [3, 9, 12, 1, 30]])
+@pytest.mark.parametrize("first", [0, 1])
+def test_boundaries_padded_on_the_host_are_the_kernels(lengths, first):
+    """`padded_cu_seqlens` writes what `fill_padded` does, also for a later part of a batch."""
+    shapes = GraphShapes(tokens=64, sequences=4, pad_length=16)
+    ids, cu, _ = packed_batch(lengths)
+    ends = cu.tolist()[first:]
+    total, sequences, _ = shapes.padded(ends[-1] - ends[0], len(ends) - 1, max(lengths))
+    expected_ids, expected_cu = (
+        torch.zeros(total, dtype=torch.long),
+        torch.zeros(sequences + 1, dtype=torch.int32),
+    )
+    fill_padded(
+        expected_ids, expected_cu, ids[ends[0] :], cu[first:], shapes.pad_length, 2, cu_offset=ends[0]
+    )
+    assert padded_cu_seqlens(ends, total, sequences, shapes.pad_length) == expected_cu.tolist()
+
+
+def test_parts_are_the_whole_batch_or_its_halves():
+    assert recorded_parts([0, 10, 20, 30, 40], streams=1) == [(0, 4)]
+    assert recorded_parts([0, 10, 20, 30, 40], streams=2) == [(0, 2), (2, 4)]
+    assert recorded_parts([0, 10], streams=2) == [(0, 1)]  # one sequence: not cut
 
 
 @pytest.mark.parametrize("lengths", [[5, 300, 1, 64], [128, 128], [7]])
@@ -99,14 +137,15 @@ def test_graphs_need_a_cuda_model_in_eval_mode(hf_encoder_dir):
         GraphedForward(model)
 
 
-def assert_replays_equal_plain_calls(graphed, plain, batches: list[list[int]]) -> None:
-    """Each batch replayed equals the plain forward, and later replays overwrite no earlier output."""
+def assert_replays_equal_plain_calls(graphed, plain, batches: list[list[int]], cu_on_host: bool) -> None:
+    """Each batch replayed equals the plain forward, and later replays overwrite no earlier output.
+    `cu_on_host`: the replays get cu_seqlens on the CPU (their padding then keeps earlier ids)."""
     with torch.inference_mode():
         outputs = []
         for lengths in batches:
             ids, cu, longest = packed_batch(lengths, device="cuda")
             expected = plain.forward_packed(ids, cu, longest).float()
-            got = graphed(ids, cu, longest)
+            got = graphed(ids, cu.cpu() if cu_on_host else cu, longest)
             assert got.shape == expected.shape and torch.isfinite(got).all()
             # bf16: as the compiled forward against the eager one (tests/test_attention_backends.py)
             assert (got.float() - expected).norm() / expected.norm() < 2e-2
@@ -116,25 +155,26 @@ def assert_replays_equal_plain_calls(graphed, plain, batches: list[list[int]]) -
 
 
 @needs_cuda
-@pytest.mark.parametrize("compiled", [False, True])
-def test_replays_equal_the_plain_forward_and_earlier_outputs_stay(hf_encoder_dir, compiled):
+@pytest.mark.parametrize("compiled, cu_on_host", [(False, False), (False, True), (True, False)])
+def test_replays_equal_the_plain_forward_and_earlier_outputs_stay(hf_encoder_dir, compiled, cu_on_host):
     model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
     plain = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
     if compiled:
         model.compile_forward()
     graphed = GraphedForward(model, GraphShapes(tokens=128, sequences=8, pad_length=32))
     batches = [[5, 40, 1, 33], [7, 7, 7], [200, 3], [6, 41, 2, 30], [300]]  # 1 and 4 share a shape
-    assert_replays_equal_plain_calls(graphed, plain, batches)
+    assert_replays_equal_plain_calls(graphed, plain, batches, cu_on_host)
     assert len(graphed.recordings) == 4
 
 
 @needs_cuda
-def test_two_stream_replays_equal_the_plain_forward(hf_encoder_dir):
+@pytest.mark.parametrize("cu_on_host", [False, True])
+def test_two_stream_replays_equal_the_plain_forward(hf_encoder_dir, cu_on_host):
     """Each batch's halves recorded on two streams; a batch of one sequence runs whole."""
     model = ModernBert.from_pretrained(hf_encoder_dir, device="cuda", dtype=torch.bfloat16)
     graphed = GraphedForward(model, GraphShapes(tokens=64, sequences=4, pad_length=32), streams=2)
     batches = [[5, 40, 1, 33], [300], [7, 7, 7], [200, 3, 90, 64, 1], [6, 39, 2, 33]]
-    assert_replays_equal_plain_calls(graphed, model, batches)
+    assert_replays_equal_plain_calls(graphed, model, batches, cu_on_host)
     assert [len(key) for key in graphed.recordings] == [2, 1, 2, 2]  # the last batch reuses the first's
 
 
@@ -144,6 +184,9 @@ def test_replays_refuse_a_batch_on_another_device(hf_encoder_dir):
     ids, cu, longest = packed_batch([5, 6])
     with pytest.raises(ValueError, match="model's device"):
         GraphedForward(model)(ids, cu, longest)
+    ids, cu, longest = packed_batch([5, 6], device="cuda")
+    with pytest.raises(ValueError, match="ends at 5"):
+        GraphedForward(model)(ids, cu.cpu()[:-1], longest)
 
 
 def test_model_switch_replays_only_plain_inference_calls_on_cuda(hf_encoder_dir):

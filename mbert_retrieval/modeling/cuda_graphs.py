@@ -26,21 +26,30 @@ import torch
 @dataclass(frozen=True)
 class GraphShapes:
     """How a packed batch is rounded up, so that a few recordings serve all batches: its token count
-    to a multiple of `tokens` (padding sequences of at most `pad_length` tokens), its sequence count
-    to a multiple of `sequences` (empty sequences), its longest sequence to a power of two (that only
-    sizes the attention kernels' launch grids)."""
+    to the next count of `token_offset` more than a multiple of `tokens` (padding sequences of at
+    most `pad_length` tokens), its sequence count to a multiple of `sequences` (empty sequences), its
+    longest sequence to a power of two (that only sizes the attention kernels' launch grids).
+
+    The offset, because cuBLAS picks slower kernels for the model's projections at counts that are
+    multiples of 64: ModernBERT-base's four GEMMs at 16 000 tokens took 2% longer than at 16 032
+    and 3% longer than at the unpadded 15 924 on an H200 (`benchmarks/gemm_token_counts.py`,
+    benchmarks/NOTES.md run 60)."""
 
     tokens: int = 128
     sequences: int = 16
     pad_length: int = 128
+    token_offset: int = 32
 
     def __post_init__(self) -> None:
-        if min(self.tokens, self.sequences, self.pad_length) < 1:
-            raise ValueError(f"GraphShapes fields must be positive, got {self}")
+        if min(self.tokens, self.sequences, self.pad_length) < 1 or self.token_offset < 0:
+            raise ValueError(
+                f"GraphShapes' tokens, sequences and pad_length must be positive and token_offset "
+                f"not negative, got {self}"
+            )
 
     def padded(self, tokens: int, sequences: int, max_seqlen: int) -> tuple[int, int, int]:
         """(tokens, sequences, longest sequence) of the padded batch."""
-        total = -(-tokens // self.tokens) * self.tokens
+        total = tokens + (self.token_offset - tokens) % self.tokens
         with_padding = sequences + -(-(total - tokens) // self.pad_length)
         total_sequences = -(-with_padding // self.sequences) * self.sequences
         longest = 1 << (max(max_seqlen, self.pad_length) - 1).bit_length()
@@ -86,6 +95,14 @@ def fill_padded(
     ends.clamp_(max=ids.shape[0])
 
 
+def padded_cu_seqlens(ends: list[int], total: int, sequences: int, pad_length: int) -> list[int]:
+    """What `fill_padded` writes into `cu`, made on the host from a part's own boundaries `ends`
+    (their first entry, where the part starts in the whole batch, becomes 0)."""
+    start, tokens = ends[0], ends[-1] - ends[0]
+    padding = [min(tokens + k * pad_length, total) for k in range(1, sequences + 2 - len(ends))]
+    return [end - start for end in ends] + padding
+
+
 def check_streams(streams: int) -> None:
     """Replays record a batch whole on one stream or as two halves on two."""
     if streams not in (1, 2):
@@ -101,14 +118,14 @@ def split_point(cu_seqlens: list[int]) -> int:
     return min(range(1, len(cu_seqlens) - 1), key=lambda i: abs(cu_seqlens[i] - middle))
 
 
-@dataclass
-class _Part:
-    """One stream's share of a batch: its tokens, its cu_seqlens (from `cu_offset` on), its longest."""
-
-    ids: torch.Tensor
-    cu_seqlens: torch.Tensor
-    cu_offset: int
-    max_seqlen: int
+def recorded_parts(cu_seqlens: list[int], streams: int) -> list[tuple[int, int]]:
+    """(first, last) indices into `cu_seqlens` of each part recorded on a stream of its own: the
+    whole batch, or its two halves."""
+    last = len(cu_seqlens) - 1
+    if streams == 1 or last < 2:
+        return [(0, last)]
+    cut = split_point(cu_seqlens)
+    return [(0, cut), (cut, last)]
 
 
 @dataclass
@@ -122,8 +139,12 @@ class _Buffers:
 
 @dataclass
 class _Recording:
+    """A graph, each part's buffers, and `cu`: all parts' cu buffers, one after the other, so that
+    the host writes them with one copy."""
+
     graph: torch.cuda.CUDAGraph
     parts: list[_Buffers]
+    cu: torch.Tensor
 
 
 class GraphedForward:
@@ -131,11 +152,17 @@ class GraphedForward:
     `forward(ids, cu_seqlens, max_seqlen)` is what gets recorded: the model's packed forward by
     default.
 
+    `cu_seqlens` may be on the GPU or on the CPU, where a batcher that built the batch has it. From
+    the CPU the call writes the padded boundaries with one copy and the token ids with another, and
+    never waits for the GPU; the padding tokens' ids are then whatever the buffer held (pad ids or
+    an earlier batch's), which changes nothing: they form sequences of their own, whose outputs are
+    dropped. From the GPU one kernel pads the batch, also without a wait.
+
     `streams=2` cuts each batch of two or more sequences in two at the sequence boundary nearest its
     middle and records each half on a stream of its own: the halves do not depend on each other, so
     the GPU runs one half's kernels in the other's idle time (the ~1.6 us between kernels, cuBLAS's
-    memsets, each kernel's last partial wave). The cut is read from `cu_seqlens` on the host: one
-    wait for the GPU per call.
+    memsets, each kernel's last partial wave). The cut is read from `cu_seqlens` on the host: with
+    `cu_seqlens` on the GPU, one wait for it per call.
     """
 
     def __init__(
@@ -152,6 +179,7 @@ class GraphedForward:
         if model.training:
             raise ValueError("GraphedForward replays inference only: call model.eval() first")
         self.model, self.shapes, self.warmup, self.streams = model, shapes or GraphShapes(), warmup, streams
+        self.device = model.device
         self.forward = forward or (
             lambda ids, cu, longest: model.forward_packed(ids, cu, longest, check_inputs=False)
         )
@@ -161,53 +189,70 @@ class GraphedForward:
         self._side_streams: list[torch.cuda.Stream] = []
 
     def __call__(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids [N], cu_seqlens [B+1] int32 on the model's device -> hidden states [N, H]."""
-        if input_ids.device != self.model.device or cu_seqlens.device != self.model.device:
-            raise ValueError(f"the batch must be on the model's device {self.model.device}")
-        parts = self._parts(input_ids, cu_seqlens, max_seqlen)
-        key = tuple(
-            self.shapes.padded(p.ids.shape[0], p.cu_seqlens.shape[0] - 1, p.max_seqlen) for p in parts
-        )
-        recording = self.recordings.get(key) or self._record(key, cu_seqlens.dtype)
-        for part, buffers in zip(parts, recording.parts):
-            fill_padded(
-                buffers.ids,
-                buffers.cu,
-                part.ids,
-                part.cu_seqlens,
-                self.shapes.pad_length,
-                self.pad_id,
-                part.cu_offset,
+        """input_ids [N] on the model's device, cu_seqlens [B+1] int32 there or on the CPU ->
+        hidden states [N, H]."""
+        if input_ids.device != self.device or cu_seqlens.device.type not in ("cpu", self.device.type):
+            raise ValueError(
+                f"the batch must be on the model's device {self.device} (cu_seqlens may be on the CPU), "
+                f"got input_ids on {input_ids.device} and cu_seqlens on {cu_seqlens.device}"
             )
+        if cu_seqlens.is_cuda and self.streams == 1:
+            return self._replay_padded_on_device(input_ids, cu_seqlens, max_seqlen)
+        # On the GPU this waits for it: two streams need the cut on the host.
+        return self._replay_padded_on_host(input_ids, cu_seqlens.tolist(), max_seqlen, cu_seqlens.dtype)
+
+    def _replay_padded_on_device(self, input_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+        key = (self.shapes.padded(input_ids.shape[0], cu_seqlens.shape[0] - 1, max_seqlen),)
+        recording = self.recordings.get(key) or self._record(key, cu_seqlens.dtype)
+        buffers = recording.parts[0]
+        fill_padded(buffers.ids, buffers.cu, input_ids, cu_seqlens, self.shapes.pad_length, self.pad_id)
         recording.graph.replay()
-        # Copied out: the pool's memory is the next replay's.
-        outs = [buffers.out[: part.ids.shape[0]] for part, buffers in zip(parts, recording.parts)]
+        return buffers.out[: input_ids.shape[0]].clone()  # the pool's memory is the next replay's
+
+    def _replay_padded_on_host(
+        self, input_ids, ends: list[int], max_seqlen: int, cu_dtype: torch.dtype
+    ) -> torch.Tensor:
+        if ends[-1] != input_ids.shape[0]:
+            raise ValueError(f"cu_seqlens ends at {ends[-1]}, but the batch has {input_ids.shape[0]} tokens")
+        parts = recorded_parts(ends, self.streams)
+        key = tuple(
+            self.shapes.padded(ends[last] - ends[first], last - first, longest_between(ends, first, last))
+            if len(parts) > 1
+            else self.shapes.padded(ends[last], last, max_seqlen)
+            for first, last in parts
+        )
+        recording = self.recordings.get(key) or self._record(key, cu_dtype)
+        cu = []
+        for (first, last), (total, sequences, _) in zip(parts, key):
+            cu += padded_cu_seqlens(ends[first : last + 1], total, sequences, self.shapes.pad_length)
+        # From pinned memory, so the copy is queued without a wait; torch's pinned-memory cache keeps
+        # the block until the copy has run.
+        recording.cu.copy_(torch.tensor(cu, dtype=recording.cu.dtype).pin_memory(), non_blocking=True)
+        for (first, last), buffers in zip(parts, recording.parts):
+            buffers.ids[: ends[last] - ends[first]].copy_(input_ids[ends[first] : ends[last]])
+        recording.graph.replay()
+        outs = [
+            buffers.out[: ends[last] - ends[first]] for (first, last), buffers in zip(parts, recording.parts)
+        ]
         return torch.cat(outs) if len(outs) > 1 else outs[0].clone()
 
-    def _parts(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> list[_Part]:
-        """The whole batch, or its two halves when recording on two streams."""
-        if self.streams == 1 or cu_seqlens.shape[0] < 3:
-            return [_Part(input_ids, cu_seqlens, 0, max_seqlen)]
-        ends = cu_seqlens.tolist()
-        cut = split_point(ends)
-        lengths = [end - start for start, end in zip(ends, ends[1:])]
-        return [
-            _Part(input_ids[: ends[cut]], cu_seqlens[: cut + 1], 0, max(lengths[:cut])),
-            _Part(input_ids[ends[cut] :], cu_seqlens[cut:], ends[cut], max(lengths[cut:])),
-        ]
-
     def _record(self, key: tuple, cu_dtype: torch.dtype) -> _Recording:
-        device = self.model.device
         with torch.inference_mode(False):  # buffers every later call writes, in any mode
-            parts = [self._buffers(total, sequences, cu_dtype) for total, sequences, _ in key]
+            cu = torch.empty(
+                sum(sequences + 1 for _, sequences, _ in key), dtype=cu_dtype, device=self.device
+            )
+            parts, offset = [], 0
+            for total, sequences, _ in key:
+                parts.append(self._buffers(total, cu[offset : offset + sequences + 1]))
+                offset += sequences + 1
         if len(parts) > 1 and not self._side_streams:
-            self._side_streams = [torch.cuda.Stream(device) for _ in parts]
+            self._side_streams = [torch.cuda.Stream(self.device) for _ in parts]
 
         def forward() -> None:
             if len(parts) == 1:
                 parts[0].out = self.forward(parts[0].ids, parts[0].cu, key[0][2])
                 return
-            main = torch.cuda.current_stream(device)
+            main = torch.cuda.current_stream(self.device)
             for stream, buffers, (_, _, longest) in zip(self._side_streams, parts, key):
                 stream.wait_stream(main)
                 with torch.cuda.stream(stream):
@@ -217,12 +262,12 @@ class GraphedForward:
 
         # Warm-up on a side stream, as torch.cuda.graph asks: kernels compiled, caches and
         # workspaces made before the recording.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(self.warmup):
                 forward()
-        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -233,17 +278,22 @@ class GraphedForward:
             torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
         ):
             forward()
-        self.recordings[key] = _Recording(graph, parts)
+        self.recordings[key] = _Recording(graph, parts, cu)
         return self.recordings[key]
 
-    def _buffers(self, total: int, sequences: int, cu_dtype: torch.dtype) -> _Buffers:
-        """Input buffers holding a valid batch of this shape to record: sequences of equal length,
-        then empty ones."""
-        device = self.model.device
-        ids = torch.full((total,), self.pad_id, dtype=torch.long, device=device)
+    def _buffers(self, total: int, cu: torch.Tensor) -> _Buffers:
+        """A part's ids buffer, and `cu` filled, to record with, as a valid batch of its shape:
+        sequences of equal length, then empty ones."""
+        ids = torch.full((total,), self.pad_id, dtype=torch.long, device=self.device)
+        sequences = cu.shape[0] - 1
         length = -(-total // sequences)
-        cu = (torch.arange(sequences + 1, device=device) * length).clamp_(max=total).to(cu_dtype)
+        cu.copy_((torch.arange(sequences + 1, device=self.device) * length).clamp_(max=total))
         return _Buffers(ids, cu)
+
+
+def longest_between(cu_seqlens: list[int], first: int, last: int) -> int:
+    """The longest sequence among those from index `first` to `last` of `cu_seqlens`."""
+    return max(cu_seqlens[i + 1] - cu_seqlens[i] for i in range(first, last))
 
 
 class ModelGraphs:
