@@ -174,12 +174,7 @@ def build_models(small: bool, device: torch.device, dtype: torch.dtype, attn_bac
     return config, ours, hf
 
 
-def ours_forward(model, packed, cu, max_len, positions, cu_host=None):
-    """One forward of a variant. Replayed variants get the batch's cu_seqlens on the CPU when given
-    (`cu_host`), as a batcher that packed the batch there has it (`encode`'s does): they then read
-    where to pad and cut without waiting for the GPU."""
-    if isinstance(model, GraphedVariant):
-        return model.graphed(packed, cu if cu_host is None else cu_host, max_len)
+def ours_forward(model, packed, cu, max_len, positions):
     return model.forward_packed(packed, cu, max_len, position_ids=positions, check_inputs=False)
 
 
@@ -315,7 +310,6 @@ def measure_inference(args, config, ours, hf, device, workloads, variants):
         lengths = workload.lengths(generator)
         packed, cu, padded, mask = make_batch(lengths, config.vocab_size, device, generator)
         positions = positions_from_cu_seqlens(cu, packed.numel())
-        cu_host = cu.cpu()
         max_len, tokens = max(lengths), sum(lengths)
         row: dict = {"tokens": tokens, "sequences": len(lengths), "max_len": max_len}
         with torch.inference_mode():
@@ -330,15 +324,12 @@ def measure_inference(args, config, ours, hf, device, workloads, variants):
             best = None
             for name, forward in variants.items():
                 try:
-                    out = forward(packed, cu, max_len, positions, cu_host)
+                    out = forward(packed, cu, max_len, positions)
                     seconds = time_call(
-                        lambda f=forward: f(packed, cu, max_len, positions, cu_host),
-                        device,
-                        args.warmup,
-                        args.repeat,
+                        lambda f=forward: f(packed, cu, max_len, positions), device, args.warmup, args.repeat
                     )
                     back_to_back = time_back_to_back(
-                        lambda f=forward: f(packed, cu, max_len, positions, cu_host), device, args.repeat
+                        lambda f=forward: f(packed, cu, max_len, positions), device, args.repeat
                     )
                 except Exception as err:  # a variant that fails to build is reported, not fatal
                     row[f"{name}_error"] = f"{type(err).__name__}: {err}"[:500]
@@ -473,11 +464,10 @@ def profile_forward(forward, config, device, workload: Workload) -> str:
     lengths = workload.lengths(generator)
     packed, cu, _, _ = make_batch(lengths, config.vocab_size, device, generator)
     positions = positions_from_cu_seqlens(cu, packed.numel())
-    cu_host = cu.cpu()
     with torch.inference_mode():
         for _ in range(3):
-            forward(packed, cu, max(lengths), positions, cu_host)
-        return profile_calls(lambda: forward(packed, cu, max(lengths), positions, cu_host), count=5)
+            forward(packed, cu, max(lengths), positions)
+        return profile_calls(lambda: forward(packed, cu, max(lengths), positions), count=5)
 
 
 def profile_calls(fn, count: int, rows: int = 22) -> str:
@@ -612,7 +602,6 @@ def main() -> None:
         "command": "python3 " + " ".join(sys.argv),
         "attn_backend": ours_attention_backend(device) if device.type == "cuda" else "packed_sdpa",
         "blas": str(torch.backends.cuda.preferred_blas_library()) if device.type == "cuda" else None,
-        "replays_get_cu_seqlens_on": "cpu",  # graphed variants: as a batcher packing on the host has it
         "workloads": measure_inference(args, config, ours, hf, device, workloads, variants),
     }
     results["bf16_relative_error_vs_fp32"] = relative_error_vs_fp32(
@@ -698,10 +687,13 @@ class ModelVariants:
 
 
 class GraphedVariant:
-    """A `GraphedForward` among the variants (`ours_forward` calls it; it makes the positions itself)."""
+    """A `GraphedForward` called as the other variants are (it makes the positions itself)."""
 
     def __init__(self, graphed: GraphedForward):
         self.graphed = graphed
+
+    def forward_packed(self, input_ids, cu_seqlens, max_seqlen, position_ids=None, check_inputs=True):
+        return self.graphed(input_ids, cu_seqlens, max_seqlen)
 
 
 def set_window_rotation(model, inside: bool) -> None:

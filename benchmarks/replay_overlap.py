@@ -27,23 +27,21 @@ from pathlib import Path
 
 
 class Recorded:
-    """One batch's forward recorded as a CUDA graph, on one stream or cut in two on two streams."""
+    """One batch's forward recorded as a CUDA graph, whole on one stream or cut into `streams`
+    parts (at the sequence boundaries nearest each equal share of its tokens), each on a stream of
+    its own."""
 
     def __init__(self, model, ids, cu, max_len: int, streams: int, blas: str):
         import torch
 
-        from mbert_retrieval.modeling.cuda_graphs import split_point
-
         self.model, self.streams = model, streams
-        cu_list = cu.tolist()
-        if streams == 1:
-            self.parts = [(ids, cu, max_len)]
-        else:
-            cut = split_point(cu_list)
-            lengths = [b - a for a, b in zip(cu_list, cu_list[1:])]
-            first = (ids[: cu_list[cut]], cu[: cut + 1].clone(), max(lengths[:cut]))
-            second = (ids[cu_list[cut] :], (cu[cut:] - cu_list[cut]).to(cu.dtype), max(lengths[cut:]))
-            self.parts = [first, second]
+        ends = cu.tolist()
+        cuts = [0, *cut_points(ends, streams), len(ends) - 1]
+        self.parts = []
+        for first, last in zip(cuts, cuts[1:]):
+            part_cu = (cu[first : last + 1] - ends[first]).to(cu.dtype)
+            longest = max(b - a for a, b in zip(ends[first:last], ends[first + 1 : last + 1]))
+            self.parts.append((ids[ends[first] : ends[last]], part_cu, longest))
         self.side = [torch.cuda.Stream() for _ in self.parts]
         previous = torch.backends.cuda.preferred_blas_library()
         torch.backends.cuda.preferred_blas_library(blas)
@@ -85,14 +83,23 @@ class Recorded:
         return torch.cat(self.outs) if len(self.outs) > 1 else self.outs[0].clone()
 
 
+def cut_points(ends: list[int], parts: int) -> list[int]:
+    """Indices into `ends` (cu_seqlens) of the sequence boundaries nearest 1/parts, 2/parts, ... of
+    the tokens, each past the one before: where a batch is cut into `parts` parts."""
+    cuts: list[int] = []
+    for share in range(1, parts):
+        target = ends[-1] * share / parts
+        first = (cuts[-1] if cuts else 0) + 1
+        cuts.append(min(range(first, len(ends) - 1), key=lambda i: abs(ends[i] - target)))
+    return cuts
+
+
 def make_variant(name: str, model, ids, cu, max_len: int):
     """A replayable forward of the batch: `GraphedForward` with the default padding (`shipped`) or
     with less of it, or the batch recorded as it is on one or two streams (`Recorded`)."""
     from mbert_retrieval.modeling.cuda_graphs import GraphedForward, GraphShapes
 
     name = name.split("#")[0]  # "shipped#2": a second, separate recording of the same variant
-    if name.endswith("_host"):  # GraphedForward given cu_seqlens on the CPU: nothing waits for the GPU
-        name, cu = name.removesuffix("_host"), cu.cpu()
     shapes = {
         "shipped": GraphShapes(),
         "multiples_of_128": GraphShapes(token_offset=0),  # the token counts padded to before run 60
@@ -109,6 +116,8 @@ def make_variant(name: str, model, ids, cu, max_len: int):
     recorded = {
         "one_stream": (1, "cublas"),
         "two_streams": (2, "cublas"),
+        "three_streams": (3, "cublas"),
+        "four_streams": (4, "cublas"),
         "one_stream_lt": (1, "cublaslt"),
         "two_streams_lt": (2, "cublaslt"),
     }
@@ -160,6 +169,34 @@ def count_memsets_and_kernels(fn) -> tuple[int, int]:
     return memsets, kernels
 
 
+def host_profile(fn, calls: int = 30, rows: int = 12) -> list[dict]:
+    """Where a call's host time goes: cProfile over `calls` calls (each waited for, so the GPU's
+    queue never blocks the host), the functions with the most time of their own, per call."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        profiler.enable()
+        fn()
+        profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    top = sorted(stats.items(), key=lambda item: -item[1][2])[:rows]
+    return [
+        {
+            "function": f"{Path(file).name}:{line}({function})",
+            "calls_per_call": count / calls,
+            "own_us_per_call": 1e6 * own / calls,
+            "cumulative_us_per_call": 1e6 * cumulative / calls,
+        }
+        for (file, line, function), (_, count, own, cumulative, _) in top
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -169,15 +206,19 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="shipped,shipped_unpadded,one_stream,two_streams,one_stream_lt,two_streams_lt",
-        help="comma list of: shipped, multiples_of_128, shipped_two_streams (GraphedForward's streams=2), pad_tokens_only, pad_sequences_only, shipped_unpadded "
-        "(each of these with _host: cu_seqlens given on the CPU), "
-        "one_stream, two_streams, one_stream_lt, two_streams_lt; NAME#2 records NAME again as a control",
+        help="comma list of: shipped, multiples_of_128, shipped_two_streams (GraphedForward's streams=2), pad_tokens_only, pad_sequences_only, shipped_unpadded, "
+        "one_stream, two_streams, three_streams, four_streams, one_stream_lt, two_streams_lt; NAME#2 records NAME again as a control",
     )
     parser.add_argument(
         "--lt-workspace-kib",
         type=int,
         default=1,
         help="CUBLASLT_WORKSPACE_SIZE for the cuBLASLt variants (read once, before the first cuBLASLt call)",
+    )
+    parser.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="also cProfile each variant's calls (host time per function)",
     )
     parser.add_argument("--out", default="benchmarks/results/replay_overlap.json")
     args = parser.parse_args()
@@ -227,6 +268,8 @@ def main() -> None:
                 out = fn().float()
                 row[f"{name}_max_abs_diff_vs_one_stream"] = (out - reference).abs().max().item()
                 row[f"{name}_memsets"], row[f"{name}_kernels"] = count_memsets_and_kernels(fn)
+                if args.host_profile:
+                    row[f"{name}_host_profile"] = host_profile(fn)
             timed = {**variants, "ceiling": ceiling_call, "ceiling_replayed": ceiling_graph.replay}
             for fn in timed.values():
                 fn()

@@ -17,6 +17,7 @@ Inference only. Recordings share one memory pool; each call copies its output ou
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,14 +96,6 @@ def fill_padded(
     ends.clamp_(max=ids.shape[0])
 
 
-def padded_cu_seqlens(ends: list[int], total: int, sequences: int, pad_length: int) -> list[int]:
-    """What `fill_padded` writes into `cu`, made on the host from a part's own boundaries `ends`
-    (their first entry, where the part starts in the whole batch, becomes 0)."""
-    start, tokens = ends[0], ends[-1] - ends[0]
-    padding = [min(tokens + k * pad_length, total) for k in range(1, sequences + 2 - len(ends))]
-    return [end - start for end in ends] + padding
-
-
 def check_streams(streams: int) -> None:
     """Replays record a batch whole on one stream or as two halves on two."""
     if streams not in (1, 2):
@@ -115,17 +108,18 @@ def split_point(cu_seqlens: list[int]) -> int:
     if len(cu_seqlens) < 3:
         raise ValueError(f"a batch of {len(cu_seqlens) - 1} sequence(s) cannot be cut in two")
     middle = cu_seqlens[-1] / 2
-    return min(range(1, len(cu_seqlens) - 1), key=lambda i: abs(cu_seqlens[i] - middle))
+    after = min(max(bisect.bisect_left(cu_seqlens, middle), 1), len(cu_seqlens) - 2)
+    return min((max(after - 1, 1), after), key=lambda i: abs(cu_seqlens[i] - middle))
 
 
-def recorded_parts(cu_seqlens: list[int], streams: int) -> list[tuple[int, int]]:
-    """(first, last) indices into `cu_seqlens` of each part recorded on a stream of its own: the
-    whole batch, or its two halves."""
-    last = len(cu_seqlens) - 1
-    if streams == 1 or last < 2:
-        return [(0, last)]
-    cut = split_point(cu_seqlens)
-    return [(0, cut), (cut, last)]
+@dataclass
+class _Part:
+    """One stream's share of a batch: its tokens, its cu_seqlens (from `cu_offset` on), its longest."""
+
+    ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    cu_offset: int
+    max_seqlen: int
 
 
 @dataclass
@@ -139,12 +133,8 @@ class _Buffers:
 
 @dataclass
 class _Recording:
-    """A graph, each part's buffers, and `cu`: all parts' cu buffers, one after the other, so that
-    the host writes them with one copy."""
-
     graph: torch.cuda.CUDAGraph
     parts: list[_Buffers]
-    cu: torch.Tensor
 
 
 class GraphedForward:
@@ -152,17 +142,11 @@ class GraphedForward:
     `forward(ids, cu_seqlens, max_seqlen)` is what gets recorded: the model's packed forward by
     default.
 
-    `cu_seqlens` may be on the GPU or on the CPU, where a batcher that built the batch has it. From
-    the CPU the call writes the padded boundaries with one copy and the token ids with another, and
-    never waits for the GPU; the padding tokens' ids are then whatever the buffer held (pad ids or
-    an earlier batch's), which changes nothing: they form sequences of their own, whose outputs are
-    dropped. From the GPU one kernel pads the batch, also without a wait.
-
     `streams=2` cuts each batch of two or more sequences in two at the sequence boundary nearest its
     middle and records each half on a stream of its own: the halves do not depend on each other, so
     the GPU runs one half's kernels in the other's idle time (the ~1.6 us between kernels, cuBLAS's
-    memsets, each kernel's last partial wave). The cut is read from `cu_seqlens` on the host: with
-    `cu_seqlens` on the GPU, one wait for it per call.
+    memsets, each kernel's last partial wave). The cut is read from `cu_seqlens` on the host: one
+    wait for the GPU per call.
     """
 
     def __init__(
@@ -179,7 +163,6 @@ class GraphedForward:
         if model.training:
             raise ValueError("GraphedForward replays inference only: call model.eval() first")
         self.model, self.shapes, self.warmup, self.streams = model, shapes or GraphShapes(), warmup, streams
-        self.device = model.device
         self.forward = forward or (
             lambda ids, cu, longest: model.forward_packed(ids, cu, longest, check_inputs=False)
         )
@@ -189,70 +172,53 @@ class GraphedForward:
         self._side_streams: list[torch.cuda.Stream] = []
 
     def __call__(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """input_ids [N] on the model's device, cu_seqlens [B+1] int32 there or on the CPU ->
-        hidden states [N, H]."""
-        if input_ids.device != self.device or cu_seqlens.device.type not in ("cpu", self.device.type):
-            raise ValueError(
-                f"the batch must be on the model's device {self.device} (cu_seqlens may be on the CPU), "
-                f"got input_ids on {input_ids.device} and cu_seqlens on {cu_seqlens.device}"
-            )
-        if cu_seqlens.is_cuda and self.streams == 1:
-            return self._replay_padded_on_device(input_ids, cu_seqlens, max_seqlen)
-        # On the GPU this waits for it: two streams need the cut on the host.
-        return self._replay_padded_on_host(input_ids, cu_seqlens.tolist(), max_seqlen, cu_seqlens.dtype)
-
-    def _replay_padded_on_device(self, input_ids, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-        key = (self.shapes.padded(input_ids.shape[0], cu_seqlens.shape[0] - 1, max_seqlen),)
-        recording = self.recordings.get(key) or self._record(key, cu_seqlens.dtype)
-        buffers = recording.parts[0]
-        fill_padded(buffers.ids, buffers.cu, input_ids, cu_seqlens, self.shapes.pad_length, self.pad_id)
-        recording.graph.replay()
-        return buffers.out[: input_ids.shape[0]].clone()  # the pool's memory is the next replay's
-
-    def _replay_padded_on_host(
-        self, input_ids, ends: list[int], max_seqlen: int, cu_dtype: torch.dtype
-    ) -> torch.Tensor:
-        if ends[-1] != input_ids.shape[0]:
-            raise ValueError(f"cu_seqlens ends at {ends[-1]}, but the batch has {input_ids.shape[0]} tokens")
-        parts = recorded_parts(ends, self.streams)
+        """input_ids [N], cu_seqlens [B+1] int32 on the model's device -> hidden states [N, H]."""
+        if input_ids.device != self.model.device or cu_seqlens.device != self.model.device:
+            raise ValueError(f"the batch must be on the model's device {self.model.device}")
+        parts = self._parts(input_ids, cu_seqlens, max_seqlen)
         key = tuple(
-            self.shapes.padded(ends[last] - ends[first], last - first, longest_between(ends, first, last))
-            if len(parts) > 1
-            else self.shapes.padded(ends[last], last, max_seqlen)
-            for first, last in parts
+            self.shapes.padded(p.ids.shape[0], p.cu_seqlens.shape[0] - 1, p.max_seqlen) for p in parts
         )
-        recording = self.recordings.get(key) or self._record(key, cu_dtype)
-        cu = []
-        for (first, last), (total, sequences, _) in zip(parts, key):
-            cu += padded_cu_seqlens(ends[first : last + 1], total, sequences, self.shapes.pad_length)
-        # From pinned memory, so the copy is queued without a wait; torch's pinned-memory cache keeps
-        # the block until the copy has run.
-        recording.cu.copy_(torch.tensor(cu, dtype=recording.cu.dtype).pin_memory(), non_blocking=True)
-        for (first, last), buffers in zip(parts, recording.parts):
-            buffers.ids[: ends[last] - ends[first]].copy_(input_ids[ends[first] : ends[last]])
+        recording = self.recordings.get(key) or self._record(key, cu_seqlens.dtype)
+        for part, buffers in zip(parts, recording.parts):
+            fill_padded(
+                buffers.ids,
+                buffers.cu,
+                part.ids,
+                part.cu_seqlens,
+                self.shapes.pad_length,
+                self.pad_id,
+                part.cu_offset,
+            )
         recording.graph.replay()
-        outs = [
-            buffers.out[: ends[last] - ends[first]] for (first, last), buffers in zip(parts, recording.parts)
-        ]
+        # Copied out: the pool's memory is the next replay's.
+        outs = [buffers.out[: part.ids.shape[0]] for part, buffers in zip(parts, recording.parts)]
         return torch.cat(outs) if len(outs) > 1 else outs[0].clone()
 
+    def _parts(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> list[_Part]:
+        """The whole batch, or its two halves when recording on two streams."""
+        if self.streams == 1 or cu_seqlens.shape[0] < 3:
+            return [_Part(input_ids, cu_seqlens, 0, max_seqlen)]
+        ends = cu_seqlens.tolist()
+        cut = split_point(ends)
+        lengths = [end - start for start, end in zip(ends, ends[1:])]
+        return [
+            _Part(input_ids[: ends[cut]], cu_seqlens[: cut + 1], 0, max(lengths[:cut])),
+            _Part(input_ids[ends[cut] :], cu_seqlens[cut:], ends[cut], max(lengths[cut:])),
+        ]
+
     def _record(self, key: tuple, cu_dtype: torch.dtype) -> _Recording:
+        device = self.model.device
         with torch.inference_mode(False):  # buffers every later call writes, in any mode
-            cu = torch.empty(
-                sum(sequences + 1 for _, sequences, _ in key), dtype=cu_dtype, device=self.device
-            )
-            parts, offset = [], 0
-            for total, sequences, _ in key:
-                parts.append(self._buffers(total, cu[offset : offset + sequences + 1]))
-                offset += sequences + 1
+            parts = [self._buffers(total, sequences, cu_dtype) for total, sequences, _ in key]
         if len(parts) > 1 and not self._side_streams:
-            self._side_streams = [torch.cuda.Stream(self.device) for _ in parts]
+            self._side_streams = [torch.cuda.Stream(device) for _ in parts]
 
         def forward() -> None:
             if len(parts) == 1:
                 parts[0].out = self.forward(parts[0].ids, parts[0].cu, key[0][2])
                 return
-            main = torch.cuda.current_stream(self.device)
+            main = torch.cuda.current_stream(device)
             for stream, buffers, (_, _, longest) in zip(self._side_streams, parts, key):
                 stream.wait_stream(main)
                 with torch.cuda.stream(stream):
@@ -262,12 +228,12 @@ class GraphedForward:
 
         # Warm-up on a side stream, as torch.cuda.graph asks: kernels compiled, caches and
         # workspaces made before the recording.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(self.warmup):
                 forward()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
@@ -278,22 +244,17 @@ class GraphedForward:
             torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"),
         ):
             forward()
-        self.recordings[key] = _Recording(graph, parts, cu)
+        self.recordings[key] = _Recording(graph, parts)
         return self.recordings[key]
 
-    def _buffers(self, total: int, cu: torch.Tensor) -> _Buffers:
-        """A part's ids buffer, and `cu` filled, to record with, as a valid batch of its shape:
-        sequences of equal length, then empty ones."""
-        ids = torch.full((total,), self.pad_id, dtype=torch.long, device=self.device)
-        sequences = cu.shape[0] - 1
+    def _buffers(self, total: int, sequences: int, cu_dtype: torch.dtype) -> _Buffers:
+        """Input buffers holding a valid batch of this shape to record: sequences of equal length,
+        then empty ones."""
+        device = self.model.device
+        ids = torch.full((total,), self.pad_id, dtype=torch.long, device=device)
         length = -(-total // sequences)
-        cu.copy_((torch.arange(sequences + 1, device=self.device) * length).clamp_(max=total))
+        cu = (torch.arange(sequences + 1, device=device) * length).clamp_(max=total).to(cu_dtype)
         return _Buffers(ids, cu)
-
-
-def longest_between(cu_seqlens: list[int], first: int, last: int) -> int:
-    """The longest sequence among those from index `first` to `last` of `cu_seqlens`."""
-    return max(cu_seqlens[i + 1] - cu_seqlens[i] for i in range(first, last))
 
 
 class ModelGraphs:
