@@ -20,11 +20,14 @@ import triton.language as tl
 
 from mbert_retrieval.modeling.attention import records_gradients
 
-# Launch shapes: the fastest in benchmarks/elementwise_kernel_sweep.py on an H200 (run 46: rotary
-# 39.1 against 44.5 us, GeGLU 30.9 against 33.7 us for 16 k tokens).
+# Launch shapes. The forwards': the fastest in benchmarks/elementwise_kernel_sweep.py on an H200
+# (run 46: rotary 39.1 against 44.5 us, GeGLU 30.9 against 33.7 us for 16 k tokens); the backwards'
+# were not swept and keep the shapes training was measured with.
 ROTARY_TOKENS = 4  # tokens per program; each program covers all heads of q, k and v
+ROTARY_BACKWARD_TOKENS = 16
 ROTARY_WARPS = 4
 GEGLU_ELEMENTS = 2048  # per program
+GEGLU_BACKWARD_ELEMENTS = 4096
 GEGLU_WARPS = 4
 
 
@@ -133,9 +136,9 @@ def _rotary_bwd(
                   -1, TOKENS, HEAD_DIM, HALF_COLS, COLS)  # fmt: skip
 
 
-def _rotary_shape(heads: int, head_dim: int) -> dict:
+def _rotary_shape(heads: int, head_dim: int, tokens: int | None = None) -> dict:
     return dict(
-        TOKENS=ROTARY_TOKENS,
+        TOKENS=tokens or ROTARY_TOKENS,
         HEAD_DIM=head_dim,
         HALF_COLS=triton.next_power_of_2(heads * head_dim // 2),
         COLS=triton.next_power_of_2(heads * head_dim),
@@ -169,11 +172,11 @@ def _rotary_backward(
     """The gradient of qkv [N, 3, heads, dim] in one pass: q's and k's rotated back, v's copied."""
     tokens, heads, head_dim = grad_q.shape
     grad_qkv = grad_q.new_empty(tokens, 3, heads, head_dim)
-    launcher(_rotary_bwd, traced)[(triton.cdiv(tokens, ROTARY_TOKENS),)](
+    launcher(_rotary_bwd, traced)[(triton.cdiv(tokens, ROTARY_BACKWARD_TOKENS),)](
         grad_q, grad_k, grad_v, grad_qkv, cos, sin, tokens, heads,
         *(stride for t in (grad_q, grad_k, grad_v) for stride in (t.stride(0), t.stride(1))),
         grad_qkv.stride(0), grad_qkv.stride(1), grad_qkv.stride(2), cos.stride(0),
-        **_rotary_shape(heads, head_dim),
+        **_rotary_shape(heads, head_dim, ROTARY_BACKWARD_TOKENS),
     )  # fmt: skip
     return grad_qkv
 
@@ -290,11 +293,11 @@ def _geglu_bwd(
     tl.store(grads + width, (grad * gelu).to(DH.dtype.element_ty), mask=ok)
 
 
-def _geglu_tiles(tokens: int, width: int) -> tuple[tuple[int, int], int, int]:
+def _geglu_tiles(tokens: int, width: int, elements: int | None = None) -> tuple[tuple[int, int], int, int]:
     """Grid, tokens and columns per program. Masked lanes still compute GELU (erf, exp), so the
     columns per program divide the width where a power of two up to 256 does (1152 = 9 x 128)."""
     cols = next((c for c in (256, 128, 64) if width % c == 0), min(256, triton.next_power_of_2(width)))
-    rows = GEGLU_ELEMENTS // cols
+    rows = (elements or GEGLU_ELEMENTS) // cols
     return (triton.cdiv(tokens, rows), triton.cdiv(width, cols)), rows, cols
 
 
@@ -312,7 +315,7 @@ def _geglu_backward(hidden: torch.Tensor, grad: torch.Tensor, traced: bool = Fal
     grad = grad.contiguous()
     tokens, width = grad.shape
     grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-    grid, rows, cols = _geglu_tiles(tokens, width)
+    grid, rows, cols = _geglu_tiles(tokens, width, GEGLU_BACKWARD_ELEMENTS)
     launcher(_geglu_bwd, traced)[grid](
         hidden, grad, grad_hidden, tokens, width,
         hidden.stride(0), grad.stride(0), grad_hidden.stride(0), rows, cols,
