@@ -2,10 +2,10 @@
 cuBLAS picks for each: whether the count a replayed batch is padded to runs slower than the batch's
 own.
 
-`GraphedForward` pads each batch to a multiple of 128 tokens so that a few recordings serve all
-batches. Replayed short batches lost ~2% to that padding (benchmarks/NOTES.md, runs 54-55) although
-the 76 padding tokens are 0.5% of the work; cuBLAS choosing a different kernel at the padded count
-would explain it. Each GEMM is recorded as a CUDA graph of `--chain` calls and replayed; token
+Until run 60 `GraphedForward` padded each batch to a multiple of 128 tokens, so that a few recordings
+serve all batches. Replayed short batches lost ~2% to that padding (benchmarks/NOTES.md, runs 54-55)
+although the 76 padding tokens are 0.5% of the work; cuBLAS choosing a different kernel at the padded
+count would explain it. Each GEMM reads a contiguous input of its own width, as the model's do. Each GEMM is recorded as a CUDA graph of `--chain` calls and replayed; token
 counts take turns within each round, so clock drift hits all of them alike. Prints a table and
 writes JSON:
 
@@ -103,9 +103,14 @@ def main() -> None:
                 centres[f"{workload}_half"] = tokens // 2
     for workload, tokens in centres.items():
         counts = token_counts(tokens, args.step, args.span)
-        inputs = {n: torch.randn(n, 1152, generator=generator).to(device, torch.bfloat16) for n in counts}
+        widths = {width for _, width, _ in GEMMS}
+        inputs = {
+            (n, width): torch.randn(n, width, generator=generator).to(device, torch.bfloat16)
+            for n in counts
+            for width in widths
+        }
         calls = {
-            (name, n): (lambda x=inputs[n][:, :width], w=weights[name]: F.linear(x, w))
+            (name, n): (lambda x=inputs[(n, width)], w=weights[name]: F.linear(x, w))
             for n in counts
             for name, width, _ in GEMMS
         }

@@ -8,8 +8,8 @@ time. Also measured: the graphs recorded with cuBLASLt given a 1 KiB workspace (
 0 fails), meant to leave out the kernels that need a memset; its GEMMs still had one each (run 54).
 
 Every variant replays the same batch without padding; `shipped` is `GraphedForward` as the model
-uses it (padded to multiples of 128 tokens). Timing is interleaved: each round times one call of
-every variant and one of the ceiling (`encoder_throughput.Ceiling`: the GEMMs and FlashAttention
+uses it (padded to 32 tokens past a multiple of 128; `multiples_of_128`: as before run 60). Timing
+is interleaved: each round times one call of every variant and one of the ceiling (`encoder_throughput.Ceiling`: the GEMMs and FlashAttention
 alone, eager), so the GPU's clock drift hits all of them alike. Prints a table and writes JSON:
 
     PYTHONPATH=. python3 benchmarks/replay_overlap.py --out benchmarks/results/replay_overlap.json
