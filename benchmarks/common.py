@@ -116,11 +116,13 @@ def write_result(result: dict, out: str | Path, table: str | None = None) -> Non
 
 
 INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # onnxruntime picks these by itself
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # bfloat16 matrix units, bfloat16 dot products
 
 
 def cpu_name() -> str:
-    """Model name, family / model numbers and the int8 dot-product instructions the CPU has: the same
-    name covers CPUs with and without them, and they decide the int8 path's speed."""
+    """Model name, family / model numbers and the int8 dot-product and bfloat16 instructions the CPU
+    has: the same name covers CPUs with and without them, and they decide the int8 and bf16 paths'
+    speed."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -131,9 +133,10 @@ def cpu_name() -> str:
         fields.setdefault(key.strip(), value.strip())
     flags = set(fields.get("flags", "").split())
     int8 = [flag for flag in INT8_DOT_PRODUCT_FLAGS if flag in flags] or ["none (avx2 only)"]
+    bf16 = [flag for flag in BF16_FLAGS if flag in flags] or ["none"]
     return (
         f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, "
-        f"model {fields.get('model', '?')}; int8 dot products: {', '.join(int8)})"
+        f"model {fields.get('model', '?')}; int8 dot products: {', '.join(int8)}; bf16: {', '.join(bf16)})"
     )
 
 

@@ -17,6 +17,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from mbert_retrieval.cli import app  # noqa: E402
+from mbert_retrieval.models import cpu_backend  # noqa: E402
+from mbert_retrieval.models.cpu_backend import load_dense_encoder  # noqa: E402
 from mbert_retrieval.models.dense import DenseRetriever, default_model_dir  # noqa: E402
 from mbert_retrieval.models.onnx_backend import (  # noqa: E402
     ONNX_FILE,
@@ -25,7 +27,6 @@ from mbert_retrieval.models.onnx_backend import (  # noqa: E402
     PaddedDenseGraph,
     cache_file,
     export_onnx,
-    load_dense_encoder,
     pad_numpy,
     similar_length_runs,
 )
@@ -159,6 +160,8 @@ def test_an_export_of_other_weights_is_refused(tmp_path, reference, exports, cap
 
 def test_backend_choice(tmp_path, monkeypatch, exports):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu_backend, "has_bf16_matrix_units", lambda: False)  # AMX would pick bf16
     folder = tmp_path / "model"
     shutil.copytree(default_model_dir(), folder)
     assert type(load_dense_encoder(folder, cpu_backend="torch")) is DenseRetriever
@@ -171,6 +174,9 @@ def test_backend_choice(tmp_path, monkeypatch, exports):
     exported = load_dense_encoder(folder, cpu_backend="onnx")  # exports into the cache once
     assert exported.onnx_file == cache_file(folder) and cache_file(folder).is_file()
     assert isinstance(load_dense_encoder(folder, cpu_backend="auto"), OnnxDenseRetriever)
+    monkeypatch.setattr(cpu_backend, "has_bf16_matrix_units", lambda: True)
+    on_amx = load_dense_encoder(folder, cpu_backend="auto")  # faster than the export there
+    assert type(on_amx) is DenseRetriever and next(on_amx.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="cpu backend must be one of"):
         load_dense_encoder(folder, cpu_backend="gpu")
 

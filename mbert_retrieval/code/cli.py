@@ -17,8 +17,9 @@ import typer
 from mbert_retrieval.cli_errors import command_app, reports_errors
 
 CPU_BACKEND_HELP = (
-    "How the dense model runs without a GPU: torch, onnx (onnxruntime, int8 weights; exported once "
-    "into the user cache, needs mbert-retrieval[onnx]) or auto (onnx when an export exists)"
+    "How the dense model runs without a GPU: torch (float32), bf16 (bfloat16), onnx (onnxruntime, "
+    "int8 weights; exported once into the user cache, needs mbert-retrieval[onnx]) or auto (bf16 on "
+    "CPUs with AMX, else onnx when an export exists, else torch)"
 )
 
 

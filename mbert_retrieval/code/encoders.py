@@ -20,11 +20,14 @@ def load_encoder(model: str | None = None, cpu_backend: str = "auto"):
     """A single-vector model (a `DenseRetriever` for our folders) from a folder or hub id, or the
     default model when `model` is None.
 
-    `cpu_backend` picks how our models run on a machine without a GPU: "torch", "onnx" (onnxruntime
-    with int8 weights, exported on first use) or "auto" (onnx when an exported file is there and
-    onnxruntime is installed); see mbert_retrieval.models.onnx_backend.
+    `cpu_backend` picks how our models run on a machine without a GPU: "torch" (float32), "bf16"
+    (bfloat16), "onnx" (onnxruntime with int8 weights, exported on first use) or "auto" (bf16 on CPUs
+    with AMX, else onnx when an exported file is there and onnxruntime is installed, else torch); see
+    mbert_retrieval.models.cpu_backend.
     """
-    from mbert_retrieval.models.onnx_backend import load_dense_encoder, uses_onnx
+    import torch
+
+    from mbert_retrieval.models.cpu_backend import cpu_backend_for, load_dense_encoder
 
     if model is None or model == DEFAULT_MODEL:
         if not has_default_model():
@@ -34,9 +37,10 @@ def load_encoder(model: str | None = None, cpu_backend: str = "auto"):
             )
         model = DEFAULT_MODEL
     folder = None if model == DEFAULT_MODEL else model
-    if uses_onnx(folder, cpu_backend):
+    backend = cpu_backend_for(folder, cpu_backend)
+    if backend == "onnx":
         return load_dense_encoder(folder, cpu_backend="onnx")
-    encoder = load_search_model(model)
+    encoder = load_search_model(model, dtype=torch.bfloat16 if backend == "bf16" else None)
     if is_multi_vector(encoder):
         raise CheckpointError(f"{model} is a ColBERT model: code search needs a single-vector (dense) model")
     return encoder

@@ -111,12 +111,13 @@ def shipped_model_dir() -> Path:
     return model_dir
 
 
-def load_search_model(spec: str, device: str | None = None):
-    """A first-stage model: DenseRetriever, ColBERT or SentenceTransformerEncoder."""
+def load_search_model(spec: str, device: str | None = None, dtype=None):
+    """A first-stage model: DenseRetriever, ColBERT or SentenceTransformerEncoder. `dtype` (a
+    torch dtype) applies to our own models; None keeps their default for the device."""
     kind, model_dir = resolve(spec)
     if kind == "cross":
         raise CheckpointError(f"{spec} is a cross-encoder: it can rerank (--rerank) but not index documents")
-    return load_kind(kind, model_dir, device)
+    return load_kind(kind, model_dir, device, dtype)
 
 
 def load_reranker(spec: str, device: str | None = None):
@@ -127,15 +128,15 @@ def load_reranker(spec: str, device: str | None = None):
     raise CheckpointError(f"{spec} is a {kind} model: rerank needs a cross-encoder or a ColBERT model")
 
 
-def load_kind(kind: str, model_dir: Path, device: str | None):
+def load_kind(kind: str, model_dir: Path, device: str | None, dtype=None):
     if kind == "dense":
         from mbert_retrieval.models.dense import DenseRetriever
 
-        return DenseRetriever.from_pretrained(model_dir, device=device)
+        return DenseRetriever.from_pretrained(model_dir, device=device, dtype=dtype)
     if kind == "colbert":
         from mbert_retrieval.models.colbert import ColBERT
 
-        return ColBERT.from_pretrained(model_dir, device=device)
+        return ColBERT.from_pretrained(model_dir, device=device, dtype=dtype)
     if kind == "st":
         return SentenceTransformerEncoder.from_pretrained(model_dir, device=device)
     if read_config(model_dir).get("model_type") == "modernbert":

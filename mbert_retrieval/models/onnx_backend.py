@@ -17,7 +17,7 @@ prefixes, chunking, Matryoshka `dim` and batching are the same code; each packed
 runs of similar lengths and padded (padding is what ONNX Runtime's kernels take).
 
 An exported file found next to the model (`MODEL/onnx/model.onnx`) or in the user cache (where
-`cpu_backend="onnx"` exports it on first use) is used by `load_dense_encoder(..., cpu_backend="auto")`.
+`cpu_backend="onnx"` exports it on first use) is what `cpu_backend.load_dense_encoder` runs.
 An export records a digest of the weights it was made from, and loading checks it against the model:
 the old export of a retrained model is refused, not run.
 Needs the `onnx` extra: `pip install mbert-retrieval[onnx]`.
@@ -39,13 +39,12 @@ import torch
 from torch import nn
 
 from mbert_retrieval.files import atomic_write
-from mbert_retrieval.modeling.io import CheckpointError, find_weights
-from mbert_retrieval.models.dense import DenseRetriever, default_model_dir
+from mbert_retrieval.modeling.io import find_weights
+from mbert_retrieval.models.dense import DenseRetriever
 from mbert_retrieval.models.smoothing import smoothed_for_int8
 
 logger = logging.getLogger("mbert_retrieval")
 
-CPU_BACKENDS = ("auto", "onnx", "torch")
 ONNX_FILE = Path("onnx") / "model.onnx"  # relative to the model folder
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embeddings"
@@ -390,7 +389,7 @@ class OnnxDenseRetriever(DenseRetriever):
         return torch.from_numpy(self.session.run([OUTPUT_NAME], feeds)[0])
 
 
-# -- choosing the backend ----------------------------------------------------------------------------
+# -- where exports live ----------------------------------------------------------------------------
 
 
 def cache_file(model_dir: Path) -> Path:
@@ -410,45 +409,3 @@ def existing_onnx_file(model_dir: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def onnxruntime_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
-
-
-def uses_onnx(model: str | os.PathLike | None, cpu_backend: str = "auto") -> bool:
-    """Whether `cpu_backend` runs `model` (None: the shipped one) through onnxruntime: "onnx" always,
-    "torch" never, "auto" when onnxruntime is installed, no GPU is present and an exported file exists
-    (beside the model or in the user cache)."""
-    if cpu_backend not in CPU_BACKENDS:
-        raise ValueError(f"cpu backend must be one of {', '.join(CPU_BACKENDS)}, got {cpu_backend!r}")
-    if cpu_backend != "auto":
-        return cpu_backend == "onnx"
-    if torch.cuda.is_available() or not onnxruntime_available():
-        return False
-    return existing_onnx_file(_model_dir(model)) is not None
-
-
-def load_dense_encoder(model: str | os.PathLike | None = None, *, cpu_backend: str = "auto", threads=None):
-    """A DenseRetriever for `model` (None: the shipped one), run on the CPU by `cpu_backend` (see
-    `uses_onnx`); "onnx" exports the model to the user cache on first use when no file exists."""
-    if not uses_onnx(model, cpu_backend):
-        return DenseRetriever.from_pretrained(_model_dir(model))
-    model_dir = _model_dir(model)
-    onnx_file = existing_onnx_file(model_dir)
-    if onnx_file is None:
-        onnx_file = cache_file(model_dir)
-        logger.warning("exporting %s to ONNX once, into %s", model_dir, onnx_file)
-        export_onnx(model_dir, onnx_file)
-    return OnnxDenseRetriever.from_pretrained(model_dir, onnx_file=onnx_file, threads=threads)
-
-
-def _model_dir(model: str | os.PathLike | None) -> Path:
-    if model is None:
-        folder = default_model_dir()
-        if folder is None:
-            raise CheckpointError("no default model is shipped with this installation: pass a model folder")
-        return folder
-    return DenseRetriever.resolve(model)

@@ -1,0 +1,81 @@
+"""The CPU backends of dense models: bfloat16 gives float32's embeddings to bfloat16 rounding, "auto"
+picks it where the CPU has matrix units for it, and the code commands run on it."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mbert_retrieval.cli import app
+from mbert_retrieval.code.encoders import load_encoder
+from mbert_retrieval.models import cpu_backend
+from mbert_retrieval.models.cpu_backend import cpu_backend_for, load_dense_encoder
+from mbert_retrieval.models.dense import DenseRetriever, default_model_dir
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(default_model_dir() is None, reason="no shipped model in this installation"),
+]
+
+
+def stdlib_functions(limit: int = 40) -> list[str]:
+    source = (STDLIB / "json" / "decoder.py").read_text() + (STDLIB / "textwrap.py").read_text()
+    return ["x", *("def " + piece for piece in source.split("\ndef ")[1:limit])]
+
+
+def test_bf16_backend_gives_float32_embeddings_to_bf16_rounding():
+    texts = stdlib_functions()
+    reference = DenseRetriever.from_pretrained(device="cpu", dtype=torch.float32)
+    model = load_dense_encoder(cpu_backend="bf16")
+    assert next(model.encoder.parameters()).dtype == torch.bfloat16
+    ours, expected = model.encode_documents(texts), reference.encode_documents(texts)
+    assert ours.dtype == np.float32 and ours.shape == expected.shape
+    cosines = (ours * expected).sum(axis=1)  # both normalised
+    # Measured on 200 real functions: lowest 0.99996, mean 1 - cosine 2e-5 (int8: 0.9991, 4e-4).
+    assert cosines.min() > 0.999 and (1 - cosines).mean() < 2e-4
+    queries = ["decode a json document", "wrap text to a width"]
+    query_cosines = (model.encode_queries(queries) * reference.encode_queries(queries)).sum(axis=1)
+    assert query_cosines.min() > 0.999
+
+
+def test_auto_picks_bf16_only_on_cpus_with_matrix_units(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu_backend, "has_bf16_matrix_units", lambda: True)
+    assert cpu_backend_for(None, "auto") == "bf16"
+    monkeypatch.setattr(cpu_backend, "onnxruntime_available", lambda: False)
+    monkeypatch.setattr(cpu_backend, "has_bf16_matrix_units", lambda: False)
+    assert cpu_backend_for(None, "auto") == "torch"
+    for explicit in ("torch", "bf16", "onnx"):
+        assert cpu_backend_for(None, explicit) == explicit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_backend, "has_bf16_matrix_units", lambda: True)
+    assert cpu_backend_for(None, "auto") == "torch"  # a GPU runs the model in bfloat16 anyway
+    with pytest.raises(ValueError, match="cpu backend must be one of auto, torch, bf16, onnx"):
+        cpu_backend_for(None, "int4")
+
+
+def test_code_search_loads_and_runs_the_bf16_backend(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_backend, "has_bf16_matrix_units", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    encoder = load_encoder(None, cpu_backend="auto")
+    assert isinstance(encoder, DenseRetriever) and next(encoder.parameters()).dtype == torch.bfloat16
+
+    repo, index = tmp_path / "repo", tmp_path / "index"
+    shutil.copytree(STDLIB / "json", repo / "json", ignore=shutil.ignore_patterns("__pycache__"))
+    runner = CliRunner()
+    built = runner.invoke(app, ["index-code", str(repo), "--index", str(index), "--cpu-backend", "bf16"])
+    assert built.exit_code == 0, built.output
+    found = runner.invoke(
+        app, ["search-code", str(index), "decode", "a", "json", "string", "--cpu-backend", "bf16"]
+    )
+    assert found.exit_code == 0, found.output
+    assert "json/" in found.output.splitlines()[0]
+    refused = runner.invoke(app, ["search-code", str(index), "json", "--cpu-backend", "int4"])
+    assert refused.exit_code != 0 and "cpu backend must be one of" in refused.output
