@@ -10,7 +10,7 @@ from transformers import ModernBertForMaskedLM as HFMaskedLM
 from transformers import ModernBertModel as HFModel
 
 from mbert_retrieval import ModernBert, ModernBertForMaskedLM, load_tokenizer
-from mbert_retrieval.modeling.encoder import positions_from_cu_seqlens, unpad
+from mbert_retrieval.modeling.encoder import apply_rotary, positions_from_cu_seqlens, unpad
 from mbert_retrieval.modeling.packing import sequence_of
 
 LENGTHS = [600, 5, 17, 130, 64, 333]  # below, at and far above the 16-token local window
@@ -100,6 +100,21 @@ def test_rotary_rows_of_one_table_equal_each_theta_own(hf_encoder_dir):
     model.train()
     model.forward(torch.tensor([[5, 6, 7]])).sum().backward()
     assert all(p.grad is not None for p in model.layers[0].attn.Wqkv.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_rotary_equals_the_autograd_form_bit_for_bit(dtype):
+    """Without gradients each half is written in place; with them (and compiled) q and k are cat'ed:
+    the same float32 arithmetic, rounded once, on the strided q, k view of Wqkv's output."""
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(300, 3, 4, 16, generator=generator).to(dtype)
+    angles = torch.rand(300, 1, 1, 8, generator=generator) * 20
+    with torch.no_grad():
+        fast = apply_rotary(qkv[:, :2], angles.cos(), angles.sin())
+    with torch.enable_grad():  # the form autograd and torch.compile get
+        reference = apply_rotary(qkv[:, :2], angles.cos(), angles.sin())
+    assert fast.dtype == dtype and fast.shape == (300, 2, 4, 16)
+    assert torch.equal(fast, reference)
 
 
 def test_sequence_of_each_token_skips_empty_sequences():
