@@ -101,3 +101,16 @@ def documented_functions(root: Path, package: str, limit: int = 12) -> list[tupl
     found = [f for f in found if counts[f[2]] == 1]
     step = max(1, len(found) // limit)
     return found[::step][:limit]
+
+
+def index_and_search_json(runner, app, tmp_path: Path, cpu_backend: str) -> str:
+    """`index-code` over the stdlib's json package, then `search-code` for a phrase its decoder
+    answers, both on `cpu_backend`: the search's first output line."""
+    repo, index = tmp_path / "repo", tmp_path / "index"
+    shutil.copytree(STDLIB / "json", repo / "json", ignore=shutil.ignore_patterns("__pycache__"))
+    built = runner.invoke(app, ["index-code", str(repo), "--index", str(index), "--cpu-backend", cpu_backend])
+    assert built.exit_code == 0, built.output
+    query = ["decode", "a", "json", "string"]
+    found = runner.invoke(app, ["search-code", str(index), *query, "--cpu-backend", cpu_backend])
+    assert found.exit_code == 0, found.output
+    return found.output.splitlines()[0]

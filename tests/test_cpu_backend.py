@@ -3,13 +3,10 @@ picks it where the CPU has matrix units for it, and the code commands run on it.
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from code_search_repo import STDLIB, index_and_search_json
 from typer.testing import CliRunner
 
 from mbert_retrieval.cli import app
@@ -18,7 +15,6 @@ from mbert_retrieval.models import cpu_backend
 from mbert_retrieval.models.cpu_backend import cpu_backend_for, load_dense_encoder
 from mbert_retrieval.models.dense import DenseRetriever, default_model_dir
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.skipif(default_model_dir() is None, reason="no shipped model in this installation"),
@@ -67,15 +63,7 @@ def test_code_search_loads_and_runs_the_bf16_backend(tmp_path, monkeypatch):
     encoder = load_encoder(None, cpu_backend="auto")
     assert isinstance(encoder, DenseRetriever) and next(encoder.parameters()).dtype == torch.bfloat16
 
-    repo, index = tmp_path / "repo", tmp_path / "index"
-    shutil.copytree(STDLIB / "json", repo / "json", ignore=shutil.ignore_patterns("__pycache__"))
     runner = CliRunner()
-    built = runner.invoke(app, ["index-code", str(repo), "--index", str(index), "--cpu-backend", "bf16"])
-    assert built.exit_code == 0, built.output
-    found = runner.invoke(
-        app, ["search-code", str(index), "decode", "a", "json", "string", "--cpu-backend", "bf16"]
-    )
-    assert found.exit_code == 0, found.output
-    assert "json/" in found.output.splitlines()[0]
-    refused = runner.invoke(app, ["search-code", str(index), "json", "--cpu-backend", "int4"])
+    assert "json/" in index_and_search_json(runner, app, tmp_path, "bf16")
+    refused = runner.invoke(app, ["search-code", str(tmp_path / "index"), "json", "--cpu-backend", "int4"])
     assert refused.exit_code != 0 and "cpu backend must be one of" in refused.output

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from code_search_repo import STDLIB, index_and_search_json
 from typer.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
@@ -31,7 +31,6 @@ from mbert_retrieval.models.onnx_backend import (  # noqa: E402
     similar_length_runs,
 )
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.skipif(default_model_dir() is None, reason="no shipped model in this installation"),
@@ -191,13 +190,4 @@ def test_export_command_and_index_code_on_the_onnx_backend(tmp_path, monkeypatch
     refused = runner.invoke(app, ["export-onnx", "default", str(tmp_path)])
     assert refused.exit_code == 2 and refused.output.startswith("error:") and "folder" in refused.output
 
-    repo = tmp_path / "repo"
-    shutil.copytree(STDLIB / "json", repo / "json", ignore=shutil.ignore_patterns("__pycache__"))
-    index = tmp_path / "index"
-    built = runner.invoke(app, ["index-code", str(repo), "--index", str(index), "--cpu-backend", "onnx"])
-    assert built.exit_code == 0, built.output
-    found = runner.invoke(
-        app, ["search-code", str(index), "decode", "a", "json", "string", "--cpu-backend", "onnx"]
-    )
-    assert found.exit_code == 0, found.output
-    assert "json/" in found.output.splitlines()[0]
+    assert "json/" in index_and_search_json(runner, app, tmp_path, "onnx")
