@@ -57,6 +57,18 @@ def test_auto_picks_bf16_only_on_cpus_with_matrix_units(monkeypatch):
         cpu_backend_for(None, "int4")
 
 
+def test_the_amx_check_never_fails(monkeypatch):
+    def broken():
+        raise RuntimeError("no cpuinfo in this build")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    assert cpu_backend.has_bf16_matrix_units() is False
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert cpu_backend.has_bf16_matrix_units() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_backend.has_bf16_matrix_units() is True
+
+
 def test_code_search_loads_and_runs_the_bf16_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_backend, "has_bf16_matrix_units", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

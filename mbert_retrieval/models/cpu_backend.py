@@ -37,8 +37,11 @@ def check_cpu_backend(cpu_backend: str) -> None:
 def has_bf16_matrix_units() -> bool:
     """Whether this CPU has AMX tiles (every such CPU multiplies bfloat16 matrices on them). torch
     asks its cpuinfo library, which also checks that the OS lets programs use the tiles."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check is not None and check())
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some builds
+    try:
+        return bool(check is not None and check())
+    except RuntimeError:  # a build without the check's backend: no bf16 by default, never an error
+        return False
 
 
 def onnxruntime_available() -> bool:
