@@ -25,9 +25,7 @@ def load_encoder(model: str | None = None, cpu_backend: str = "auto"):
     with AMX, else onnx when an exported file is there and onnxruntime is installed, else torch); see
     mbert_retrieval.models.cpu_backend.
     """
-    import torch
-
-    from mbert_retrieval.models.cpu_backend import cpu_backend_for, load_dense_encoder
+    from mbert_retrieval.models.cpu_backend import cpu_backend_for, load_dense_encoder, torch_dtype
 
     if model is None or model == DEFAULT_MODEL:
         if not has_default_model():
@@ -40,7 +38,7 @@ def load_encoder(model: str | None = None, cpu_backend: str = "auto"):
     backend = cpu_backend_for(folder, cpu_backend)
     if backend == "onnx":
         return load_dense_encoder(folder, cpu_backend="onnx")
-    encoder = load_search_model(model, dtype=torch.bfloat16 if backend == "bf16" else None)
+    encoder = load_search_model(model, dtype=torch_dtype(backend))
     if is_multi_vector(encoder):
         raise CheckpointError(f"{model} is a ColBERT model: code search needs a single-vector (dense) model")
     return encoder

@@ -66,6 +66,12 @@ def cpu_backend_for(model: str | os.PathLike | None = None, cpu_backend: str = "
     return "torch"
 
 
+def torch_dtype(backend: str) -> torch.dtype | None:
+    """The dtype a PyTorch backend loads our models in: bfloat16 for "bf16", else None (the
+    device's default: float32 on the CPU)."""
+    return torch.bfloat16 if backend == "bf16" else None
+
+
 def load_dense_encoder(
     model: str | os.PathLike | None = None, *, cpu_backend: str = "auto", threads: int | None = None
 ) -> DenseRetriever:
@@ -74,10 +80,8 @@ def load_dense_encoder(
     onnxruntime's (see `OnnxDenseRetriever.from_pretrained`)."""
     backend = cpu_backend_for(model, cpu_backend)
     folder = model_dir(model)
-    if backend == "bf16":
-        return DenseRetriever.from_pretrained(folder, dtype=torch.bfloat16)
-    if backend == "torch":
-        return DenseRetriever.from_pretrained(folder)
+    if backend != "onnx":
+        return DenseRetriever.from_pretrained(folder, dtype=torch_dtype(backend))
     from mbert_retrieval.models.onnx_backend import (
         OnnxDenseRetriever,
         cache_file,
