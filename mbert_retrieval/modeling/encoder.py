@@ -117,7 +117,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
     # Inference: the same float32 arithmetic and rounding, each half written into the output (no
-    # float32 copy of x, no concatenation): a third of the time on the CPU (benchmarks/NOTES.md).
+    # float32 copy of x, no concatenation): the bf16 CPU path +8% end to end (benchmarks/NOTES.md).
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x1, x2 = x.chunk(2, dim=-1)
     first, second = out.chunk(2, dim=-1)

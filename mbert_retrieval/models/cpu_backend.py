@@ -7,7 +7,7 @@ graph with int8 linear layers (`onnx_backend.py`).
 "auto" picks, in this order:
 - "bf16" on CPUs with bfloat16 matrix units (Intel AMX: Xeon of the 4th generation and later), where
   oneDNN runs torch's bfloat16 products on them: on 2 such cores 2.4x float32 and faster than the
-  int8 graph, with embeddings ~30x closer to float32's than int8's (benchmarks/NOTES.md, CPU path);
+  int8 graph, with nDCG@10 closer to float32's than int8's (benchmarks/NOTES.md, CPU path);
 - "onnx" where onnxruntime is installed and an export exists (beside the model or in the user cache);
 - "torch" (float32) otherwise, and whenever a GPU is present.
 """
